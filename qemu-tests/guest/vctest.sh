@@ -1,0 +1,106 @@
+# /lib/vctest.sh: helpers for the guest case scripts (busybox sh).
+# The host passes parameters in /case/env (sourced before this file).
+. /lib/layout.sh
+DEV=/dev/vda
+SEED=${SEED:-4242}
+
+log() { echo "vctest: $*"; }
+# fail REASON: record the reason (the init prints it in the result line) and stop
+fail() { echo "$*" > /tmp/fail-reason; echo "vctest: FAIL: $*"; exit 1; }
+# event NAME [VALUE]: a line the host watches for (VCTEST-EVENT: NAME VALUE)
+event() { echo "VCTEST-EVENT: $*"; }
+
+# The device the host attached: right size, two virtqueues (blk-mq hw queues).
+check_device() {
+	size=$(blockdev --getsize64 $DEV)
+	[ "$size" = "$DISK_BYTES" ] || fail "disk size $size, expected $DISK_BYTES"
+	nq=$(ls /sys/block/vda/mq | wc -l)
+	[ "$nq" = 2 ] || fail "$nq virtqueues, expected 2"
+	log "vda: $size bytes, $nq queues, cache $(cat /sys/block/vda/queue/write_cache)," \
+		"discard_max $(cat /sys/block/vda/queue/discard_max_bytes)," \
+		"write_zeroes_max $(cat /sys/block/vda/queue/write_zeroes_max_bytes)"
+}
+
+# span_sha OFF LEN: sha256 of LEN bytes at OFF, read with O_DIRECT
+span_sha() {
+	dd if=$DEV bs=64k iflag=skip_bytes,count_bytes,direct skip=$1 count=$2 2>/dev/null |
+		sha256sum | cut -d' ' -f1
+}
+
+# check_spans "OFF:LEN:SHA ...": each span must have the given sha256
+check_spans() {
+	for s in $1; do
+		off=${s%%:*}; rest=${s#*:}; len=${rest%%:*}; want=${rest#*:}
+		got=$(span_sha $off $len)
+		[ "$got" = "$want" ] || fail "span $off+$len: sha256 $got, expected $want"
+	done
+	log "spans ok: $(echo $1 | wc -w)"
+}
+
+# fio_std write|verify [fio options...]: the standard workload over zones A, B
+# and C, all three jobs at once on both vCPUs (so both virtqueues carry I/O).
+# write = write every block once with crc32c headers and read it all back;
+# verify = only read back and check (same seed, so the same blocks and data).
+fio_std() {
+	mode=$1; shift
+	cat > /tmp/std.fio <<JOB
+[global]
+filename=$DEV
+direct=1
+ioengine=io_uring
+iodepth=16
+rw=randwrite
+verify=crc32c
+verify_fatal=1
+verify_state_save=0
+randrepeat=1
+randseed=$SEED
+exitall_on_error=1
+[a4k]
+offset=$ZA_OFF
+size=$ZA_LEN
+bs=4k
+cpus_allowed=0
+[b64k]
+offset=$ZB_OFF
+size=$ZB_LEN
+bs=64k
+cpus_allowed=1
+[cvar]
+offset=$ZC_OFF
+size=$ZC_LEN
+bsrange=512-132k
+blockalign=512
+cpus_allowed=1
+JOB
+	[ "$mode" = verify ] && set -- --verify_only=1 "$@"
+	if ! fio "$@" --output=/tmp/fio.out /tmp/std.fio; then
+		grep -vE '^ *(lat|clat|slat|bw|iops|cpu|IO depths|submit|complete|issued|latency|  *[0-9]+\.[0-9]+th|  *\|) ' /tmp/fio.out | head -40
+		fail "fio $mode failed"
+	fi
+	log "fio $mode ok: $(grep -E '^ *(write|read):' /tmp/fio.out | sed 's/,.*//' | tr -s ' ' | tr '\n' ';')"
+}
+
+# fio_scratch SECONDS: random 4k writes to zone D, no verification, no flush
+fio_scratch() {
+	fio --name=scratch --filename=$DEV --direct=1 --ioengine=io_uring --iodepth=16 \
+		--rw=randwrite --bs=4k --offset=$ZD_OFF --size=$ZD_LEN --time_based \
+		--runtime=$1 --numjobs=2 --output=/tmp/scratch.out
+}
+
+# marker_write TEXT / marker_read: a tag in zone M (synchronous, O_DIRECT)
+marker_write() {
+	{ printf '%s' "$1"; dd if=/dev/zero bs=4096 count=1 2>/dev/null; } |
+		dd of=$DEV bs=4096 count=1 seek=$((ZM_OFF / 4096)) iflag=fullblock oflag=direct conv=fsync 2>/dev/null ||
+		fail "marker write"
+}
+marker_read() {
+	dd if=$DEV bs=4096 count=1 skip=$((ZM_OFF / 4096)) iflag=direct 2>/dev/null | tr -d '\000' | head -c 64
+}
+
+# set_cache "write back"|"write through": the guest's write-cache mode
+set_cache() {
+	echo "$1" > /sys/block/vda/cache_type || fail "cannot set cache_type to '$1'"
+	got=$(cat /sys/block/vda/cache_type)
+	[ "$got" = "$1" ] || fail "cache_type is '$got' after setting '$1'"
+}

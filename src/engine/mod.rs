@@ -1,0 +1,684 @@
+//! The clone engine: where every byte of a guest request lives, and when a
+//! region becomes hydrated.
+//!
+//! This module owns request mapping (design.md's table), hydration of single
+//! regions, and commit scheduling. It knows nothing of virtio: the vhost-user
+//! front, the control socket and the tests drive it through the same methods.
+//!
+//! | request | region state | action |
+//! |---|---|---|
+//! | read | hydrated / not | destination / source (a mixed read is split) |
+//! | write | hydrated | destination |
+//! | write covering a whole region | not hydrated | destination, then mark, no copy |
+//! | write covering part of a region | not hydrated | copy source region with the write applied, then mark |
+//! | discard | whole unhydrated regions | zero them on the destination, then mark |
+//! | discard | hydrated parts | pass down if enabled |
+//! | write zeroes | as write | destination zeroing (fallocate) where possible |
+//! | flush | - | group commit (pre-commit, destination flush, metadata commit) |
+//!
+//! Invariants:
+//! * A region's bit is set (in core) only after its data write completed, and it
+//!   reaches the metadata's durable state only through [`crate::metadata::Metadata::commit`],
+//!   which flushes the destination first.
+//! * Every operation that changes a region's state holds that region's lock
+//!   ([`locks`]); hydrated regions are never locked, so the hot path is a
+//!   lock-free bitmap check plus one vectored system call.
+//! * Requests for a region under hydration wait for the copy and are re-dispatched
+//!   in arrival order. Reads never wait: until the bit is set the source is right.
+
+pub mod commit;
+pub mod locks;
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::metadata::{CommitOutcome, Geometry, Metadata, MetadataError, Mode};
+use crate::storage::{iov_len, BlockDevice, StorageError, SECTOR_SIZE};
+use commit::{CommitGate, Committer};
+use locks::RegionLocks;
+
+/// Default interval of the periodic commit, as dm-clone's.
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Errors of the engine. Each maps to an I/O error for the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The request does not fit the device or is not sector aligned.
+    #[error("request of {len} bytes at offset {offset} is invalid for a device of {size} bytes")]
+    BadRequest {
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Device size.
+        size: u64,
+    },
+    /// A source read failed.
+    #[error("source read failed")]
+    Source(#[source] StorageError),
+    /// A destination operation failed.
+    #[error("destination I/O failed")]
+    Dest(#[source] StorageError),
+    /// Setting a bit or committing failed.
+    #[error("metadata operation failed")]
+    Metadata(#[source] MetadataError),
+    /// A commit failed (shared by every flush that waited for it).
+    #[error("commit failed")]
+    Commit(#[source] Arc<MetadataError>),
+    /// The region is not hydrated and there is no source to read it from.
+    #[error("region {0} is not hydrated and no source is attached")]
+    NoSource(u64),
+    /// The devices do not fit together.
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl EngineError {
+    /// True for errors caused by the request itself rather than the devices.
+    pub fn is_bad_request(&self) -> bool {
+        matches!(self, EngineError::BadRequest { .. })
+    }
+}
+
+impl From<EngineError> for io::Error {
+    fn from(e: EngineError) -> io::Error {
+        let kind = match &e {
+            EngineError::BadRequest { .. } => io::ErrorKind::InvalidInput,
+            EngineError::Source(s) | EngineError::Dest(s) => s.kind(),
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// Result type of the engine.
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Pass discards of hydrated ranges down to the destination.
+    pub discard_passdown: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            discard_passdown: true,
+        }
+    }
+}
+
+/// I/O counters, for status.
+#[derive(Debug, Default, Serialize, Clone, Copy)]
+pub struct Counters {
+    /// Read requests.
+    pub reads: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Discard requests.
+    pub discards: u64,
+    /// Write-zeroes requests.
+    pub write_zeroes: u64,
+    /// Flush requests.
+    pub flushes: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Regions copied because a guest wrote part of them.
+    pub guest_hydrations: u64,
+    /// Regions copied by background hydration.
+    pub background_hydrations: u64,
+    /// Regions marked without copy (overwritten, discarded or zeroed whole).
+    pub overwrites: u64,
+    /// Requests that failed.
+    pub errors: u64,
+}
+
+#[derive(Debug, Default)]
+struct AtomicCounters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    discards: AtomicU64,
+    write_zeroes: AtomicU64,
+    flushes: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    guest_hydrations: AtomicU64,
+    background_hydrations: AtomicU64,
+    overwrites: AtomicU64,
+    errors: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Wraps a storage error with the device it came from.
+type ErrWrap = fn(StorageError) -> EngineError;
+
+/// What to write into a range.
+#[derive(Clone, Copy)]
+enum Payload<'a, 'b> {
+    Data(&'a [IoSlice<'b>]),
+    Zeroes,
+}
+
+/// The clone engine. Cheap to share (`Arc<Engine>`); every method may be called
+/// from several threads at once.
+#[derive(Debug)]
+pub struct Engine {
+    source: Option<Arc<dyn BlockDevice>>,
+    dest: Arc<dyn BlockDevice>,
+    md: Arc<Metadata>,
+    geo: Geometry,
+    cfg: EngineConfig,
+    locks: RegionLocks,
+    gate: CommitGate,
+    counters: AtomicCounters,
+    /// Where background hydration looks next.
+    hydration_cursor: AtomicU64,
+}
+
+impl Engine {
+    /// Builds an engine over opened devices and metadata. `source` may be `None`
+    /// only when every region is hydrated.
+    pub fn new(
+        source: Option<Arc<dyn BlockDevice>>,
+        dest: Arc<dyn BlockDevice>,
+        md: Arc<Metadata>,
+        cfg: EngineConfig,
+    ) -> Result<Engine> {
+        let geo = *md.geometry();
+        if let Some(s) = &source {
+            if s.size() < geo.device_size() {
+                return Err(EngineError::Setup(format!(
+                    "the source has {} bytes but the clone is {} bytes",
+                    s.size(),
+                    geo.device_size()
+                )));
+            }
+        } else if !md.all_hydrated() {
+            return Err(EngineError::Setup(format!(
+                "no source given, but only {} of {} regions are hydrated; the source is needed until hydration completes",
+                md.hydrated_count(),
+                geo.nr_regions()
+            )));
+        }
+        if dest.size() < geo.device_size() {
+            return Err(EngineError::Setup(format!(
+                "the destination has {} bytes but the clone is {} bytes",
+                dest.size(),
+                geo.device_size()
+            )));
+        }
+        if dest.read_only() {
+            return Err(EngineError::Setup("the destination is read-only".into()));
+        }
+        Ok(Engine {
+            source,
+            dest,
+            md,
+            geo,
+            cfg,
+            locks: RegionLocks::new(),
+            gate: CommitGate::default(),
+            counters: AtomicCounters::default(),
+            hydration_cursor: AtomicU64::new(0),
+        })
+    }
+
+    /// Device size in bytes.
+    pub fn size(&self) -> u64 {
+        self.geo.device_size()
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// The metadata store.
+    pub fn metadata(&self) -> &Arc<Metadata> {
+        &self.md
+    }
+
+    /// The destination device.
+    pub fn dest(&self) -> &Arc<dyn BlockDevice> {
+        &self.dest
+    }
+
+    /// Regions being hydrated or marked right now.
+    pub fn regions_in_flight(&self) -> u64 {
+        self.locks.held()
+    }
+
+    /// Commits actually run by the commit gate (shared flushes count once).
+    pub fn commits_run(&self) -> u64 {
+        self.gate.commits_run()
+    }
+
+    /// A snapshot of the I/O counters.
+    pub fn counters(&self) -> Counters {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counters {
+            reads: l(&c.reads),
+            writes: l(&c.writes),
+            discards: l(&c.discards),
+            write_zeroes: l(&c.write_zeroes),
+            flushes: l(&c.flushes),
+            bytes_read: l(&c.bytes_read),
+            bytes_written: l(&c.bytes_written),
+            guest_hydrations: l(&c.guest_hydrations),
+            background_hydrations: l(&c.background_hydrations),
+            overwrites: l(&c.overwrites),
+            errors: l(&c.errors),
+        }
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        let ok = offset % SECTOR_SIZE == 0
+            && len % SECTOR_SIZE == 0
+            && offset.checked_add(len).is_some_and(|e| e <= self.size());
+        if ok {
+            Ok(())
+        } else {
+            Err(EngineError::BadRequest {
+                offset,
+                len,
+                size: self.size(),
+            })
+        }
+    }
+
+    fn check_mode(&self) -> Result<()> {
+        match self.md.mode() {
+            Mode::Fail => Err(EngineError::Metadata(MetadataError::Failed)),
+            _ => Ok(()),
+        }
+    }
+
+    fn count_err<T>(&self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            bump(&self.counters.errors, 1);
+        }
+        r
+    }
+
+    fn source_dev(&self, region: u64) -> Result<&Arc<dyn BlockDevice>> {
+        self.source.as_ref().ok_or(EngineError::NoSource(region))
+    }
+
+    /// Reads `iov_len(bufs)` bytes at `offset`.
+    pub fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let r = self.do_read(offset, bufs);
+        self.count_err(r)
+    }
+
+    fn do_read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let len = iov_len(bufs);
+        self.check(offset, len)?;
+        self.check_mode()?;
+        bump(&self.counters.reads, 1);
+        bump(&self.counters.bytes_read, len);
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        // Split into runs of regions with the same state.
+        let mut pos = offset;
+        while pos < end {
+            let r = self.geo.region_of(pos);
+            let hydrated = self.md.is_hydrated(r);
+            let mut run_end = self.geo.region_end(r).min(end);
+            while run_end < end && self.md.is_hydrated(self.geo.region_of(run_end)) == hydrated {
+                run_end = self.geo.region_end(self.geo.region_of(run_end)).min(end);
+            }
+            let (dev, wrap): (&Arc<dyn BlockDevice>, ErrWrap) = if hydrated {
+                (&self.dest, EngineError::Dest)
+            } else {
+                (self.source_dev(r)?, EngineError::Source)
+            };
+            if pos == offset && run_end == end {
+                return dev.read_vectored_at(bufs, offset).map_err(wrap);
+            }
+            let mut sub = sub_iov_mut(bufs, (pos - offset) as usize, (run_end - pos) as usize);
+            dev.read_vectored_at(&mut sub, pos).map_err(wrap)?;
+            pos = run_end;
+        }
+        Ok(())
+    }
+
+    /// Convenience: reads into one buffer.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read(offset, &mut [IoSliceMut::new(buf)])
+    }
+
+    /// Writes `bufs` at `offset`.
+    pub fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        let len = iov_len(bufs);
+        bump(&self.counters.writes, 1);
+        bump(&self.counters.bytes_written, len);
+        let r = self.do_write(offset, len, Payload::Data(bufs));
+        self.count_err(r)
+    }
+
+    /// Convenience: writes one buffer.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write(offset, &[IoSlice::new(buf)])
+    }
+
+    /// Writes zeroes over `[offset, offset + len)`.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        bump(&self.counters.write_zeroes, 1);
+        let r = self.do_write(offset, len, Payload::Zeroes);
+        self.count_err(r)
+    }
+
+    fn dest_write(&self, pos: u64, len: u64, offset: u64, payload: Payload<'_, '_>) -> Result<()> {
+        match payload {
+            Payload::Data(bufs) => {
+                if pos == offset && len == iov_len(bufs) {
+                    self.dest.write_vectored_at(bufs, pos)
+                } else {
+                    let sub = sub_iov(bufs, (pos - offset) as usize, len as usize);
+                    self.dest.write_vectored_at(&sub, pos)
+                }
+            }
+            Payload::Zeroes => self.dest.write_zeroes(pos, len),
+        }
+        .map_err(EngineError::Dest)
+    }
+
+    fn do_write(&self, offset: u64, len: u64, payload: Payload<'_, '_>) -> Result<()> {
+        self.check(offset, len)?;
+        self.check_mode()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        if self.md.all_hydrated() {
+            return self.dest_write(offset, len, offset, payload);
+        }
+        let mut pos = offset;
+        // Start of a pending run of hydrated regions, written in one call.
+        let mut run: Option<u64> = None;
+        while pos < end {
+            let r = self.geo.region_of(pos);
+            let piece_end = self.geo.region_end(r).min(end);
+            if self.md.is_hydrated(r) {
+                run.get_or_insert(pos);
+            } else {
+                if let Some(s) = run.take() {
+                    self.dest_write(s, pos - s, offset, payload)?;
+                }
+                self.write_unhydrated(r, pos, piece_end, offset, payload)?;
+            }
+            pos = piece_end;
+        }
+        if let Some(s) = run {
+            self.dest_write(s, end - s, offset, payload)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `[pos, piece_end)` of region `r`, which was unhydrated when looked at.
+    fn write_unhydrated(
+        &self,
+        r: u64,
+        pos: u64,
+        piece_end: u64,
+        offset: u64,
+        payload: Payload<'_, '_>,
+    ) -> Result<()> {
+        let _guard = self.locks.lock(r);
+        if self.md.is_hydrated(r) {
+            // Hydrated while we waited: an ordinary write now.
+            return self.dest_write(pos, piece_end - pos, offset, payload);
+        }
+        if self.md.mode() != Mode::Rw {
+            return Err(EngineError::Metadata(MetadataError::ReadOnly));
+        }
+        let (rs, re) = (self.geo.region_start(r), self.geo.region_end(r));
+        if pos == rs && piece_end == re {
+            // Overwrite of the whole region: no copy.
+            self.dest_write(pos, re - rs, offset, payload)?;
+            bump(&self.counters.overwrites, 1);
+        } else {
+            // Partial: copy the region with the new data applied, in one write.
+            let mut buf = vec![0u8; (re - rs) as usize];
+            self.source_dev(r)?
+                .read_at(&mut buf, rs)
+                .map_err(EngineError::Source)?;
+            let a = (pos - rs) as usize;
+            let b = (piece_end - rs) as usize;
+            match payload {
+                Payload::Data(bufs) => copy_from_iov(bufs, (pos - offset) as usize, &mut buf[a..b]),
+                Payload::Zeroes => buf[a..b].fill(0),
+            }
+            self.dest.write_at(&buf, rs).map_err(EngineError::Dest)?;
+            bump(&self.counters.guest_hydrations, 1);
+        }
+        self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
+        Ok(())
+    }
+
+    /// Discards `[offset, offset + len)`. Whole unhydrated regions are zeroed on the
+    /// destination and marked hydrated without copy; hydrated ranges (including
+    /// partial edge regions) are passed down when passdown is on; partial
+    /// unhydrated edges are left alone.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        bump(&self.counters.discards, 1);
+        let r = self.do_discard(offset, len);
+        self.count_err(r)
+    }
+
+    fn passdown(&self, pos: u64, len: u64) -> Result<()> {
+        if !self.cfg.discard_passdown || len == 0 || !self.dest.supports_discard() {
+            return Ok(());
+        }
+        match self.dest.discard(pos, len) {
+            Ok(()) | Err(StorageError::Unsupported { .. }) => Ok(()),
+            Err(e) => Err(EngineError::Dest(e)),
+        }
+    }
+
+    fn do_discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        self.check_mode()?;
+        let end = offset + len;
+        let mut pos = offset;
+        let mut run: Option<u64> = None;
+        while pos < end {
+            let r = self.geo.region_of(pos);
+            let (rs, re) = (self.geo.region_start(r), self.geo.region_end(r));
+            let piece_end = re.min(end);
+            let whole = pos == rs && piece_end == re;
+            if self.md.is_hydrated(r) {
+                run.get_or_insert(pos);
+            } else {
+                if let Some(s) = run.take() {
+                    self.passdown(s, pos - s)?;
+                }
+                if whole && self.md.mode() == Mode::Rw {
+                    let _guard = self.locks.lock(r);
+                    if self.md.is_hydrated(r) {
+                        self.passdown(rs, re - rs)?;
+                    } else {
+                        // Zero, then mark: the bit never claims stale destination data.
+                        if self.dest.supports_discard() && self.dest.discard_zeroes() {
+                            match self.dest.discard(rs, re - rs) {
+                                Ok(()) => {}
+                                Err(StorageError::Unsupported { .. }) => self
+                                    .dest
+                                    .write_zeroes(rs, re - rs)
+                                    .map_err(EngineError::Dest)?,
+                                Err(e) => return Err(EngineError::Dest(e)),
+                            }
+                        } else {
+                            self.dest
+                                .write_zeroes(rs, re - rs)
+                                .map_err(EngineError::Dest)?;
+                        }
+                        self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
+                        bump(&self.counters.overwrites, 1);
+                    }
+                }
+            }
+            pos = piece_end;
+        }
+        if let Some(s) = run {
+            self.passdown(s, end - s)?;
+        }
+        Ok(())
+    }
+
+    /// Completes when every write completed before the call is durable on the
+    /// destination and every region it hydrated is committed.
+    pub fn flush(&self) -> Result<()> {
+        bump(&self.counters.flushes, 1);
+        let r = self.commit(true).map(|_| ());
+        self.count_err(r)
+    }
+
+    /// Commits if anything changed (the periodic commit). With `flush_dest`,
+    /// flushes the destination even when nothing changed.
+    pub fn commit(&self, flush_dest: bool) -> Result<CommitOutcome> {
+        self.check_mode()?;
+        self.gate
+            .commit(flush_dest, |force| {
+                self.md.commit(self.dest.as_ref(), force)
+            })
+            .map_err(EngineError::Commit)
+    }
+
+    /// Starts the periodic commit thread (dm-clone commits every second).
+    pub fn start_committer(self: &Arc<Self>, interval: Duration) -> io::Result<Committer> {
+        let weak = Arc::downgrade(self);
+        Committer::start(interval, move || {
+            if let Some(e) = weak.upgrade() {
+                if e.md.changed() {
+                    if let Err(err) = e.commit(false) {
+                        tracing::warn!(error = %err, "periodic commit failed");
+                    }
+                }
+            }
+        })
+    }
+
+    /// Hydrates region `r` if it is not hydrated yet. Returns true when it copied.
+    pub fn hydrate_region(&self, r: u64) -> Result<bool> {
+        if r >= self.geo.nr_regions() {
+            return Err(EngineError::Metadata(MetadataError::OutOfRange {
+                region: r,
+                nr: self.geo.nr_regions(),
+            }));
+        }
+        let _guard = self.locks.lock(r);
+        self.copy_locked(r)
+    }
+
+    fn copy_locked(&self, r: u64) -> Result<bool> {
+        if self.md.is_hydrated(r) {
+            return Ok(false);
+        }
+        if self.md.mode() != Mode::Rw {
+            return Err(EngineError::Metadata(MetadataError::ReadOnly));
+        }
+        let (rs, re) = (self.geo.region_start(r), self.geo.region_end(r));
+        let mut buf = vec![0u8; (re - rs) as usize];
+        self.source_dev(r)?
+            .read_at(&mut buf, rs)
+            .map_err(EngineError::Source)?;
+        self.dest.write_at(&buf, rs).map_err(EngineError::Dest)?;
+        self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
+        Ok(true)
+    }
+
+    /// One background hydration step: copies the next unhydrated region that no
+    /// guest request is working on. Returns the region copied, or `None` when
+    /// nothing is left (or everything left is busy).
+    pub fn hydrate_next(&self) -> Result<Option<u64>> {
+        let nr = self.geo.nr_regions();
+        let mut from = self.hydration_cursor.load(Ordering::Relaxed) % nr;
+        for _ in 0..64 {
+            let Some(r) = self.md.next_unhydrated(from) else {
+                return Ok(None);
+            };
+            match self.locks.try_lock(r) {
+                Some(_guard) => {
+                    let copied = self.copy_locked(r)?;
+                    self.hydration_cursor.store((r + 1) % nr, Ordering::Relaxed);
+                    if copied {
+                        bump(&self.counters.background_hydrations, 1);
+                    }
+                    return Ok(Some(r));
+                }
+                None => from = (r + 1) % nr,
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The byte range `[start, start + len)` of a scatter list, as a new list.
+fn sub_iov_mut<'b>(
+    bufs: &'b mut [IoSliceMut<'_>],
+    mut start: usize,
+    mut len: usize,
+) -> Vec<IoSliceMut<'b>> {
+    let mut out = Vec::new();
+    for b in bufs.iter_mut() {
+        if len == 0 {
+            break;
+        }
+        let bl = b.len();
+        if start >= bl {
+            start -= bl;
+            continue;
+        }
+        let take = (bl - start).min(len);
+        out.push(IoSliceMut::new(&mut b[start..start + take]));
+        start = 0;
+        len -= take;
+    }
+    out
+}
+
+/// The byte range `[start, start + len)` of a gather list, as a new list.
+fn sub_iov<'b>(bufs: &'b [IoSlice<'_>], mut start: usize, mut len: usize) -> Vec<IoSlice<'b>> {
+    let mut out = Vec::new();
+    for b in bufs {
+        if len == 0 {
+            break;
+        }
+        let bl = b.len();
+        if start >= bl {
+            start -= bl;
+            continue;
+        }
+        let take = (bl - start).min(len);
+        out.push(IoSlice::new(&b[start..start + take]));
+        start = 0;
+        len -= take;
+    }
+    out
+}
+
+/// Copies `dst.len()` bytes starting at byte `start` of a gather list into `dst`.
+fn copy_from_iov(bufs: &[IoSlice<'_>], start: usize, dst: &mut [u8]) {
+    let mut done = 0;
+    for s in sub_iov(bufs, start, dst.len()) {
+        dst[done..done + s.len()].copy_from_slice(&s);
+        done += s.len();
+    }
+}
+
+#[cfg(test)]
+mod tests;

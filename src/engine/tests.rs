@@ -1,0 +1,276 @@
+//! Unit tests of request mapping.
+
+use super::*;
+use crate::metadata::format::Layout;
+use crate::storage::SimDevice;
+
+const RS: u64 = 4096;
+
+struct Rig {
+    src: Arc<SimDevice>,
+    dst: Arc<SimDevice>,
+    eng: Arc<Engine>,
+}
+
+fn rig(regions: u64, tail: u64) -> Rig {
+    let size = regions * RS + tail;
+    let mut img = vec![0u8; size as usize];
+    for (i, b) in img.iter_mut().enumerate() {
+        *b = (i / 512) as u8 | 0x80;
+    }
+    let src = Arc::new(SimDevice::from_image(img));
+    let dst = Arc::new(SimDevice::new(size));
+    let geo = Geometry::new(size, RS).unwrap();
+    let mdd = Arc::new(SimDevice::new(Layout::new(&geo).required_size()));
+    let md = Arc::new(Metadata::format(mdd, geo).unwrap());
+    let eng =
+        Arc::new(Engine::new(Some(src.clone()), dst.clone(), md, EngineConfig::default()).unwrap());
+    Rig { src, dst, eng }
+}
+
+fn src_byte(off: u64) -> u8 {
+    (off / 512) as u8 | 0x80
+}
+
+#[test]
+fn unhydrated_reads_come_from_the_source_without_copying() {
+    let r = rig(4, 0);
+    let mut b = vec![0u8; 3 * RS as usize];
+    r.eng.read_at(&mut b, RS / 2).unwrap();
+    for (i, x) in b.iter().enumerate() {
+        assert_eq!(*x, src_byte(RS / 2 + i as u64));
+    }
+    assert_eq!(r.dst.write_count(), 0);
+    assert_eq!(r.eng.metadata().hydrated_count(), 0);
+}
+
+#[test]
+fn partial_write_hydrates_the_region_first() {
+    let r = rig(4, 0);
+    r.eng.write_at(&[1u8; 512], RS + 1024).unwrap();
+    assert!(r.eng.metadata().is_hydrated(1));
+    let mut b = vec![0u8; RS as usize];
+    r.eng.read_at(&mut b, RS).unwrap();
+    for (i, x) in b.iter().enumerate() {
+        let want = if (1024..1536).contains(&i) {
+            1
+        } else {
+            src_byte(RS + i as u64)
+        };
+        assert_eq!(*x, want, "byte {i}");
+    }
+    assert_eq!(r.eng.counters().guest_hydrations, 1);
+}
+
+#[test]
+fn whole_region_write_marks_without_copy() {
+    let r = rig(4, 0);
+    let reads = r.src.read_count();
+    // Straddles: part of region 0, all of 1 and 2, part of 3.
+    let data = vec![5u8; (3 * RS) as usize];
+    r.eng.write_at(&data, RS / 2).unwrap();
+    let md = r.eng.metadata();
+    assert!((0..4).all(|i| md.is_hydrated(i)));
+    assert_eq!(r.eng.counters().overwrites, 2);
+    assert_eq!(r.eng.counters().guest_hydrations, 2);
+    // Only the two edge regions were read from the source.
+    assert_eq!(r.src.read_count() - reads, 2);
+    let mut b = vec![0u8; (4 * RS) as usize];
+    r.eng.read_at(&mut b, 0).unwrap();
+    for (i, x) in b.iter().enumerate() {
+        let i = i as u64;
+        let want = if (RS / 2..RS / 2 + 3 * RS).contains(&i) {
+            5
+        } else {
+            src_byte(i)
+        };
+        assert_eq!(*x, want);
+    }
+}
+
+#[test]
+fn short_last_region_is_handled() {
+    let r = rig(2, 1024);
+    let size = r.eng.size();
+    r.eng.write_at(&[3u8; 1024], size - 1024).unwrap();
+    assert!(r.eng.metadata().is_hydrated(2));
+    assert_eq!(r.eng.counters().overwrites, 1);
+    let mut b = [0u8; 1024];
+    r.eng.read_at(&mut b, size - 1024).unwrap();
+    assert_eq!(b, [3u8; 1024]);
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let r = rig(2, 0);
+    let size = r.eng.size();
+    assert!(r
+        .eng
+        .read_at(&mut [0u8; 512], size)
+        .unwrap_err()
+        .is_bad_request());
+    assert!(r.eng.write_at(&[0u8; 100], 0).unwrap_err().is_bad_request());
+    assert!(r.eng.write_at(&[0u8; 512], 3).unwrap_err().is_bad_request());
+    assert!(r
+        .eng
+        .discard(u64::MAX - 511, 1024)
+        .unwrap_err()
+        .is_bad_request());
+    assert!(r
+        .eng
+        .write_zeroes(0, size + 512)
+        .unwrap_err()
+        .is_bad_request());
+    assert_eq!(r.eng.counters().errors, 5);
+}
+
+#[test]
+fn discard_marks_whole_unhydrated_regions_zeroed_and_ignores_partial_ones() {
+    let r = rig(4, 0);
+    // Inside one region: touches nothing.
+    r.eng.discard(512, 1024).unwrap();
+    assert_eq!(r.eng.metadata().hydrated_count(), 0);
+    assert_eq!(r.dst.write_count(), 0);
+    // Covers region 1 and 2 fully, parts of 0 and 3.
+    r.eng.discard(RS / 2, 3 * RS).unwrap();
+    let md = r.eng.metadata();
+    assert!(!md.is_hydrated(0) && md.is_hydrated(1) && md.is_hydrated(2) && !md.is_hydrated(3));
+    let mut b = vec![0u8; RS as usize];
+    r.eng.read_at(&mut b, RS).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    r.eng.read_at(&mut b, 0).unwrap();
+    assert_eq!(b[RS as usize - 1], src_byte(RS - 1));
+}
+
+#[test]
+fn discard_of_hydrated_partial_range_is_passed_down() {
+    let r = rig(2, 0);
+    r.eng.write_at(&vec![9u8; RS as usize], 0).unwrap();
+    r.eng.discard(512, 512).unwrap();
+    let mut b = vec![0u8; 1024];
+    r.eng.read_at(&mut b, 0).unwrap();
+    assert_eq!(b[..512], [9u8; 512]);
+    assert_eq!(b[512..], [0u8; 512]);
+}
+
+#[test]
+fn write_zeroes_follows_write_rules() {
+    let r = rig(3, 0);
+    r.eng.write_zeroes(RS / 2, 2 * RS).unwrap();
+    let md = r.eng.metadata();
+    assert!(md.is_hydrated(0) && md.is_hydrated(1) && md.is_hydrated(2));
+    let mut b = vec![0u8; (3 * RS) as usize];
+    r.eng.read_at(&mut b, 0).unwrap();
+    for (i, x) in b.iter().enumerate() {
+        let i = i as u64;
+        let want = if (RS / 2..RS / 2 + 2 * RS).contains(&i) {
+            0
+        } else {
+            src_byte(i)
+        };
+        assert_eq!(*x, want);
+    }
+}
+
+#[test]
+fn flush_commits_after_flushing_the_destination() {
+    let r = rig(2, 0);
+    r.eng.write_at(&[1u8; 512], 0).unwrap();
+    let f = r.dst.flush_count();
+    r.eng.flush().unwrap();
+    assert_eq!(r.dst.flush_count(), f + 1);
+    assert_eq!(r.dst.pending_writes(), 0);
+    assert_eq!(r.eng.metadata().stats().commits, 1);
+    // Nothing changed: the destination is still flushed, no metadata commit.
+    r.eng.flush().unwrap();
+    assert_eq!(r.dst.flush_count(), f + 2);
+    assert_eq!(r.eng.metadata().stats().commits, 1);
+}
+
+#[test]
+fn hydration_never_overwrites_guest_data_and_completes() {
+    let r = rig(6, 512);
+    r.eng.write_at(&vec![7u8; RS as usize], 2 * RS).unwrap();
+    let mut n = 0;
+    while let Some(_) = r.eng.hydrate_next().unwrap() {
+        n += 1;
+        assert!(n < 100);
+    }
+    assert!(r.eng.metadata().all_hydrated());
+    assert_eq!(r.eng.counters().background_hydrations, 6);
+    let mut b = vec![0u8; r.eng.size() as usize];
+    r.eng.read_at(&mut b, 0).unwrap();
+    for (i, x) in b.iter().enumerate() {
+        let i = i as u64;
+        let want = if (2 * RS..3 * RS).contains(&i) {
+            7
+        } else {
+            src_byte(i)
+        };
+        assert_eq!(*x, want);
+    }
+    // And the destination holds the same bytes.
+    assert_eq!(r.dst.current_image(), b);
+}
+
+#[test]
+fn no_source_is_refused_until_hydrated() {
+    let r = rig(2, 0);
+    let md = r.eng.metadata().clone();
+    let e = Engine::new(None, r.dst.clone(), md.clone(), EngineConfig::default()).unwrap_err();
+    assert!(e.to_string().contains("no source given"), "{e}");
+    r.eng.hydrate_region(0).unwrap();
+    r.eng.hydrate_region(1).unwrap();
+    let e2 = Engine::new(None, r.dst.clone(), md, EngineConfig::default()).unwrap();
+    let mut b = [0u8; 512];
+    e2.read_at(&mut b, 0).unwrap();
+    assert_eq!(b[0], src_byte(0));
+}
+
+#[test]
+fn concurrent_writers_to_one_region_lose_nothing() {
+    let r = rig(2, 0);
+    let mut threads = Vec::new();
+    for t in 0..8u64 {
+        let e = r.eng.clone();
+        threads.push(std::thread::spawn(move || {
+            e.write_at(&[t as u8 + 1; 512], t * 512).unwrap();
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut b = vec![0u8; RS as usize];
+    r.eng.read_at(&mut b, 0).unwrap();
+    for t in 0..8usize {
+        assert!(
+            b[t * 512..(t + 1) * 512].iter().all(|&x| x == t as u8 + 1),
+            "sector {t}"
+        );
+    }
+    assert_eq!(r.eng.counters().guest_hydrations, 1);
+}
+
+#[test]
+fn read_only_metadata_fails_writes_that_need_hydration_only() {
+    let r = rig(3, 0);
+    r.eng.write_at(&vec![1u8; RS as usize], 0).unwrap();
+    r.eng.flush().unwrap();
+    r.eng.write_at(&[2u8; 512], RS).unwrap();
+    r.dst
+        .set_fault(crate::storage::Fault::Flush, Some(libc::EIO));
+    assert!(r.eng.flush().is_err());
+    r.dst.set_fault(crate::storage::Fault::Flush, None);
+    assert_eq!(r.eng.metadata().mode(), Mode::Ro);
+    // Region 0 is committed and hydrated: reads and writes work.
+    r.eng.write_at(&[3u8; 512], 0).unwrap();
+    let mut b = [0u8; 512];
+    r.eng.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [3u8; 512]);
+    // Region 2 needs hydration: refused. Flushes fail.
+    assert!(r.eng.write_at(&[4u8; 512], 2 * RS).is_err());
+    assert!(r.eng.flush().is_err());
+    // Reads of unhydrated regions still work.
+    r.eng.read_at(&mut b, 2 * RS).unwrap();
+    assert_eq!(b[0], src_byte(2 * RS));
+}

@@ -1,0 +1,282 @@
+//! Unit tests of the metadata store: format, commit, recovery, corruption, modes.
+
+use super::*;
+use crate::storage::{CrashLog, Fault, LogEvent, SimDevice};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+const REGION: u64 = 4096;
+
+fn geo(regions: u64) -> Geometry {
+    Geometry::new(regions * REGION, REGION).unwrap()
+}
+
+fn md_dev(g: &Geometry) -> Arc<SimDevice> {
+    Arc::new(SimDevice::new(Layout::new(g).required_size()))
+}
+
+#[test]
+fn geometry_validation() {
+    assert!(Geometry::new(1 << 20, 3000).is_err());
+    assert!(Geometry::new(1 << 20, 2048).is_err());
+    assert!(Geometry::new(1 << 20, 2 << 30).is_err());
+    assert!(Geometry::new(1000, 4096).is_err());
+    assert!(Geometry::new(0, 4096).is_err());
+    assert!(Geometry::new((1u64 << 31) * 4096 + 4096, 4096).is_err());
+    let g = Geometry::new(10 * 4096 + 512, 4096).unwrap();
+    assert_eq!(g.nr_regions(), 11);
+    assert_eq!(g.region_len(10), 512);
+    assert_eq!(g.region_end(10), g.device_size());
+    assert_eq!(g.region_of(4096 * 3 + 5), 3);
+}
+
+#[test]
+fn format_open_roundtrip_and_blank_detection() {
+    let g = geo(100);
+    let dev = md_dev(&g);
+    assert!(is_blank(dev.as_ref()).unwrap());
+    assert!(matches!(
+        Metadata::open(dev.clone(), None),
+        Err(MetadataError::Blank)
+    ));
+    let (md, fresh) = Metadata::open_or_format(dev.clone(), g).unwrap();
+    assert!(fresh);
+    assert_eq!(md.hydrated_count(), 0);
+    let (md2, fresh2) = Metadata::open_or_format(dev.clone(), g).unwrap();
+    assert!(!fresh2);
+    assert_eq!(md2.uuid(), md.uuid());
+}
+
+#[test]
+fn commit_persists_bits_and_reopen_sees_them() {
+    let g = geo(70_000); // three bitmap blocks
+    let dev = md_dev(&g);
+    let dest = SimDevice::new(4096);
+    let md = Metadata::format(dev.clone(), g).unwrap();
+    for r in [0u64, 5, 40_000, 69_999] {
+        assert!(md.set_hydrated(r).unwrap());
+    }
+    assert!(!md.set_hydrated(5).unwrap());
+    assert!(md.set_hydrated(70_000).is_err());
+    let out = md.commit(&dest, false).unwrap();
+    assert_eq!(
+        out,
+        CommitOutcome::Committed {
+            seq: 2,
+            regions: 4,
+            blocks: 3
+        }
+    );
+    assert_eq!(md.commit(&dest, false).unwrap(), CommitOutcome::Nothing);
+    let md2 = Metadata::open(dev.clone(), Some(&g)).unwrap();
+    assert_eq!(md2.hydrated_count(), 4);
+    assert!(md2.is_hydrated(40_000) && md2.is_hydrated(69_999) && !md2.is_hydrated(1));
+    assert_eq!(md2.next_unhydrated(0), Some(1));
+    assert_eq!(md2.next_unhydrated(69_999), Some(1));
+}
+
+#[test]
+fn commit_writes_only_changed_blocks() {
+    let g = geo(200_000); // 7 bitmap blocks
+    let dev = md_dev(&g);
+    let dest = SimDevice::new(4096);
+    let md = Metadata::format(dev.clone(), g).unwrap();
+    let before = dev.write_count();
+    md.set_hydrated(100_000).unwrap();
+    md.commit(&dest, false).unwrap();
+    // One journal block, one superblock, one in-place block.
+    assert_eq!(dev.write_count() - before, 3);
+}
+
+#[test]
+fn destination_is_flushed_before_any_metadata_write() {
+    let g = geo(64);
+    let log = CrashLog::new();
+    let dev = Arc::new(SimDevice::new(Layout::new(&g).required_size()).with_log(log.clone(), 1));
+    let dest = SimDevice::new(8192).with_log(log.clone(), 0);
+    let md = Metadata::format(dev.clone(), g).unwrap();
+    dest.write_at(&[1u8; 4096], 0).unwrap();
+    md.set_hydrated(0).unwrap();
+    let start = log.len();
+    md.commit(&dest, false).unwrap();
+    let ev = log.events();
+    let first_md = ev[start..]
+        .iter()
+        .position(|e| matches!(e, LogEvent::Write { dev: 1, .. }))
+        .unwrap();
+    let dest_flush = ev[start..]
+        .iter()
+        .position(|e| matches!(e, LogEvent::Flush { dev: 0 }))
+        .unwrap();
+    assert!(dest_flush < first_md);
+}
+
+#[test]
+fn flush_with_no_changes_flushes_destination_only_when_asked() {
+    let g = geo(8);
+    let md = Metadata::format(md_dev(&g), g).unwrap();
+    let dest = SimDevice::new(4096);
+    md.commit(&dest, false).unwrap();
+    assert_eq!(dest.flush_count(), 0);
+    md.commit(&dest, true).unwrap();
+    assert_eq!(dest.flush_count(), 1);
+}
+
+#[test]
+fn crash_at_every_point_of_many_commits_loads_old_or_new_state() {
+    let g = geo(70_000);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let log = CrashLog::new();
+    let size = Layout::new(&g).required_size();
+    let dev = Arc::new(SimDevice::new(size).with_log(log.clone(), 1));
+    let dest = SimDevice::new(4096);
+    let md = Metadata::format(dev.clone(), g).unwrap();
+    let initial = dev.durable_image();
+    let base = log.len();
+    // committed_at[i] = (log index after commit i completed, bits set by then)
+    let mut states: Vec<(usize, Vec<u64>)> = vec![(base, vec![])];
+    let mut set = vec![];
+    for round in 0..12u64 {
+        for k in 0..5u64 {
+            let r = (round * 7919 + k * 104_729) % g.nr_regions();
+            if md.set_hydrated(r).unwrap() {
+                set.push(r);
+            }
+        }
+        md.commit(&dest, false).unwrap();
+        states.push((log.len(), set.clone()));
+    }
+    for point in base..=log.len() {
+        for _ in 0..4 {
+            let img = log.crash_image(1, &initial, point, &mut rng);
+            let dev2: Arc<dyn BlockDevice> = Arc::new(SimDevice::from_image(img));
+            let md2 =
+                Metadata::open(dev2, Some(&g)).unwrap_or_else(|e| panic!("point {point}: {e}"));
+            // Must equal the last state committed at or before `point`, or the one after it.
+            let i = states.iter().rposition(|(at, _)| *at <= point).unwrap();
+            let ok = |s: &Vec<u64>| {
+                md2.hydrated_count() == s.len() as u64 && s.iter().all(|&r| md2.is_hydrated(r))
+            };
+            assert!(
+                ok(&states[i].1) || states.get(i + 1).is_some_and(|s| ok(&s.1)),
+                "crash at {point}: loaded a state that was never committed"
+            );
+        }
+    }
+}
+
+#[test]
+fn failed_destination_flush_aborts_and_goes_read_only() {
+    let g = geo(64);
+    let dev = md_dev(&g);
+    let dest = SimDevice::new(4096);
+    let md = Metadata::format(dev.clone(), g).unwrap();
+    md.set_hydrated(1).unwrap();
+    md.commit(&dest, false).unwrap();
+    md.set_hydrated(2).unwrap();
+    dest.set_fault(Fault::Flush, Some(libc::EIO));
+    assert!(md.commit(&dest, false).is_err());
+    assert_eq!(md.mode(), Mode::Ro);
+    // The uncommitted bit was dropped; the committed one kept.
+    assert!(md.is_hydrated(1) && !md.is_hydrated(2));
+    assert!(matches!(md.set_hydrated(3), Err(MetadataError::ReadOnly)));
+    dest.set_fault(Fault::Flush, None);
+    assert!(matches!(
+        md.commit(&dest, true),
+        Err(MetadataError::ReadOnly)
+    ));
+}
+
+#[test]
+fn failed_reload_goes_to_fail_mode() {
+    let g = geo(64);
+    let dev = md_dev(&g);
+    let dest = SimDevice::new(4096);
+    let md = Metadata::format(dev.clone(), g).unwrap();
+    md.set_hydrated(1).unwrap();
+    dev.set_fault(Fault::Write, Some(libc::EIO));
+    dev.set_fault(Fault::Read, Some(libc::EIO));
+    assert!(md.commit(&dest, false).is_err());
+    assert_eq!(md.mode(), Mode::Fail);
+    assert!(matches!(md.commit(&dest, true), Err(MetadataError::Failed)));
+}
+
+#[test]
+fn write_cache_choice_is_persisted() {
+    let g = geo(8);
+    let dev = md_dev(&g);
+    let dest = SimDevice::new(4096);
+    let md = Metadata::format(dev.clone(), g).unwrap();
+    assert_eq!(md.write_cache(), None);
+    md.set_write_cache(false);
+    assert!(md.changed());
+    md.commit(&dest, false).unwrap();
+    assert_eq!(
+        Metadata::open(dev.clone(), None).unwrap().write_cache(),
+        Some(false)
+    );
+}
+
+#[test]
+fn corruption_is_detected_with_a_message() {
+    let g = geo(70_000);
+    let dev = md_dev(&g);
+    let dest = SimDevice::new(4096);
+    let md = Metadata::format(dev.clone(), g).unwrap();
+    for r in 0..10 {
+        md.set_hydrated(r * 1000).unwrap();
+        md.commit(&dest, false).unwrap();
+    }
+    let good = dev.current_image();
+    let open = |img: Vec<u8>| Metadata::open(Arc::new(SimDevice::from_image(img)), Some(&g));
+    assert!(open(good.clone()).is_ok());
+    // Every byte of both superblock sectors.
+    for off in (0..512).chain(4096..4096 + 512) {
+        let mut img = good.clone();
+        img[off] ^= 0x01;
+        assert!(
+            open(img).is_err(),
+            "superblock byte {off} flip not detected"
+        );
+    }
+    // A bitmap block not covered by the journal.
+    let layout = Layout::new(&g);
+    let mut img = good.clone();
+    img[layout.bitmap_offset(2) as usize + 100] ^= 0x40;
+    let e = open(img).unwrap_err().to_string();
+    assert!(
+        e.contains("bitmap block 2") && e.contains("checksum"),
+        "{e}"
+    );
+    // The current journal record.
+    let mut img = good.clone();
+    let seq = md.superblock().seq;
+    img[layout.journal_offset(seq % 2, 0) as usize + 40] ^= 1;
+    let e = open(img).unwrap_err().to_string();
+    assert!(e.contains("journal block"), "{e}");
+    // Truncated.
+    let e = open(good[..8192].to_vec()).unwrap_err();
+    assert!(matches!(e, MetadataError::TooSmall { .. }), "{e}");
+    // Another clone's metadata (other uuid) spliced in.
+    let other = md_dev(&g);
+    Metadata::format(other.clone(), g).unwrap();
+    let mut img = good.clone();
+    let o = other.current_image();
+    let a = layout.bitmap_offset(1) as usize;
+    img[a..a + 4096].copy_from_slice(&o[a..a + 4096]);
+    let e = open(img).unwrap_err().to_string();
+    assert!(e.contains("another clone"), "{e}");
+    // Geometry mismatch.
+    let e = Metadata::open(
+        Arc::new(SimDevice::from_image(good.clone())),
+        Some(&geo(69_999)),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("device size mismatch"), "{e}");
+    let g2 = Geometry::new(g.device_size(), 8192).unwrap();
+    let e = Metadata::open(Arc::new(SimDevice::from_image(good)), Some(&g2))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("region size mismatch"), "{e}");
+}

@@ -1,0 +1,188 @@
+//! Block devices: the bottom layer of vhost-clone.
+//!
+//! This module owns byte-addressed access to the three backing stores (source,
+//! destination, metadata). It knows nothing of regions, bitmaps or requests.
+//!
+//! * [`BlockDevice`] is the one interface every layer above uses.
+//! * [`FileDevice`] serves regular files and block devices with `pread`/`pwrite`,
+//!   `fdatasync` for flush, `fallocate`/`BLKDISCARD`/`BLKZEROOUT` for discard and
+//!   write-zeroes, and optionally `O_DIRECT` with aligned bounce buffers.
+//! * [`SimDevice`] is an in-memory device with a **volatile write cache**: writes
+//!   become durable only at [`BlockDevice::flush`]; [`SimDevice::crash`] keeps a
+//!   random (seeded) subset of the unflushed writes, in any order, possibly torn
+//!   at sector granularity. It is what the crash suite runs on, and it can inject
+//!   faults.
+//!
+//! Durability contract: after `flush()` returns `Ok`, every write that completed
+//! before `flush()` was called is durable. Nothing else is promised.
+
+mod file;
+mod sim;
+
+pub use file::{FileDevice, OpenOptions};
+pub use sim::{CrashLog, DeviceId, Fault, LogEvent, SimDevice};
+
+use std::fmt;
+use std::io::{self, IoSlice, IoSliceMut};
+
+/// Size of a sector: the unit of atomicity the simulated device honours and the
+/// granularity of every guest request.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// An I/O system call failed.
+    #[error("{op} of {len} bytes at offset {offset} failed")]
+    Io {
+        /// The operation (read, write, flush, discard, write-zeroes, open).
+        op: &'static str,
+        /// Byte offset of the request.
+        offset: u64,
+        /// Length of the request in bytes.
+        len: u64,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The request reaches past the end of the device.
+    #[error("{op} of {len} bytes at offset {offset} is outside the device ({size} bytes)")]
+    OutOfRange {
+        /// The operation.
+        op: &'static str,
+        /// Byte offset of the request.
+        offset: u64,
+        /// Length of the request in bytes.
+        len: u64,
+        /// Device size in bytes.
+        size: u64,
+    },
+    /// A write-type operation on a device opened read-only.
+    #[error("{op} refused: the device is read-only")]
+    ReadOnly {
+        /// The operation.
+        op: &'static str,
+    },
+    /// The device cannot do this operation.
+    #[error("{op} is not supported by this device")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+    },
+    /// Opening a file failed.
+    #[error("cannot open {path}")]
+    Open {
+        /// The path given.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The device's parameters are unusable (e.g. O_DIRECT alignment).
+    #[error("invalid device: {0}")]
+    Invalid(String),
+}
+
+impl StorageError {
+    /// The `io::ErrorKind` closest to this error, for callers that speak `io::Error`.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            StorageError::Io { source, .. } | StorageError::Open { source, .. } => source.kind(),
+            StorageError::OutOfRange { .. } | StorageError::Invalid(_) => {
+                io::ErrorKind::InvalidInput
+            }
+            StorageError::ReadOnly { .. } => io::ErrorKind::PermissionDenied,
+            StorageError::Unsupported { .. } => io::ErrorKind::Unsupported,
+        }
+    }
+
+    /// The raw OS error number, where there is one (e.g. `ENOSPC`).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            StorageError::Io { source, .. } | StorageError::Open { source, .. } => {
+                source.raw_os_error()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Result type of the storage layer.
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// A byte-addressed block device.
+///
+/// Implementations must be safe to call from several threads at once; requests to
+/// disjoint ranges must not interfere.
+pub trait BlockDevice: Send + Sync + fmt::Debug {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// True when the device was opened read-only; write-type calls then fail.
+    fn read_only(&self) -> bool;
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes all of `buf` at `offset`. Not durable until [`BlockDevice::flush`].
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Reads into a scatter list, filling each buffer in turn.
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let mut off = offset;
+        for b in bufs.iter_mut() {
+            self.read_at(b, off)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes a gather list, each buffer in turn.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        let mut off = offset;
+        for b in bufs {
+            self.write_at(b, off)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes every write completed before this call durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Tells the device the range is unused. Afterwards the range reads as zeroes
+    /// on devices where [`BlockDevice::discard_zeroes`] is true, and as unspecified
+    /// (but old or zero) data otherwise.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// True when the device can discard at all.
+    fn supports_discard(&self) -> bool {
+        true
+    }
+
+    /// True when a discarded range reads back as zeroes.
+    fn discard_zeroes(&self) -> bool {
+        false
+    }
+
+    /// Writes zeroes over the range, cheaply where the device can.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+}
+
+/// Checks that `[offset, offset + len)` lies within a device of `size` bytes.
+pub fn check_range(op: &'static str, offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(StorageError::OutOfRange {
+            op,
+            offset,
+            len,
+            size,
+        }),
+    }
+}
+
+/// Total length of a list of buffers.
+pub fn iov_len<T: std::ops::Deref<Target = [u8]>>(bufs: &[T]) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
+}
