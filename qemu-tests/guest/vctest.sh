@@ -21,20 +21,32 @@ check_device() {
 		"write_zeroes_max $(cat /sys/block/vda/queue/write_zeroes_max_bytes)"
 }
 
-# span_sha OFF LEN: sha256 of LEN bytes at OFF, read with O_DIRECT
-span_sha() {
-	dd if=$DEV bs=64k iflag=skip_bytes,count_bytes,direct skip=$1 count=$2 2>/dev/null |
-		sha256sum | cut -d' ' -f1
+# span_sum OFF LEN: md5 of LEN bytes at OFF, read with O_DIRECT (md5 is the
+# fastest busybox hash under TCG, ~40 MB/s; this is a corruption check, not crypto)
+span_sum() {
+	dd if=$DEV bs=1M iflag=skip_bytes,count_bytes,direct skip=$1 count=$2 2>/dev/null |
+		md5sum | cut -d' ' -f1
 }
 
-# check_spans "OFF:LEN:SHA ...": each span must have the given sha256
+# check_spans "OFF:LEN:MD5 ...": each span must have the given md5. The spans
+# are hashed two at a time (one per vCPU).
 check_spans() {
+	n=0
 	for s in $1; do
-		off=${s%%:*}; rest=${s#*:}; len=${rest%%:*}; want=${rest#*:}
-		got=$(span_sha $off $len)
-		[ "$got" = "$want" ] || fail "span $off+$len: sha256 $got, expected $want"
+		n=$((n + 1))
+		off=${s%%:*}; rest=${s#*:}; len=${rest%%:*}
+		span_sum $off $len > /tmp/span.$n &
+		[ $((n % 2)) = 0 ] && wait
 	done
-	log "spans ok: $(echo $1 | wc -w)"
+	wait
+	n=0
+	for s in $1; do
+		n=$((n + 1))
+		off=${s%%:*}; rest=${s#*:}; len=${rest%%:*}; want=${rest#*:}
+		got=$(cat /tmp/span.$n)
+		[ "$got" = "$want" ] || fail "span $off+$len: md5 $got, expected $want"
+	done
+	log "spans ok: $n"
 }
 
 # fio_std write|verify [fio options...]: the standard workload over zones A, B
@@ -74,7 +86,7 @@ blockalign=512
 cpus_allowed=1
 JOB
 	[ "$mode" = verify ] && set -- --verify_only=1 "$@"
-	if ! fio "$@" --output=/tmp/fio.out /tmp/std.fio; then
+	if ! fio --eta=never "$@" --output=/tmp/fio.out /tmp/std.fio; then
 		grep -vE '^ *(lat|clat|slat|bw|iops|cpu|IO depths|submit|complete|issued|latency|  *[0-9]+\.[0-9]+th|  *\|) ' /tmp/fio.out | head -40
 		fail "fio $mode failed"
 	fi
@@ -83,7 +95,7 @@ JOB
 
 # fio_scratch SECONDS: random 4k writes to zone D, no verification, no flush
 fio_scratch() {
-	fio --name=scratch --filename=$DEV --direct=1 --ioengine=io_uring --iodepth=16 \
+	fio --eta=never --name=scratch --filename=$DEV --direct=1 --ioengine=io_uring --iodepth=16 \
 		--rw=randwrite --bs=4k --offset=$ZD_OFF --size=$ZD_LEN --time_based \
 		--runtime=$1 --numjobs=2 --output=/tmp/scratch.out
 }
@@ -95,7 +107,8 @@ marker_write() {
 		fail "marker write"
 }
 marker_read() {
-	dd if=$DEV bs=4096 count=1 skip=$((ZM_OFF / 4096)) iflag=direct 2>/dev/null | tr -d '\000' | head -c 64
+	dd if=$DEV bs=4096 count=1 skip=$((ZM_OFF / 4096)) iflag=direct 2>/dev/null | head -c 16 |
+		tr -c 'A-Za-z0-9-' '.'
 }
 
 # set_cache "write back"|"write through": the guest's write-cache mode

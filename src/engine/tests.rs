@@ -192,7 +192,7 @@ fn hydration_never_overwrites_guest_data_and_completes() {
     let r = rig(6, 512);
     r.eng.write_at(&vec![7u8; RS as usize], 2 * RS).unwrap();
     let mut n = 0;
-    while let Some(_) = r.eng.hydrate_next().unwrap() {
+    while r.eng.hydrate_next().unwrap().is_some() {
         n += 1;
         assert!(n < 100);
     }

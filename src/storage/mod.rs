@@ -20,7 +20,7 @@ mod file;
 mod sim;
 
 pub use file::{FileDevice, OpenOptions};
-pub use sim::{CrashLog, DeviceId, Fault, LogEvent, SimDevice};
+pub use sim::{CrashLog, DeviceId, Fault, LogEvent, Replayer, SimDevice};
 
 use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut};

@@ -103,29 +103,58 @@ impl CrashLog {
         point: usize,
         rng: &mut R,
     ) -> Vec<u8> {
-        let events = self.lock();
-        let mut durable = initial.to_vec();
-        let mut pending: Vec<(u64, Arc<[u8]>)> = Vec::new();
-        for e in events.iter().take(point) {
-            match e {
-                LogEvent::Write {
-                    dev: d,
-                    offset,
-                    data,
-                } if *d == dev => {
-                    pending.push((*offset, data.clone()));
+        let mut r = Replayer::new(self, dev, initial.to_vec());
+        r.advance_to(point);
+        r.crash_image(rng)
+    }
+}
+
+/// Rebuilds one device's state from a [`CrashLog`] incrementally, for tests
+/// that crash at every point of a run in increasing order.
+#[derive(Debug)]
+pub struct Replayer {
+    events: Vec<LogEvent>,
+    dev: DeviceId,
+    pos: usize,
+    durable: Vec<u8>,
+    pending: Vec<(u64, Arc<[u8]>)>,
+}
+
+impl Replayer {
+    /// Starts at event 0 with the device holding `initial`.
+    pub fn new(log: &CrashLog, dev: DeviceId, initial: Vec<u8>) -> Replayer {
+        Replayer {
+            events: log.events(),
+            dev,
+            pos: 0,
+            durable: initial,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Applies events up to (not including) `point`. Points must not decrease.
+    pub fn advance_to(&mut self, point: usize) {
+        while self.pos < point.min(self.events.len()) {
+            match &self.events[self.pos] {
+                LogEvent::Write { dev, offset, data } if *dev == self.dev => {
+                    self.pending.push((*offset, data.clone()));
                 }
-                LogEvent::Flush { dev: d } if *d == dev => {
-                    for (off, data) in pending.drain(..) {
-                        apply(&mut durable, off, &data);
+                LogEvent::Flush { dev } if *dev == self.dev => {
+                    for (off, data) in self.pending.drain(..) {
+                        apply(&mut self.durable, off, &data);
                     }
                 }
                 _ => {}
             }
+            self.pos += 1;
         }
-        drop(events);
-        apply_crash(&mut durable, &pending, rng);
-        durable
+    }
+
+    /// The device image after a crash at the current point.
+    pub fn crash_image<R: Rng>(&self, rng: &mut R) -> Vec<u8> {
+        let mut img = self.durable.clone();
+        apply_crash(&mut img, &self.pending, rng);
+        img
     }
 }
 
