@@ -531,6 +531,21 @@ pub fn load(dev: &dyn BlockDevice, expected: Option<&Geometry>) -> Result<Loaded
     })
 }
 
+impl Loaded {
+    /// Runs of hydrated regions, as `(first, count)`.
+    pub fn hydrated_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for r in self.bits.iter_ones() {
+            let r = r as u64;
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == r => *n += 1,
+                _ => runs.push((r, 1)),
+            }
+        }
+        runs
+    }
+}
+
 impl Metadata {
     /// Formats `dev` for `geo` (every region unhydrated) and opens it.
     pub fn format(dev: Arc<dyn BlockDevice>, geo: Geometry) -> Result<Metadata> {
@@ -927,26 +942,6 @@ impl Metadata {
                 self.set_mode(Mode::Fail);
             }
         }
-    }
-
-    /// Ranges of hydrated regions, as `(first, count)` runs.
-    pub fn hydrated_runs(&self) -> Vec<(u64, u64)> {
-        let mut runs = Vec::new();
-        let mut start: Option<u64> = None;
-        for r in 0..self.geo.nr_regions() {
-            match (self.is_hydrated(r), start) {
-                (true, None) => start = Some(r),
-                (false, Some(s)) => {
-                    runs.push((s, r - s));
-                    start = None;
-                }
-                _ => {}
-            }
-        }
-        if let Some(s) = start {
-            runs.push((s, self.geo.nr_regions() - s));
-        }
-        runs
     }
 
     /// The committed superblock.
