@@ -13,3 +13,19 @@ pub mod cli;
 pub mod engine;
 pub mod metadata;
 pub mod storage;
+
+/// Formats an error with its chain of causes on one line
+/// (`cannot open a.img: No such file or directory (os error 2)`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let cs = c.to_string();
+        if !s.contains(&cs) {
+            s.push_str(": ");
+            s.push_str(&cs);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -218,7 +218,11 @@ fn run_workload(seed: u64, mutate: bool) -> Outcome {
                 r
             }
             Op::Commit => w.eng.commit(false).map(|_| ()).map_err(|e| e.to_string()),
-            Op::Hydrate => w.eng.hydrate_next().map(|_| ()).map_err(|e| e.to_string()),
+            Op::Hydrate => w
+                .eng
+                .hydrate_batch(rng.gen_range(1..5), rng.gen_bool(0.3))
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
         };
         if let Err(e) = res {
             out.violations

@@ -211,20 +211,7 @@ pub fn open_metadata_for(path: &Path, geo: &Geometry) -> Result<Arc<FileDevice>>
     Ok(Arc::new(dev))
 }
 
-/// Formats an error with its chain of causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let cs = c.to_string();
-        if !s.contains(&cs) {
-            s.push_str(": ");
-            s.push_str(&cs);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub use crate::error_chain;
 
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {

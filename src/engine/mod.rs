@@ -27,6 +27,7 @@
 //!   in arrival order. Reads never wait: until the bit is set the source is right.
 
 pub mod commit;
+pub mod hydrator;
 pub mod locks;
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -183,6 +184,44 @@ pub struct Engine {
     counters: AtomicCounters,
     /// Where background hydration looks next.
     hydration_cursor: AtomicU64,
+    /// Guest requests being served right now (background hydration yields to them).
+    ios_in_flight: AtomicU64,
+    /// Bytes read from the source by hydration (holes skipped are not read).
+    hydration_bytes_read: AtomicU64,
+}
+
+/// Counts a guest request as in flight for its lifetime.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a AtomicU64) -> Self {
+        c.fetch_add(1, Ordering::AcqRel);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The result of one background hydration step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HydrateStep {
+    /// Regions `first..first + count` were hydrated.
+    Hydrated {
+        /// First region.
+        first: u64,
+        /// Number of regions.
+        count: u64,
+        /// Of which this many were holes of the source (zeroed, not read).
+        holes: u64,
+    },
+    /// Every unhydrated region looked at is busy (a guest request holds it).
+    Busy,
+    /// Every region is hydrated.
+    Done,
 }
 
 impl Engine {
@@ -230,6 +269,8 @@ impl Engine {
             gate: CommitGate::default(),
             counters: AtomicCounters::default(),
             hydration_cursor: AtomicU64::new(0),
+            ios_in_flight: AtomicU64::new(0),
+            hydration_bytes_read: AtomicU64::new(0),
         })
     }
 
@@ -256,6 +297,16 @@ impl Engine {
     /// Regions being hydrated or marked right now.
     pub fn regions_in_flight(&self) -> u64 {
         self.locks.held()
+    }
+
+    /// Guest requests being served right now.
+    pub fn ios_in_flight(&self) -> u64 {
+        self.ios_in_flight.load(Ordering::Acquire)
+    }
+
+    /// Bytes hydration has read from the source.
+    pub fn hydration_bytes_read(&self) -> u64 {
+        self.hydration_bytes_read.load(Ordering::Relaxed)
     }
 
     /// Commits actually run by the commit gate (shared flushes count once).
@@ -317,6 +368,7 @@ impl Engine {
 
     /// Reads `iov_len(bufs)` bytes at `offset`.
     pub fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let _io = InFlight::new(&self.ios_in_flight);
         let r = self.do_read(offset, bufs);
         self.count_err(r)
     }
@@ -362,6 +414,7 @@ impl Engine {
 
     /// Writes `bufs` at `offset`.
     pub fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        let _io = InFlight::new(&self.ios_in_flight);
         let len = iov_len(bufs);
         bump(&self.counters.writes, 1);
         bump(&self.counters.bytes_written, len);
@@ -376,6 +429,7 @@ impl Engine {
 
     /// Writes zeroes over `[offset, offset + len)`.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let _io = InFlight::new(&self.ios_in_flight);
         bump(&self.counters.write_zeroes, 1);
         let r = self.do_write(offset, len, Payload::Zeroes);
         self.count_err(r)
@@ -474,6 +528,7 @@ impl Engine {
     /// partial edge regions) are passed down when passdown is on; partial
     /// unhydrated edges are left alone.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _io = InFlight::new(&self.ios_in_flight);
         bump(&self.counters.discards, 1);
         let r = self.do_discard(offset, len);
         self.count_err(r)
@@ -512,20 +567,7 @@ impl Engine {
                         self.passdown(rs, re - rs)?;
                     } else {
                         // Zero, then mark: the bit never claims stale destination data.
-                        if self.dest.supports_discard() && self.dest.discard_zeroes() {
-                            match self.dest.discard(rs, re - rs) {
-                                Ok(()) => {}
-                                Err(StorageError::Unsupported { .. }) => self
-                                    .dest
-                                    .write_zeroes(rs, re - rs)
-                                    .map_err(EngineError::Dest)?,
-                                Err(e) => return Err(EngineError::Dest(e)),
-                            }
-                        } else {
-                            self.dest
-                                .write_zeroes(rs, re - rs)
-                                .map_err(EngineError::Dest)?;
-                        }
+                        self.zero_dest(rs, re - rs)?;
                         self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
                         bump(&self.counters.overwrites, 1);
                     }
@@ -537,6 +579,20 @@ impl Engine {
             self.passdown(s, end - s)?;
         }
         Ok(())
+    }
+
+    /// Zeroes a destination range as cheaply as the device allows: a punched
+    /// hole where a discard reads back zeroes (keeps a sparse file sparse), else
+    /// write-zeroes.
+    fn zero_dest(&self, pos: u64, len: u64) -> Result<()> {
+        if self.dest.supports_discard() && self.dest.discard_zeroes() {
+            match self.dest.discard(pos, len) {
+                Ok(()) => return Ok(()),
+                Err(StorageError::Unsupported { .. }) => {}
+                Err(e) => return Err(EngineError::Dest(e)),
+            }
+        }
+        self.dest.write_zeroes(pos, len).map_err(EngineError::Dest)
     }
 
     /// Completes when every write completed before the call is durable on the
@@ -581,49 +637,111 @@ impl Engine {
             }));
         }
         let _guard = self.locks.lock(r);
-        self.copy_locked(r)
-    }
-
-    fn copy_locked(&self, r: u64) -> Result<bool> {
         if self.md.is_hydrated(r) {
             return Ok(false);
         }
-        if self.md.mode() != Mode::Rw {
-            return Err(EngineError::Metadata(MetadataError::ReadOnly));
-        }
-        let (rs, re) = (self.geo.region_start(r), self.geo.region_end(r));
-        let mut buf = vec![0u8; (re - rs) as usize];
-        self.source_dev(r)?
-            .read_at(&mut buf, rs)
-            .map_err(EngineError::Source)?;
-        self.dest.write_at(&buf, rs).map_err(EngineError::Dest)?;
-        self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
+        self.copy_run(r, 1, false)?;
         Ok(true)
     }
 
-    /// One background hydration step: copies the next unhydrated region that no
-    /// guest request is working on. Returns the region copied, or `None` when
-    /// nothing is left (or everything left is busy).
-    pub fn hydrate_next(&self) -> Result<Option<u64>> {
+    /// Copies regions `first..first + n` (all locked by the caller, all
+    /// unhydrated) from the source, then marks them. Holes of a sparse source
+    /// are zeroed on the destination instead of read; with `detect_zeroes`,
+    /// all-zero data read is written as zeroes (a hole) too. Returns the
+    /// number of hole regions.
+    fn copy_run(&self, first: u64, n: u64, detect_zeroes: bool) -> Result<u64> {
+        if self.md.mode() != Mode::Rw {
+            return Err(EngineError::Metadata(MetadataError::ReadOnly));
+        }
+        let src = self.source_dev(first)?;
+        let start = self.geo.region_start(first);
+        let end = self.geo.region_end(first + n - 1);
+        let extents = src
+            .data_extents(start, end - start)
+            .map_err(EngineError::Source)?;
+        let has_data = |a: u64, b: u64| match &extents {
+            None => true,
+            Some(ext) => ext.iter().any(|&(x, y)| x < b && a < y),
+        };
+        let mut holes = 0;
+        let mut buf = Vec::new();
+        let mut r = first;
+        while r < first + n {
+            // A run of regions of one kind (data or hole).
+            let data = has_data(self.geo.region_start(r), self.geo.region_end(r));
+            let mut e = r + 1;
+            while e < first + n
+                && has_data(self.geo.region_start(e), self.geo.region_end(e)) == data
+            {
+                e += 1;
+            }
+            let (a, b) = (self.geo.region_start(r), self.geo.region_end(e - 1));
+            if data {
+                buf.resize((b - a) as usize, 0);
+                src.read_at(&mut buf, a).map_err(EngineError::Source)?;
+                bump(&self.hydration_bytes_read, b - a);
+                if detect_zeroes && buf.iter().all(|&x| x == 0) {
+                    self.zero_dest(a, b - a)?;
+                } else {
+                    self.dest.write_at(&buf, a).map_err(EngineError::Dest)?;
+                }
+            } else {
+                self.zero_dest(a, b - a)?;
+                holes += e - r;
+            }
+            r = e;
+        }
+        for r in first..first + n {
+            self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
+        }
+        Ok(holes)
+    }
+
+    /// One background hydration step: copies up to `max` adjacent unhydrated
+    /// regions that no guest request is working on, starting at the cursor.
+    pub fn hydrate_batch(&self, max: u64, detect_zeroes: bool) -> Result<HydrateStep> {
         let nr = self.geo.nr_regions();
         let mut from = self.hydration_cursor.load(Ordering::Relaxed) % nr;
         for _ in 0..64 {
-            let Some(r) = self.md.next_unhydrated(from) else {
-                return Ok(None);
+            let Some(first) = self.md.next_unhydrated(from) else {
+                return Ok(HydrateStep::Done);
             };
-            match self.locks.try_lock(r) {
-                Some(_guard) => {
-                    let copied = self.copy_locked(r)?;
-                    self.hydration_cursor.store((r + 1) % nr, Ordering::Relaxed);
-                    if copied {
-                        bump(&self.counters.background_hydrations, 1);
-                    }
-                    return Ok(Some(r));
+            let mut guards = Vec::new();
+            let mut r = first;
+            while r < nr && (r - first) < max.max(1) && !self.md.is_hydrated(r) {
+                match self.locks.try_lock(r) {
+                    // Re-check under the lock: it may have been hydrated meanwhile.
+                    Some(g) if !self.md.is_hydrated(r) => guards.push(g),
+                    _ => break,
                 }
-                None => from = (r + 1) % nr,
+                r += 1;
             }
+            if guards.is_empty() {
+                from = (first + 1) % nr;
+                continue;
+            }
+            let count = guards.len() as u64;
+            let holes = self.copy_run(first, count, detect_zeroes)?;
+            drop(guards);
+            self.hydration_cursor
+                .store((first + count) % nr, Ordering::Relaxed);
+            bump(&self.counters.background_hydrations, count);
+            return Ok(HydrateStep::Hydrated {
+                first,
+                count,
+                holes,
+            });
         }
-        Ok(None)
+        Ok(HydrateStep::Busy)
+    }
+
+    /// One background hydration step of a single region; returns it, or `None`
+    /// when nothing is left (or everything left is busy).
+    pub fn hydrate_next(&self) -> Result<Option<u64>> {
+        match self.hydrate_batch(1, false)? {
+            HydrateStep::Hydrated { first, .. } => Ok(Some(first)),
+            _ => Ok(None),
+        }
     }
 }
 

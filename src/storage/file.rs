@@ -162,6 +162,23 @@ impl FileDevice {
         }
     }
 
+    fn lseek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: lseek only takes integer arguments; the fd is owned by self. It moves the
+        // file position, which no other code of this type uses (all I/O is positioned).
+        let r = unsafe { libc::lseek(self.fd(), off, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+
     fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
         let chunk = AlignedBuf::zeroed(ZERO_CHUNK.min(len as usize).max(DIRECT_ALIGN));
         let mut done = 0u64;
@@ -432,6 +449,43 @@ impl BlockDevice for FileDevice {
             Err(e) => Err(Self::io_err("write-zeroes", offset, len, e)),
         }
     }
+
+    fn data_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        check_range("seek", offset, len, self.size)?;
+        self.data_extents_impl(offset, len)
+            .map_err(|e| Self::io_err("seek", offset, len, e))
+    }
+}
+
+impl FileDevice {
+    fn data_extents_impl(&self, offset: u64, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+        if self.block_device {
+            return Ok(None);
+        }
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = match self.lseek(pos, libc::SEEK_DATA) {
+                Ok(Some(d)) => d,
+                Ok(None) => break, // no data after pos
+                Err(e) if is_unsupported(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = match self.lseek(data, libc::SEEK_HOLE) {
+                Ok(Some(h)) => h,
+                Ok(None) => end,
+                Err(e) if is_unsupported(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            out.push((data.max(offset), hole.min(end)));
+            pos = hole;
+        }
+        Ok(Some(out))
+    }
 }
 
 fn is_unsupported(e: &io::Error) -> bool {
@@ -603,6 +657,21 @@ mod tests {
             dev.read_at(&mut [0u8; 100], 0).is_err(),
             "O_DIRECT rejects partial sectors"
         );
+    }
+
+    #[test]
+    fn data_extents_find_the_data_of_a_sparse_file() {
+        let (_d, p) = tmpfile(16 << 20);
+        let dev = FileDevice::open(&p, &OpenOptions::default()).unwrap();
+        dev.write_at(&[1u8; 4096], 4 << 20).unwrap();
+        dev.flush().unwrap();
+        let Some(ext) = dev.data_extents(0, 16 << 20).unwrap() else {
+            return; // file system without SEEK_DATA
+        };
+        assert_eq!(ext.len(), 1, "{ext:?}");
+        let (a, b) = ext[0];
+        assert!(a <= 4 << 20 && b >= (4 << 20) + 4096, "{ext:?}");
+        assert_eq!(dev.data_extents(8 << 20, 1 << 20).unwrap(), Some(vec![]));
     }
 
     #[test]

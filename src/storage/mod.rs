@@ -167,6 +167,14 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
 
     /// Writes zeroes over the range, cheaply where the device can.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// The ranges of `[offset, offset + len)` that may hold data, as `(start, end)`
+    /// pairs in order; everything else reads as zeroes (holes of a sparse file).
+    /// `None` when the device cannot tell, i.e. every byte may be data.
+    fn data_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies within a device of `size` bytes.

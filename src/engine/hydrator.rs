@@ -1,0 +1,222 @@
+//! Background hydration: a thread that copies the remaining regions in
+//! batches of adjacent regions, under the operator's control (dm-clone's
+//! `enable_hydration`, `disable_hydration`, `hydration_threshold`,
+//! `hydration_batch_size`).
+//!
+//! * At most `threshold` regions are locked (copying or being hydrated by guest
+//!   requests) when a batch starts; a batch takes at most `batch_size` regions.
+//! * It yields to guest I/O: while guest requests are in flight it pauses
+//!   `yield_delay` between batches (dm-clone stops completely, which never
+//!   finishes under a steady guest load; we slow down instead).
+//! * It never copies a region the guest holds (try-lock) or has hydrated (the
+//!   bit is re-checked under the lock), and the bits go through the same
+//!   two-phase commit as everything else.
+//! * A failed copy leaves the region unhydrated, is logged, and is retried after
+//!   `retry_delay`.
+//! * The thread is stopped and joined on drop.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::{Engine, HydrateStep};
+use crate::metadata::Mode;
+
+/// Default `hydration_threshold` (regions in flight).
+pub const DEFAULT_THRESHOLD: u64 = 64;
+/// Default `hydration_batch_size` (adjacent regions per copy).
+pub const DEFAULT_BATCH_SIZE: u64 = 16;
+
+/// Run-time settings of the hydrator, shared with the control socket.
+#[derive(Debug)]
+pub struct HydrationControl {
+    enabled: AtomicBool,
+    threshold: AtomicU64,
+    batch_size: AtomicU64,
+    detect_zeroes: AtomicBool,
+    wake: (Mutex<bool>, Condvar),
+}
+
+impl HydrationControl {
+    /// New settings.
+    pub fn new(enabled: bool, threshold: u64, batch_size: u64, detect_zeroes: bool) -> Arc<Self> {
+        Arc::new(HydrationControl {
+            enabled: AtomicBool::new(enabled),
+            threshold: AtomicU64::new(threshold),
+            batch_size: AtomicU64::new(batch_size),
+            detect_zeroes: AtomicBool::new(detect_zeroes),
+            wake: (Mutex::new(false), Condvar::new()),
+        })
+    }
+
+    /// Is background hydration enabled?
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// Enables or disables it (copies in flight finish).
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Release);
+        self.wake();
+    }
+
+    /// Regions allowed in flight; 0 stops background hydration.
+    pub fn threshold(&self) -> u64 {
+        self.threshold.load(Ordering::Acquire)
+    }
+
+    /// Sets the threshold.
+    pub fn set_threshold(&self, n: u64) {
+        self.threshold.store(n, Ordering::Release);
+        self.wake();
+    }
+
+    /// Adjacent regions per copy (0 and 1 both mean single regions).
+    pub fn batch_size(&self) -> u64 {
+        self.batch_size.load(Ordering::Acquire)
+    }
+
+    /// Sets the batch size.
+    pub fn set_batch_size(&self, n: u64) {
+        self.batch_size.store(n, Ordering::Release);
+        self.wake();
+    }
+
+    /// Write all-zero source data as holes.
+    pub fn detect_zeroes(&self) -> bool {
+        self.detect_zeroes.load(Ordering::Acquire)
+    }
+
+    fn wake(&self) {
+        let (m, cv) = &self.wake;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Sleeps up to `d`, or until woken by a settings change or stop.
+    fn sleep(&self, d: Duration) {
+        let (m, cv) = &self.wake;
+        let g = m.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut g, _) = cv
+            .wait_timeout_while(g, d, |woken| !*woken)
+            .unwrap_or_else(|p| p.into_inner());
+        *g = false;
+    }
+}
+
+/// Timing of the hydrator loop.
+#[derive(Debug, Clone, Copy)]
+pub struct HydratorTiming {
+    /// Pause between batches while guest I/O is in flight.
+    pub yield_delay: Duration,
+    /// Pause after a failed copy.
+    pub retry_delay: Duration,
+    /// Pause when there is nothing to do (disabled, done, threshold reached).
+    pub idle_delay: Duration,
+}
+
+impl Default for HydratorTiming {
+    fn default() -> Self {
+        HydratorTiming {
+            yield_delay: Duration::from_millis(2),
+            retry_delay: Duration::from_secs(1),
+            idle_delay: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The background hydration thread; stopped and joined on drop.
+#[derive(Debug)]
+pub struct Hydrator {
+    ctl: Arc<HydrationControl>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Hydrator {
+    /// Starts hydrating `engine` in the background.
+    pub fn start(
+        engine: &Arc<Engine>,
+        ctl: Arc<HydrationControl>,
+        timing: HydratorTiming,
+    ) -> std::io::Result<Hydrator> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (weak, c, s) = (Arc::downgrade(engine), ctl.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("hydrator".into())
+            .spawn(move || run(weak, c, s, timing))?;
+        Ok(Hydrator {
+            ctl,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and waits for it (a copy in progress finishes first).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.ctl.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Hydrator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(
+    weak: std::sync::Weak<Engine>,
+    ctl: Arc<HydrationControl>,
+    stop: Arc<AtomicBool>,
+    t: HydratorTiming,
+) {
+    let mut announced_done = false;
+    while !stop.load(Ordering::Acquire) {
+        let Some(engine) = weak.upgrade() else { return };
+        let md = engine.metadata();
+        if md.all_hydrated() {
+            if !announced_done {
+                tracing::info!("background hydration complete");
+                announced_done = true;
+            }
+            drop(engine);
+            ctl.sleep(t.idle_delay);
+            continue;
+        }
+        if !ctl.enabled() || md.mode() != Mode::Rw {
+            drop(engine);
+            ctl.sleep(t.idle_delay);
+            continue;
+        }
+        let room = ctl.threshold().saturating_sub(engine.regions_in_flight());
+        if room == 0 {
+            drop(engine);
+            ctl.sleep(t.yield_delay);
+            continue;
+        }
+        let batch = ctl.batch_size().max(1).min(room);
+        match engine.hydrate_batch(batch, ctl.detect_zeroes()) {
+            Ok(HydrateStep::Hydrated { .. }) => {
+                if engine.ios_in_flight() > 0 {
+                    drop(engine);
+                    ctl.sleep(t.yield_delay);
+                }
+            }
+            Ok(HydrateStep::Busy) => {
+                drop(engine);
+                ctl.sleep(t.yield_delay);
+            }
+            Ok(HydrateStep::Done) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "background hydration failed; retrying later");
+                drop(engine);
+                ctl.sleep(t.retry_delay);
+            }
+        }
+    }
+}
