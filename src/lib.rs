@@ -2,7 +2,9 @@
 //!
 //! Layers, each depending only on the ones below it:
 //!
-//! * [`cli`]: command-line front (create, check, dump, serve).
+//! * [`cli`]: command-line front (create, check, dump, serve, status, message).
+//! * [`control`]: the control socket (status, dm-clone's messages).
+//! * [`virtio`]: the vhost-user-blk front: sockets, virtqueues, request validation.
 //! * [`engine`]: region state, request mapping, hydration, commit scheduling.
 //! * [`metadata`]: the on-disk bitmap format and the crash-safe two-phase commit.
 //! * [`storage`]: block devices (files, block devices, a simulated volatile cache).
@@ -10,9 +12,11 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod metadata;
 pub mod storage;
+pub mod virtio;
 
 /// Formats an error with its chain of causes on one line
 /// (`cannot open a.img: No such file or directory (os error 2)`).

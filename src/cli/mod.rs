@@ -7,6 +7,11 @@
 //! arguments (clap's convention).
 
 mod offline;
+mod serve;
+mod status;
+
+pub use serve::ServeArgs;
+pub use status::{MessageArgs, StatusArgs};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,6 +56,12 @@ pub type Result<T> = std::result::Result<T, CliError>;
 #[derive(Debug, Parser)]
 #[command(name = "vhost-clone", version, about, long_about = None)]
 pub struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// More logging (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -59,6 +70,12 @@ pub struct Cli {
 /// Sub-commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve a clone of SOURCE over vhost-user-blk (the main job).
+    Serve(Box<ServeArgs>),
+    /// Show a running daemon's status (progress, mode, counters).
+    Status(StatusArgs),
+    /// Send a dm-clone message to a running daemon.
+    Message(MessageArgs),
     /// Format metadata for a new clone of SOURCE onto DEST (DEST is created if missing).
     Create(CreateArgs),
     /// Validate a clone's metadata (and its agreement with source and destination).
@@ -215,7 +232,29 @@ pub use crate::error_chain;
 
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
+    let level = match cli.verbose {
+        0 => cli.log_level.clone(),
+        1 => "debug".into(),
+        _ => "trace".into(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level));
+    match filter {
+        Ok(f) => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(f)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+        Err(e) => {
+            eprintln!("error: bad log level '{level}': {e}");
+            return 2;
+        }
+    }
     let r = match cli.command {
+        Command::Serve(a) => serve::serve(&a),
+        Command::Status(a) => status::status(&a),
+        Command::Message(a) => status::message(&a),
         Command::Create(a) => offline::create(&a),
         Command::Check(a) => offline::check(&a),
         Command::Dump(a) => offline::dump(&a),

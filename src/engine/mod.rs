@@ -115,7 +115,7 @@ impl Default for EngineConfig {
 }
 
 /// I/O counters, for status.
-#[derive(Debug, Default, Serialize, Clone, Copy)]
+#[derive(Debug, Default, Serialize, serde::Deserialize, Clone, Copy)]
 pub struct Counters {
     /// Read requests.
     pub reads: u64,

@@ -1,0 +1,249 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! Feature negotiation and the virtio-blk configuration space.
+//!
+//! This module owns the numbers the guest sees before its first request: the virtio feature
+//! bits offered, the vhost-user protocol features, and the byte layout of
+//! `struct virtio_blk_config` (VIRTIO 1.2 §5.2.4). The layout is written field by field in
+//! little-endian at fixed offsets rather than through a packed struct, so it is obvious what
+//! every byte is and no unaligned references exist.
+//!
+//! Writeback (`wce`) is not stored here: it is read from the backend on every GET_CONFIG,
+//! because the backend keeps the guest's choice across reconnects and restarts (QEMU does not
+//! resend SET_CONFIG after a reconnect).
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+/// Sector size of the virtio-blk protocol, independent of `blk_size`.
+pub const SECTOR_SIZE: u64 = 512;
+/// log2 of [`SECTOR_SIZE`].
+pub const SECTOR_SHIFT: u32 = 9;
+/// Most queues [`crate::virtio::serve`] accepts.
+pub const MAX_QUEUES: u16 = 64;
+/// Most discard / write-zeroes segments one request may carry (`max_discard_seg`,
+/// `max_write_zeroes_seg`).
+pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Most sectors one discard / write-zeroes segment may cover (2 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Length of the serial returned by GET_ID.
+pub const SERIAL_LEN: usize = 20;
+
+/// Offset of `wce` (writeback) in `virtio_blk_config`.
+pub const CONFIG_WCE_OFFSET: u32 = 32;
+/// Bytes of `virtio_blk_config` this device fills (up to `write_zeroes_may_unmap` and its
+/// padding; the secure-erase and zoned fields that follow stay zero).
+pub const CONFIG_LEN: usize = 60;
+/// Cloud-hypervisor before v51 asked for the config at this offset (the virtio-pci device
+/// config offset) instead of 0; such reads are served as if the offset were 0.
+pub const LEGACY_CONFIG_OFFSET: u32 = 0x100;
+
+/// What the device looks like to the guest, fixed for the life of one `serve` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceGeometry {
+    /// Device size in bytes (multiple of 512).
+    pub size: u64,
+    /// Number of request queues.
+    pub num_queues: u16,
+    /// Maximum queue size.
+    pub queue_size: u16,
+    /// Writes are refused.
+    pub read_only: bool,
+    /// Discard and write-zeroes are offered.
+    pub discard: bool,
+    /// Optimal I/O size in bytes.
+    pub optimal_io_size: u32,
+}
+
+impl DeviceGeometry {
+    /// Capacity in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.size >> SECTOR_SHIFT
+    }
+
+    /// Most data segments per request: queue_size - 2 (header and status descriptors).
+    pub fn seg_max(&self) -> u32 {
+        u32::from(self.queue_size).saturating_sub(2).max(1)
+    }
+
+    /// Optimal I/O size in sectors, 0 when unknown.
+    pub fn opt_io_sectors(&self) -> u32 {
+        self.optimal_io_size >> SECTOR_SHIFT
+    }
+
+    /// Discard alignment in sectors: the optimal I/O size (the clone's region size) when it is
+    /// a whole number of sectors, so guests send discards the engine can act on, else 1.
+    pub fn discard_alignment_sectors(&self) -> u32 {
+        let s = self.opt_io_sectors();
+        if s == 0 || u64::from(self.optimal_io_size) % SECTOR_SIZE != 0 {
+            1
+        } else {
+            s.min(MAX_DISCARD_SECTORS)
+        }
+    }
+
+    /// Virtio feature bits offered to the frontend.
+    pub fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1u64 << VIRTIO_BLK_F_SEG_MAX)
+            | (1u64 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1u64 << VIRTIO_BLK_F_FLUSH)
+            | (1u64 << VIRTIO_BLK_F_CONFIG_WCE)
+            | (1u64 << VIRTIO_BLK_F_TOPOLOGY)
+            | (1u64 << VIRTIO_BLK_F_MQ)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.read_only {
+            f |= 1u64 << VIRTIO_BLK_F_RO;
+        } else if self.discard {
+            f |= (1u64 << VIRTIO_BLK_F_DISCARD) | (1u64 << VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        f
+    }
+
+    /// The config space with the given writeback value.
+    pub fn config_bytes(&self, writeback: bool) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
+        put(0, &self.capacity_sectors().to_le_bytes()); // capacity
+        put(8, &0u32.to_le_bytes()); // size_max (SIZE_MAX not offered)
+        put(12, &self.seg_max().to_le_bytes()); // seg_max
+                                                // 16..20: geometry (not offered)
+        put(20, &512u32.to_le_bytes()); // blk_size
+        put(24, &[0]); // physical_block_exp
+        put(25, &[0]); // alignment_offset
+        put(26, &1u16.to_le_bytes()); // min_io_size (sectors)
+        put(28, &self.opt_io_sectors().to_le_bytes()); // opt_io_size (sectors)
+        put(32, &[u8::from(writeback)]); // wce
+        put(34, &self.num_queues.to_le_bytes()); // num_queues
+        if !self.read_only && self.discard {
+            put(36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
+            put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_discard_seg
+            put(44, &self.discard_alignment_sectors().to_le_bytes()); // discard_sector_alignment
+            put(48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+            put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
+            put(56, &[1]); // write_zeroes_may_unmap
+        }
+        c
+    }
+
+    /// GET_CONFIG: exactly `size` bytes of the config space starting at `offset`, zero padded.
+    /// vhost 0.18 treats a reply of any other length as an error.
+    pub fn read_config(&self, offset: u32, size: u32, writeback: bool) -> Vec<u8> {
+        let offset = if offset >= LEGACY_CONFIG_OFFSET {
+            offset - LEGACY_CONFIG_OFFSET
+        } else {
+            offset
+        };
+        let mut out = vec![0u8; size as usize];
+        let cfg = self.config_bytes(writeback);
+        let start = (offset as usize).min(CONFIG_LEN);
+        let n = (CONFIG_LEN - start).min(out.len());
+        out[..n].copy_from_slice(&cfg[start..start + n]);
+        out
+    }
+}
+
+/// SET_CONFIG: the only writable field is `wce`. Returns the guest's new writeback choice, or
+/// `None` when the write does not cover `wce` (and is refused).
+pub fn parse_set_config(offset: u32, buf: &[u8]) -> Option<bool> {
+    let offset = if offset >= LEGACY_CONFIG_OFFSET {
+        offset - LEGACY_CONFIG_OFFSET
+    } else {
+        offset
+    };
+    let idx = CONFIG_WCE_OFFSET.checked_sub(offset)? as usize;
+    buf.get(idx).map(|b| *b != 0)
+}
+
+/// Protocol features offered: CONFIG, MQ and CONFIGURE_MEM_SLOTS (libblkio requires it).
+/// Not INFLIGHT_SHMFD and not STATUS: vhost-user-backend 0.24 cannot serve them. REPLY_ACK is
+/// added by the vhost crate.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo() -> DeviceGeometry {
+        DeviceGeometry {
+            size: 1 << 30,
+            num_queues: 2,
+            queue_size: 128,
+            read_only: false,
+            discard: true,
+            optimal_io_size: 65536,
+        }
+    }
+
+    #[test]
+    fn layout_matches_virtio_bindings() {
+        use std::mem::offset_of;
+        use virtio_bindings::virtio_blk::virtio_blk_config as C;
+        assert_eq!(offset_of!(C, capacity), 0);
+        assert_eq!(offset_of!(C, seg_max), 12);
+        assert_eq!(offset_of!(C, blk_size), 20);
+        assert_eq!(offset_of!(C, min_io_size), 26);
+        assert_eq!(offset_of!(C, opt_io_size), 28);
+        assert_eq!(offset_of!(C, wce), CONFIG_WCE_OFFSET as usize);
+        assert_eq!(offset_of!(C, num_queues), 34);
+        assert_eq!(offset_of!(C, max_discard_sectors), 36);
+        assert_eq!(offset_of!(C, max_discard_seg), 40);
+        assert_eq!(offset_of!(C, discard_sector_alignment), 44);
+        assert_eq!(offset_of!(C, max_write_zeroes_sectors), 48);
+        assert_eq!(offset_of!(C, max_write_zeroes_seg), 52);
+        assert_eq!(offset_of!(C, write_zeroes_may_unmap), 56);
+        assert_eq!(offset_of!(C, max_secure_erase_sectors), CONFIG_LEN);
+    }
+
+    #[test]
+    fn config_values() {
+        let c = geo().config_bytes(true);
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2097152);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 126);
+        assert_eq!(u32::from_le_bytes(c[28..32].try_into().unwrap()), 128);
+        assert_eq!(c[32], 1);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
+        assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 128);
+    }
+
+    #[test]
+    fn get_config_is_exactly_size() {
+        let g = geo();
+        assert_eq!(g.read_config(0, 57, true).len(), 57);
+        assert_eq!(g.read_config(0, 96, true).len(), 96);
+        assert_eq!(g.read_config(200, 4, true), vec![0; 4]);
+        assert_eq!(g.read_config(0x100, 8, true), g.read_config(0, 8, true));
+        assert_eq!(g.read_config(u32::MAX, 8, true).len(), 8);
+    }
+
+    #[test]
+    fn set_config_only_wce() {
+        assert_eq!(parse_set_config(32, &[0]), Some(false));
+        assert_eq!(parse_set_config(32, &[1]), Some(true));
+        assert_eq!(parse_set_config(0, &[0; 33]), Some(false));
+        assert_eq!(parse_set_config(33, &[1]), None);
+        assert_eq!(parse_set_config(0, &[1; 8]), None);
+    }
+
+    #[test]
+    fn readonly_features() {
+        let mut g = geo();
+        g.read_only = true;
+        let f = g.features();
+        assert_ne!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(f & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert_eq!(f & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    }
+}

@@ -1,0 +1,393 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! The vhost-user-blk device of one connection: the `VhostUserBackend` implementation.
+//!
+//! A [`BlkDevice`] lives exactly as long as one vhost-user connection (a fresh
+//! `VhostUserDaemon` is built per connection, see [`super::server`]); the disk state lives in
+//! the [`BlockBackend`] it shares with the next connection.
+//!
+//! Threads and locks: `queues_per_thread()` is `[1 << i]`, so worker thread `i` owns queue
+//! `i` and is the only one to lock `queues[i]`. Queues therefore run in parallel; nothing is
+//! shared between them but the backend and a few atomics. GET_VRING_BASE (`stop_vring`)
+//! takes the queue's lock too, so it returns only after the requests that worker popped have
+//! been completed (requests are executed synchronously in the worker).
+//!
+//! Completion rules: every popped chain with a valid head index is added to the used ring,
+//! with used length = bytes written into guest buffers including the status byte, or 0 when
+//! no status byte could be written. `handle_event` never returns an error because of
+//! what a guest did: an `Err` would end the queue's worker thread.
+
+use std::io::{self, ErrorKind};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tracing::{debug, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::{self, DeviceGeometry, SERIAL_LEN};
+use super::request::{
+    self, guest_io_slices, guest_io_slices_mut, GuestMemory, ParseLimits, Request, STATUS_IOERR,
+    STATUS_OK, STATUS_UNSUPP,
+};
+use super::BlockBackend;
+
+/// Guest memory shared with the vhost-user message handler.
+pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemory>;
+/// The vring type used by the device.
+pub type Vring = VringRwLock<AtomicGuestMemory>;
+
+/// Per-queue state, locked only by the queue's worker (and by `stop_vring`).
+#[derive(Debug, Default)]
+pub struct QueueState {
+    /// Requests completed with status OK.
+    pub completed: u64,
+    /// Requests completed with an error status or retired without one.
+    pub failed: u64,
+}
+
+/// One connection's vhost-user-blk device.
+pub struct BlkDevice {
+    backend: Arc<dyn BlockBackend>,
+    geometry: DeviceGeometry,
+    limits: ParseLimits,
+    serial: [u8; SERIAL_LEN],
+    mem: AtomicGuestMemory,
+    event_idx: AtomicBool,
+    acked_features: AtomicU64,
+    queues: Vec<Mutex<QueueState>>,
+    /// Exit-event pairs created up front (one per worker), so `exit_event` can always return
+    /// `Some`: with `None`, dropping the daemon would hang joining workers that never exit.
+    exit_events: Mutex<Vec<(EventConsumer, EventNotifier)>>,
+    /// Raw fds of the exit-event consumers handed to the daemon. vhost-user-backend 0.24
+    /// registers them with `into_raw_fd()` and never closes them; the server closes them
+    /// after the daemon (and its workers) are gone.
+    exit_fds: Mutex<Vec<RawFd>>,
+}
+
+impl BlkDevice {
+    /// A device for one connection.
+    pub fn new(
+        backend: Arc<dyn BlockBackend>,
+        geometry: DeviceGeometry,
+        serial: &str,
+        mem: AtomicGuestMemory,
+    ) -> io::Result<Self> {
+        let mut s = [0u8; SERIAL_LEN];
+        let b = serial.as_bytes();
+        let n = b.len().min(SERIAL_LEN);
+        s[..n].copy_from_slice(&b[..n]);
+        let exit_events = (0..geometry.num_queues)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(BlkDevice {
+            backend,
+            limits: ParseLimits::from(&geometry),
+            geometry,
+            serial: s,
+            mem,
+            event_idx: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
+            queues: (0..geometry.num_queues)
+                .map(|_| Mutex::new(QueueState::default()))
+                .collect(),
+            exit_events: Mutex::new(exit_events),
+            exit_fds: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The fds to close once the daemon that used this device has been dropped.
+    pub fn take_exit_fds(&self) -> Vec<RawFd> {
+        std::mem::take(&mut *self.exit_fds.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Completed / failed counts of queue `i`.
+    pub fn queue_counts(&self, i: usize) -> Option<(u64, u64)> {
+        let q = self.queues.get(i)?;
+        let q = q.lock().unwrap_or_else(PoisonError::into_inner);
+        Some((q.completed, q.failed))
+    }
+
+    /// Whether completed writes are already covered by the device's write cache semantics
+    /// (write-back), or must be made durable before completion (write-through).
+    ///
+    /// Without FLUSH the driver cannot ask for durability, so the device is write-through.
+    /// With FLUSH and CONFIG_WCE the guest's choice (kept by the backend) decides; with FLUSH
+    /// only, the device is write-back (VIRTIO 1.2 §5.2.5).
+    pub fn writeback(&self) -> bool {
+        let acked = self.acked_features.load(Ordering::Acquire);
+        if acked & (1 << VIRTIO_BLK_F_FLUSH) == 0 {
+            return false;
+        }
+        if acked & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0 {
+            return self.backend.write_cache();
+        }
+        true
+    }
+
+    fn process_queue(&self, vring: &Vring, q: &mut QueueState) {
+        // Spurious calls (the crate calls once when a ring is enabled) and calls after
+        // GET_VRING_BASE find nothing to do.
+        if !vring.get_ref().get_queue().ready() {
+            return;
+        }
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    warn!("disable_notification failed: {e}");
+                    return;
+                }
+            }
+            self.drain(vring, q);
+            if !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                // More buffers arrived while notifications were off.
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!("enable_notification failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn drain(&self, vring: &Vring, q: &mut QueueState) {
+        let mem = self.mem.memory();
+        let mut retired = false;
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let parsed = request::parse_chain(chain, &self.limits);
+            let (status, written) = match &parsed.request {
+                Ok(req) => self.execute(&mem, req),
+                Err(e) => {
+                    debug!(head, "refused request: {e}");
+                    (e.status(), 0)
+                }
+            };
+            let used = match parsed.status {
+                Some(addr) => match mem.write_obj(status, addr) {
+                    Ok(()) => written.saturating_add(1),
+                    Err(_) => 0,
+                },
+                None => 0,
+            };
+            if status == STATUS_OK && used > 0 {
+                q.completed += 1;
+            } else {
+                q.failed += 1;
+            }
+            match vring.add_used(head, used) {
+                Ok(()) => retired = true,
+                Err(e) => warn!(head, "add_used failed: {e}"),
+            }
+        }
+        if retired {
+            match vring.needs_notification() {
+                Ok(true) => {
+                    if let Err(e) = vring.signal_used_queue() {
+                        warn!("signal_used_queue failed: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => warn!("needs_notification failed: {e}"),
+            }
+        }
+    }
+
+    /// Run a validated request. Returns the status byte and the data bytes written into
+    /// guest buffers.
+    fn execute(&self, mem: &GuestMemory, req: &Request) -> (u8, u32) {
+        let ok = STATUS_OK;
+        match req {
+            Request::Read { offset, len, data } => {
+                let mut bufs = match guest_io_slices_mut(mem, data) {
+                    Ok(b) => b,
+                    Err(e) => return (e.status(), 0),
+                };
+                match self.backend.read(*offset, &mut bufs) {
+                    // len <= 4 GiB - 1: virtio-queue ends chains that exceed 2^32 bytes.
+                    Ok(()) => (ok, u32::try_from(*len).unwrap_or(u32::MAX)),
+                    Err(e) => (io_status(&e), 0),
+                }
+            }
+            Request::Write { offset, len, data } => {
+                let bufs = match guest_io_slices(mem, data) {
+                    Ok(b) => b,
+                    Err(e) => return (e.status(), 0),
+                };
+                debug_assert_eq!(bufs.iter().map(|b| b.len() as u64).sum::<u64>(), *len);
+                if let Err(e) = self.backend.write(*offset, &bufs) {
+                    return (io_status(&e), 0);
+                }
+                (self.write_through(), 0)
+            }
+            Request::Flush => match self.backend.flush() {
+                Ok(()) => (ok, 0),
+                Err(e) => (io_status(&e), 0),
+            },
+            Request::GetId { data } => match request::scatter(mem, data, &self.serial) {
+                Ok(n) => (ok, n),
+                Err(e) => (e.status(), 0),
+            },
+            Request::Discard(ranges) => {
+                for r in ranges {
+                    if let Err(e) = self.backend.discard(r.offset, r.len) {
+                        return (io_status(&e), 0);
+                    }
+                }
+                (self.write_through(), 0)
+            }
+            Request::WriteZeroes(ranges) => {
+                for r in ranges {
+                    if let Err(e) = self.backend.write_zeroes(r.offset, r.len, r.unmap) {
+                        return (io_status(&e), 0);
+                    }
+                }
+                (self.write_through(), 0)
+            }
+        }
+    }
+
+    /// After a successful write-type request: flush first when the device is write-through.
+    fn write_through(&self) -> u8 {
+        if self.writeback() {
+            return STATUS_OK;
+        }
+        match self.backend.flush() {
+            Ok(()) => STATUS_OK,
+            Err(e) => io_status(&e),
+        }
+    }
+}
+
+/// Backend error to status byte: `Unsupported` means UNSUPP, anything else IOERR.
+fn io_status(e: &io::Error) -> u8 {
+    if e.kind() == ErrorKind::Unsupported {
+        STATUS_UNSUPP
+    } else {
+        STATUS_IOERR
+    }
+}
+
+impl VhostUserBackend for BlkDevice {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.geometry.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.geometry.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.geometry.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        config::protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.geometry
+            .read_config(offset, size, self.backend.write_cache())
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        match config::parse_set_config(offset, buf) {
+            Some(wb) => {
+                debug!(writeback = wb, "guest set the write cache mode");
+                self.backend.set_write_cache(wb);
+                Ok(())
+            }
+            None => Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "only the writeback field of the config space is writable",
+            )),
+        }
+    }
+
+    fn update_memory(&self, _mem: AtomicGuestMemory) -> io::Result<()> {
+        // The daemon swaps the contents of the GuestMemoryAtomic it was created with, which
+        // is the one this device holds: nothing to do.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.geometry.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // The daemon calls this once per worker thread, at construction.
+        let pair = self
+            .exit_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let pair = match pair {
+            Some(p) => Some(p),
+            None => new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+                .map_err(|e| warn!("cannot create exit eventfd: {e}"))
+                .ok(),
+        };
+        if let Some((consumer, _)) = &pair {
+            self.exit_fds
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(consumer.as_raw_fd());
+        }
+        pair
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // Wait for the worker to finish what it popped: it holds this lock while it works.
+        if let Some(q) = self.queues.get(queue_index as usize) {
+            drop(q.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let (Some(vring), Some(q)) = (
+            vrings.get(usize::from(device_event)),
+            self.queues.get(thread_id),
+        ) else {
+            return Ok(());
+        };
+        let mut q = q.lock().unwrap_or_else(PoisonError::into_inner);
+        self.process_queue(vring, &mut q);
+        Ok(())
+    }
+}

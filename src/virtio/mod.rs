@@ -1,0 +1,144 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! The vhost-user-blk front: everything between a VMM's vhost-user socket and a
+//! [`BlockBackend`].
+//!
+//! This module owns the socket (binding, inherited fds, one connection after another), the
+//! virtio feature and config-space negotiation, the virtqueues, and the translation of guest
+//! descriptor chains into typed block requests. It knows nothing about regions, hydration or
+//! metadata: it hands validated byte ranges and guest-memory slices to the backend and writes
+//! the status byte the backend's answer maps to.
+//!
+//! Layout:
+//! - [`config`]: feature bits, protocol features and the `virtio_blk_config` byte layout.
+//! - [`request`]: parsing and validation of one descriptor chain into a typed request, and
+//!   the construction of `IoSlice`s over guest memory. Everything a guest sends is hostile
+//!   input here.
+//! - [`device`]: the `VhostUserBackend` implementation, per-queue state and the queue loop
+//!   (EVENT_IDX notification suppression, write-through handling).
+//! - [`server`]: [`serve`], the listener loop that builds one `VhostUserDaemon` per
+//!   connection, and [`print_capabilities`].
+//!
+//! Invariants:
+//! - Nothing a guest puts in a virtqueue can panic a worker, hang a queue, or make the daemon
+//!   touch memory outside the buffers the guest offered for that request.
+//! - Every popped chain whose head index is inside the ring is retired (added to the used
+//!   ring), with an error status when a status byte can be written and used length 0 otherwise.
+//! - Offsets and lengths reach the backend only after they were checked: multiples of 512,
+//!   inside the device, computed with overflow-checked arithmetic.
+
+use std::io;
+use std::path::PathBuf;
+
+pub mod config;
+pub mod device;
+pub mod request;
+pub mod server;
+
+pub use server::{print_capabilities, serve, ShutdownSignal};
+
+/// What the virtio front needs from the disk it serves. Implemented by the clone engine elsewhere.
+pub trait BlockBackend: Send + Sync + 'static {
+    /// Size in bytes, a multiple of 512.
+    fn size(&self) -> u64;
+    /// The disk refuses writes (VIRTIO_BLK_F_RO is offered).
+    fn read_only(&self) -> bool;
+    /// Optimal I/O size in bytes (the clone's region size), for VIRTIO_BLK_F_TOPOLOGY.
+    fn optimal_io_size(&self) -> u32;
+    /// Reads `bufs`' total length at `offset` into guest memory.
+    fn read(&self, offset: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()>;
+    /// Writes `bufs` (guest memory) at `offset`.
+    fn write(&self, offset: u64, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<()>;
+    /// Completes only when everything written before it is durable.
+    fn flush(&self) -> std::io::Result<()>;
+    /// Discards a range (its content becomes unspecified but never foreign).
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Writes zeroes over a range; `unmap` allows deallocating it.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()>;
+    /// The guest's write-cache choice (true = write-back), kept by the backend across reconnects/restarts.
+    fn write_cache(&self) -> bool;
+    /// Records the guest's write-cache choice.
+    fn set_write_cache(&self, writeback: bool);
+}
+
+/// How [`serve`] exposes the backend.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Unix socket to create and listen on (mode 0600). Exactly one of `socket_path` and
+    /// `listen_fd` must be set.
+    pub socket_path: Option<PathBuf>,
+    /// An inherited, already listening unix socket (`--fd N`). `serve` takes ownership of it
+    /// and closes it when it returns.
+    pub listen_fd: Option<std::os::unix::io::RawFd>,
+    /// Number of request queues (1..=[`config::MAX_QUEUES`]).
+    pub num_queues: u16,
+    /// Maximum ring size a frontend may choose, a power of two in 4..=32768.
+    pub queue_size: u16,
+    /// Answer to VIRTIO_BLK_T_GET_ID, at most 20 bytes.
+    pub serial: String,
+    /// Offer VIRTIO_BLK_F_RO and refuse writes (also forced on when the backend is read-only).
+    pub readonly: bool,
+    /// Offer VIRTIO_BLK_F_DISCARD and VIRTIO_BLK_F_WRITE_ZEROES (ignored when read-only).
+    pub discard: bool,
+    /// Name of the vhost-user daemon threads (diagnostics only).
+    pub name: String,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            socket_path: None,
+            listen_fd: None,
+            num_queues: 1,
+            queue_size: 128,
+            serial: String::from("vhost-clone"),
+            readonly: false,
+            discard: true,
+            name: String::from("vhost-clone"),
+        }
+    }
+}
+
+/// Errors of the virtio front. Guest mistakes are never errors at this level: they become
+/// status bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// The options passed to [`serve`] are inconsistent.
+    #[error("Invalid serve options: {0}")]
+    InvalidOptions(String),
+    /// The backend reports a size that is not a multiple of 512.
+    #[error("Backend size {0} is not a multiple of 512")]
+    InvalidBackendSize(u64),
+    /// The socket path exists and is not a socket.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// Another process is accepting connections on the socket path.
+    #[error("{0} is a live socket of another process")]
+    SocketInUse(PathBuf),
+    /// Creating, binding or renaming the listening socket failed.
+    #[error("Failed to create the vhost-user socket {path}")]
+    Bind {
+        /// The requested socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The inherited fd is not a listening unix socket.
+    #[error("Inherited fd {0} is not a listening unix socket")]
+    BadListenFd(std::os::unix::io::RawFd),
+    /// Creating an eventfd or a thread failed.
+    #[error("Failed to set up the daemon's event plumbing")]
+    Setup(#[source] io::Error),
+    /// Waiting for connections or the shutdown signal failed.
+    #[error("Failed to wait for a connection")]
+    Poll(#[source] io::Error),
+    /// The vhost-user daemon framework failed outside a normal disconnect.
+    /// (vhost-user-backend's error type does not implement `std::error::Error`, so its text
+    /// is kept.)
+    #[error("vhost-user daemon error: {0}")]
+    Daemon(String),
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, VirtioError>;

@@ -1,0 +1,402 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! The listening socket and the connection loop.
+//!
+//! [`serve`] owns the unix socket: it creates it with mode 0600 (bound inside a private
+//! 0700 directory, chmod-ed, then moved into place with `renameat2(RENAME_NOREPLACE)`, so it
+//! is never reachable with looser permissions), refuses a path that exists and is not a
+//! socket, replaces a stale socket (one nobody accepts on), and removes the socket it created
+//! when it returns. Alternatively it takes over an inherited listening fd (`--fd N`).
+//!
+//! vhost-user-backend 0.24 cannot serve a second connection with the same `VhostUserDaemon`
+//! (the second SET_OWNER fails), so every connection gets a fresh daemon, a fresh guest
+//! memory map and a fresh [`BlkDevice`]; only the [`BlockBackend`] is shared. After a
+//! connection the daemon is dropped (its workers are joined thanks to `exit_event` always
+//! returning `Some`) and the exit-event fds the crate leaks are closed here.
+//!
+//! Shutdown: [`ShutdownSignal::trigger`] (from a SIGTERM/SIGINT handler in the binary) makes
+//! `serve` stop accepting, close the current connection, wait for each queue worker to finish
+//! the requests it already popped, and return `Ok(())`.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tracing::{debug, info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::config::{DeviceGeometry, MAX_QUEUES, SECTOR_SIZE, SERIAL_LEN};
+use super::device::BlkDevice;
+use super::{BlockBackend, Result, ServeOptions, VirtioError};
+
+/// A level-triggered stop request for [`serve`]: once triggered it stays triggered.
+///
+/// A signal handler may write an 8-byte native-endian `1u64` to [`ShutdownSignal::as_raw_fd`]
+/// (write(2) is async-signal-safe); other code calls [`ShutdownSignal::trigger`].
+#[derive(Clone, Debug)]
+pub struct ShutdownSignal {
+    inner: Arc<ShutdownInner>,
+}
+
+#[derive(Debug)]
+struct ShutdownInner {
+    flag: AtomicBool,
+    fd: EventFd,
+}
+
+impl ShutdownSignal {
+    /// A new, untriggered signal.
+    pub fn new() -> io::Result<Self> {
+        Ok(ShutdownSignal {
+            inner: Arc::new(ShutdownInner {
+                flag: AtomicBool::new(false),
+                fd: EventFd::new(EFD_NONBLOCK)?,
+            }),
+        })
+    }
+
+    /// Ask [`serve`] to stop.
+    pub fn trigger(&self) {
+        self.inner.flag.store(true, Ordering::Release);
+        // The counter is never read, so the fd stays readable; an overflow error would mean
+        // it is already readable.
+        let _ = self.inner.fd.write(1);
+    }
+
+    /// Whether a stop was requested (by `trigger` or by a write to the fd).
+    pub fn is_triggered(&self) -> bool {
+        self.inner.flag.load(Ordering::Acquire)
+            || matches!(poll_readable(&[self.as_raw_fd()], 0), Ok(Some(0)))
+    }
+
+    /// The eventfd that becomes readable on shutdown.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.inner.fd.as_raw_fd()
+    }
+}
+
+/// QEMU's vhost-user backend capabilities JSON (docs/interop/vhost-user.json,
+/// `VHostUserBackendCapabilitiesBlock`) for `--print-capabilities`.
+///
+/// The schema's block features are `read-only` (the backend accepts `--read-only`) and
+/// `blk-file` (it accepts `--blk-file`). vhost-clone takes `--source`/`--dest` rather than
+/// `--blk-file`, and spells its flag `--readonly`, so no feature is claimed; add
+/// `"read-only"` here once the CLI also accepts `--read-only`.
+pub fn print_capabilities() -> String {
+    serde_json::json!({ "type": "block", "features": [] }).to_string()
+}
+
+/// Serve `backend` over vhost-user-blk until `shutdown` is triggered.
+///
+/// Connections are served one after another; a frontend that disconnects (guest power-off,
+/// QEMU restart) ends its connection and the next one is accepted. Errors caused by a
+/// frontend end that connection only; setup errors are returned.
+pub fn serve(
+    backend: Arc<dyn BlockBackend>,
+    opts: &ServeOptions,
+    shutdown: &ShutdownSignal,
+) -> Result<()> {
+    let geometry = validate(&*backend, opts)?;
+    let (unix_listener, created) = match (&opts.socket_path, opts.listen_fd) {
+        (Some(path), None) => {
+            let l = bind_socket(path)?;
+            let ino = fs::symlink_metadata(path).map(|m| m.ino()).ok();
+            (l, Some((path.clone(), ino)))
+        }
+        (None, Some(fd)) => (adopt_listen_fd(fd)?, None),
+        _ => {
+            return Err(VirtioError::InvalidOptions(
+                "exactly one of socket_path and listen_fd must be set".into(),
+            ))
+        }
+    };
+    info!(
+        size = geometry.size,
+        queues = geometry.num_queues,
+        read_only = geometry.read_only,
+        "vhost-user-blk listening"
+    );
+    let mut listener = Listener::from(unix_listener);
+    let result = accept_loop(&backend, opts, geometry, &mut listener, shutdown);
+    drop(listener);
+    if let Some((path, ino)) = created {
+        // Remove the socket only if it is still the one we created.
+        if fs::symlink_metadata(&path).map(|m| m.ino()).ok() == ino {
+            let _ = fs::remove_file(&path);
+        }
+    }
+    result
+}
+
+fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceGeometry> {
+    let size = backend.size();
+    if size % SECTOR_SIZE != 0 {
+        return Err(VirtioError::InvalidBackendSize(size));
+    }
+    if opts.num_queues == 0 || opts.num_queues > MAX_QUEUES {
+        return Err(VirtioError::InvalidOptions(format!(
+            "num_queues must be 1..={MAX_QUEUES}, not {}",
+            opts.num_queues
+        )));
+    }
+    if opts.queue_size < 4 || !opts.queue_size.is_power_of_two() {
+        return Err(VirtioError::InvalidOptions(format!(
+            "queue_size must be a power of two >= 4, not {}",
+            opts.queue_size
+        )));
+    }
+    if opts.serial.len() > SERIAL_LEN {
+        return Err(VirtioError::InvalidOptions(format!(
+            "serial is {} bytes, at most {SERIAL_LEN} are allowed",
+            opts.serial.len()
+        )));
+    }
+    Ok(DeviceGeometry {
+        size,
+        num_queues: opts.num_queues,
+        queue_size: opts.queue_size,
+        read_only: opts.readonly || backend.read_only(),
+        discard: opts.discard,
+        optimal_io_size: backend.optimal_io_size(),
+    })
+}
+
+fn accept_loop(
+    backend: &Arc<dyn BlockBackend>,
+    opts: &ServeOptions,
+    geometry: DeviceGeometry,
+    listener: &mut Listener,
+    shutdown: &ShutdownSignal,
+) -> Result<()> {
+    loop {
+        match poll_readable(&[shutdown.as_raw_fd(), listener.as_raw_fd()], -1)
+            .map_err(VirtioError::Poll)?
+        {
+            Some(0) => {
+                info!("shutdown requested; no longer accepting connections");
+                return Ok(());
+            }
+            Some(_) => serve_connection(backend, opts, geometry, listener, shutdown)?,
+            None => {}
+        }
+        if shutdown.is_triggered() {
+            return Ok(());
+        }
+    }
+}
+
+/// Accept and serve one connection with a fresh daemon.
+fn serve_connection(
+    backend: &Arc<dyn BlockBackend>,
+    opts: &ServeOptions,
+    geometry: DeviceGeometry,
+    listener: &mut Listener,
+    shutdown: &ShutdownSignal,
+) -> Result<()> {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let device = Arc::new(
+        BlkDevice::new(backend.clone(), geometry, &opts.serial, mem.clone())
+            .map_err(VirtioError::Setup)?,
+    );
+    let mut daemon = VhostUserDaemon::new(opts.name.clone(), device.clone(), mem)
+        .map_err(|e| VirtioError::Daemon(e.to_string()))?;
+
+    // The listener is readable, so this accept does not block.
+    let result = match daemon.start(listener) {
+        Ok(()) => {
+            debug!("vhost-user frontend connected");
+            wait_connection(&mut daemon, shutdown)
+        }
+        Err(e) => Err(e),
+    };
+    // Dropping the daemon sends the exit events and joins the queue workers; each finishes
+    // the requests it popped first.
+    drop(daemon);
+    for fd in device.take_exit_fds() {
+        // SAFETY: `fd` is the consumer end of an exit eventfd this device created and handed
+        // to vhost-user-backend, which registered it with `into_raw_fd()` and never closes
+        // it. The daemon and its workers (and the epoll set it was in) are gone, so nothing
+        // else owns or uses this fd number.
+        unsafe { libc::close(fd) };
+    }
+
+    match result {
+        Ok(()) => {
+            info!("vhost-user connection closed");
+            Ok(())
+        }
+        Err(DaemonError::HandleRequest(
+            VhostUserError::Disconnected
+            | VhostUserError::PartialMessage
+            | VhostUserError::SocketBroken(_),
+        )) => {
+            info!("vhost-user frontend disconnected");
+            Ok(())
+        }
+        Err(DaemonError::HandleRequest(e)) => {
+            // A frontend error ends that connection only.
+            warn!("vhost-user connection ended with an error: {e}");
+            Ok(())
+        }
+        Err(DaemonError::CreateBackendListener(VhostUserError::SocketError(e)))
+            if e.kind() == io::ErrorKind::ConnectionAborted =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(VirtioError::Daemon(e.to_string())),
+    }
+}
+
+/// Wait for the connection to end, closing it early if `shutdown` is triggered.
+fn wait_connection(
+    daemon: &mut VhostUserDaemon<Arc<BlkDevice>>,
+    shutdown: &ShutdownSignal,
+) -> std::result::Result<(), DaemonError> {
+    let handle = daemon.shutdown_handle();
+    let done = EventFd::new(EFD_NONBLOCK).map_err(DaemonError::StartDaemon)?;
+    std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            if let Ok(Some(0)) = poll_readable(&[shutdown.as_raw_fd(), done.as_raw_fd()], -1) {
+                if let Some(h) = &handle {
+                    info!("shutdown requested; closing the vhost-user connection");
+                    h.shutdown();
+                }
+            }
+        });
+        let r = daemon.wait();
+        let _ = done.write(1);
+        let _ = watcher.join();
+        r
+    })
+}
+
+/// poll(2) for readability. Returns the index of the first readable fd, `None` on timeout
+/// or EINTR.
+fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Option<usize>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid, exclusively borrowed array of `pfds.len()` pollfd structs
+    // that outlives the call; poll only writes their `revents` fields.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(pfds.iter().position(|p| p.revents != 0))
+}
+
+fn bind_err(path: &Path) -> impl FnOnce(io::Error) -> VirtioError + '_ {
+    move |source| VirtioError::Bind {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Create the listening socket at `path` with mode 0600.
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    match fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(VirtioError::SocketInUse(path.to_path_buf()));
+            }
+            info!(path = %path.display(), "removing stale socket");
+            fs::remove_file(path).map_err(bind_err(path))?;
+        }
+        Ok(_) => return Err(VirtioError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(path)(e)),
+    }
+
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // A private directory next to the final path (same filesystem, so rename works).
+    let tmpdir = parent.join(format!(".vhost-clone.{}.tmp", std::process::id()));
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmpdir)
+        .map_err(bind_err(path))?;
+    let tmpsock = tmpdir.join("s");
+    let result = (|| {
+        let l = UnixListener::bind(&tmpsock)?;
+        fs::set_permissions(&tmpsock, fs::Permissions::from_mode(0o600))?;
+        rename_noreplace(&tmpsock, path)?;
+        Ok(l)
+    })();
+    let _ = fs::remove_file(&tmpsock);
+    let _ = fs::remove_dir(&tmpdir);
+    result.map_err(bind_err(path))
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both pointers are valid NUL-terminated strings that outlive the call;
+    // renameat2 does not retain them.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Take ownership of an inherited listening unix socket.
+fn adopt_listen_fd(fd: RawFd) -> Result<UnixListener> {
+    let get = |opt: libc::c_int| -> Option<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are valid for writes of the sizes passed; getsockopt on an
+        // fd that is not a socket fails with ENOTSOCK/EBADF and writes nothing.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(v)
+    };
+    if fd < 0 || get(libc::SO_DOMAIN) != Some(libc::AF_UNIX) || get(libc::SO_ACCEPTCONN) != Some(1)
+    {
+        return Err(VirtioError::BadListenFd(fd));
+    }
+    // SAFETY: the caller hands over `fd` (ServeOptions::listen_fd documents that serve takes
+    // ownership); it was just checked to be an open, listening AF_UNIX socket.
+    let l = unsafe { UnixListener::from_raw_fd(fd) };
+    l.set_nonblocking(false).map_err(VirtioError::Setup)?;
+    Ok(l)
+}
