@@ -13,6 +13,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod disk;
 pub mod engine;
 pub mod metadata;
 pub mod storage;

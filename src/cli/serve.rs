@@ -7,7 +7,7 @@
 //! stop the committer, then one final commit, so everything acknowledged is
 //! durable and recorded before exit 0.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use clap::Args;
 
 use super::{open_metadata_for, parse_size, with_suffix, CliError, Result};
 use crate::control::ControlServer;
+use crate::disk::CloneDisk;
 use crate::engine::hydrator::{
     HydrationControl, Hydrator, HydratorTiming, DEFAULT_BATCH_SIZE, DEFAULT_THRESHOLD,
 };
@@ -85,74 +86,6 @@ pub struct ServeArgs {
     /// Print QEMU's vhost-user capabilities JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
-}
-
-/// The clone engine as the virtio front sees it.
-struct CloneDisk {
-    engine: Arc<Engine>,
-    readonly: bool,
-}
-
-impl BlockBackend for CloneDisk {
-    fn size(&self) -> u64 {
-        self.engine.size()
-    }
-
-    fn read_only(&self) -> bool {
-        self.readonly
-    }
-
-    fn optimal_io_size(&self) -> u32 {
-        u32::try_from(self.engine.geometry().region_size()).unwrap_or(u32::MAX)
-    }
-
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-        Ok(self.engine.read(offset, bufs)?)
-    }
-
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
-        self.writable()?;
-        Ok(self.engine.write(offset, bufs)?)
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        if self.readonly {
-            return Ok(());
-        }
-        Ok(self.engine.flush()?)
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.writable()?;
-        Ok(self.engine.discard(offset, len)?)
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
-        self.writable()?;
-        Ok(self.engine.write_zeroes(offset, len)?)
-    }
-
-    fn write_cache(&self) -> bool {
-        self.engine.metadata().write_cache().unwrap_or(true)
-    }
-
-    fn set_write_cache(&self, writeback: bool) {
-        tracing::info!(writeback, "guest changed the write cache mode");
-        self.engine.metadata().set_write_cache(writeback);
-    }
-}
-
-impl CloneDisk {
-    fn writable(&self) -> io::Result<()> {
-        if self.readonly {
-            Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "read-only disk",
-            ))
-        } else {
-            Ok(())
-        }
-    }
 }
 
 fn open_file(
@@ -350,10 +283,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             a.num_queues
         );
     }
-    let backend: Arc<dyn BlockBackend> = Arc::new(CloneDisk {
-        engine: engine.clone(),
-        readonly: a.readonly,
-    });
+    let backend: Arc<dyn BlockBackend> = Arc::new(CloneDisk::new(engine.clone(), a.readonly));
     let served = virtio::serve(backend, &opts, &shutdown);
     // Teardown: nothing may outlive the engine's last commit.
     drop(hydrator.take());

@@ -212,14 +212,14 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(disk: Arc<MemDisk>, opts: ServeOptions) -> Server {
+    pub fn start(disk: Arc<dyn BlockBackend>, opts: ServeOptions) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vub.sock");
         let mut opts = opts;
         opts.socket_path = Some(path.clone());
         let shutdown = ShutdownSignal::new().unwrap();
         let sd = shutdown.clone();
-        let backend: Arc<dyn BlockBackend> = disk;
+        let backend = disk;
         let thread = std::thread::spawn(move || serve(backend, &opts, &sd));
         let t0 = Instant::now();
         while !path.exists() {

@@ -1,0 +1,83 @@
+//! The clone engine as the virtio front sees it: [`CloneDisk`] implements
+//! [`crate::virtio::BlockBackend`] over an [`Engine`], so that neither of the
+//! two layers knows the other.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+use crate::engine::Engine;
+use crate::virtio::BlockBackend;
+
+/// A clone served to a guest.
+#[derive(Debug)]
+pub struct CloneDisk {
+    engine: Arc<Engine>,
+    readonly: bool,
+}
+
+impl CloneDisk {
+    /// Wraps `engine`; with `readonly` the guest gets a read-only disk.
+    pub fn new(engine: Arc<Engine>, readonly: bool) -> CloneDisk {
+        CloneDisk { engine, readonly }
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        if self.readonly {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only disk",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl BlockBackend for CloneDisk {
+    fn size(&self) -> u64 {
+        self.engine.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.readonly
+    }
+
+    fn optimal_io_size(&self) -> u32 {
+        u32::try_from(self.engine.geometry().region_size()).unwrap_or(u32::MAX)
+    }
+
+    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        Ok(self.engine.read(offset, bufs)?)
+    }
+
+    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        self.writable()?;
+        Ok(self.engine.write(offset, bufs)?)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.readonly {
+            return Ok(());
+        }
+        Ok(self.engine.flush()?)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.writable()?;
+        Ok(self.engine.discard(offset, len)?)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        self.writable()?;
+        Ok(self.engine.write_zeroes(offset, len)?)
+    }
+
+    fn write_cache(&self) -> bool {
+        self.engine.metadata().write_cache().unwrap_or(true)
+    }
+
+    fn set_write_cache(&self, writeback: bool) {
+        tracing::info!(writeback, "guest changed the write cache mode");
+        self.engine.metadata().set_write_cache(writeback);
+    }
+}
