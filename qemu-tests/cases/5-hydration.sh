@@ -14,9 +14,12 @@ BACKENDS="vhost-clone"
 #   $VHOST_CLONE status --metadata META --json
 # prints JSON with "hydrated_regions": N and "total_regions": M.
 wait_hydrated() {
-	local t0=$SECONDS out h t
+	local t0=$SECONDS out h t errors=0
 	while :; do
-		out=$("$VHOST_CLONE" status --metadata "$META" --json 2>&1)
+		if ! out=$("$VHOST_CLONE" status --metadata "$META" --json 2>&1); then
+			errors=$((errors + 1))
+			[ $errors -ge 5 ] && die "vhost-clone status failed 5 times: $out"
+		fi
 		h=$(echo "$out" | grep -o '"hydrated_regions": *[0-9]*' | grep -o '[0-9]*$')
 		t=$(echo "$out" | grep -o '"total_regions": *[0-9]*' | grep -o '[0-9]*$')
 		[ -n "$h" ] && [ -n "$t" ] && [ "$h" = "$t" ] && { note "hydrated $h/$t regions"; return 0; }

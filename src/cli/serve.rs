@@ -47,9 +47,10 @@ pub struct ServeArgs {
     /// The control socket for `status` and `message` [default: SOCKET.ctl, or DEST.ctl with --fd].
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
-    /// Number of request queues (one worker thread each).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub num_queues: u16,
+    /// Number of request queues, one worker thread each [default: the number of
+    /// CPUs, at most 16, which is what QEMU's vhost-user-blk-pci asks for by default].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: Option<u16>,
     /// Largest virtqueue size a frontend may choose (power of two).
     #[arg(long, default_value_t = 1024)]
     pub queue_size: u16,
@@ -261,10 +262,15 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     )
     .map_err(|e| CliError::Usage(crate::error_chain(&e)))?;
 
+    let num_queues = a.num_queues.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().min(16) as u16)
+            .unwrap_or(1)
+    });
     let opts = ServeOptions {
         socket_path: socket_path.clone(),
         listen_fd: a.fd,
-        num_queues: a.num_queues,
+        num_queues,
         queue_size: a.queue_size,
         serial: a.serial.clone(),
         readonly: a.readonly,
@@ -280,7 +286,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             p.display(),
             control.path().display(),
             p.display(),
-            a.num_queues
+            num_queues
         );
     }
     let backend: Arc<dyn BlockBackend> = Arc::new(CloneDisk::new(engine.clone(), a.readonly));
