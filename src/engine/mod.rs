@@ -38,7 +38,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::metadata::{CommitOutcome, Geometry, Metadata, MetadataError, Mode};
-use crate::storage::{iov_len, BlockDevice, StorageError, SECTOR_SIZE};
+use crate::storage::{copy_range, iov_len, BlockDevice, StorageError, SECTOR_SIZE};
 use commit::{CommitGate, Committer};
 use locks::RegionLocks;
 
@@ -676,11 +676,22 @@ impl Engine {
                 e += 1;
             }
             let (a, b) = (self.geo.region_start(r), self.geo.region_end(e - 1));
-            if data {
+            if data && !detect_zeroes {
+                copy_range(src.as_ref(), self.dest.as_ref(), a, b - a, &mut buf).map_err(
+                    |(from_source, e)| {
+                        if from_source {
+                            EngineError::Source(e)
+                        } else {
+                            EngineError::Dest(e)
+                        }
+                    },
+                )?;
+                bump(&self.hydration_bytes_read, b - a);
+            } else if data {
                 buf.resize((b - a) as usize, 0);
                 src.read_at(&mut buf, a).map_err(EngineError::Source)?;
                 bump(&self.hydration_bytes_read, b - a);
-                if detect_zeroes && buf.iter().all(|&x| x == 0) {
+                if buf.iter().all(|&x| x == 0) {
                     self.zero_dest(a, b - a)?;
                 } else {
                     self.dest.write_at(&buf, a).map_err(EngineError::Dest)?;

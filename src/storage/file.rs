@@ -450,6 +450,11 @@ impl BlockDevice for FileDevice {
         }
     }
 
+    fn raw_fd(&self) -> Option<RawFd> {
+        // O_DIRECT files keep to their aligned paths.
+        (!self.direct).then_some(self.fd())
+    }
+
     fn data_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
         check_range("seek", offset, len, self.size)?;
         self.data_extents_impl(offset, len)
@@ -507,6 +512,35 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         }
     }
     Ok(done)
+}
+
+/// Copies `len` bytes at `offset` from one file to the same offset of another,
+/// in the kernel.
+pub(crate) fn copy_file_range_all(src: RawFd, dst: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let mut so = libc::loff_t::try_from(offset + done)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut d_o = so;
+        let want = usize::try_from(len - done)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        // SAFETY: both fds are open for the duration of the call; the offset pointers
+        // point to live locals; copy_file_range does not touch our memory otherwise.
+        let n = unsafe { libc::copy_file_range(src, &mut so, dst, &mut d_o, want, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        done += n as u64;
+    }
+    Ok(())
 }
 
 fn preadv(fd: RawFd, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {

@@ -168,6 +168,12 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Writes zeroes over the range, cheaply where the device can.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
 
+    /// The file descriptor behind the device, for in-kernel copies
+    /// (`copy_file_range`); `None` for devices without one.
+    fn raw_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        None
+    }
+
     /// The ranges of `[offset, offset + len)` that may hold data, as `(start, end)`
     /// pairs in order; everything else reads as zeroes (holes of a sparse file).
     /// `None` when the device cannot tell, i.e. every byte may be data.
@@ -175,6 +181,32 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         let _ = (offset, len);
         Ok(None)
     }
+}
+
+/// Copies `[offset, offset + len)` from `src` to the same place on `dst`:
+/// in the kernel (`copy_file_range`) when both are files, else through `buf`.
+pub fn copy_range(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    offset: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> std::result::Result<(), (bool, StorageError)> {
+    if let (Some(sfd), Some(dfd)) = (src.raw_fd(), dst.raw_fd()) {
+        check_range("read", offset, len, src.size()).map_err(|e| (true, e))?;
+        check_range("write", offset, len, dst.size()).map_err(|e| (false, e))?;
+        if dst.read_only() {
+            return Err((false, StorageError::ReadOnly { op: "write" }));
+        }
+        if file::copy_file_range_all(sfd, dfd, offset, len).is_ok() {
+            return Ok(());
+        }
+        // Not supported between these two (or failed): copy through memory, which
+        // also tells a source error from a destination error.
+    }
+    buf.resize(len as usize, 0);
+    src.read_at(buf, offset).map_err(|e| (true, e))?;
+    dst.write_at(buf, offset).map_err(|e| (false, e))
 }
 
 /// Checks that `[offset, offset + len)` lies within a device of `size` bytes.
