@@ -182,3 +182,46 @@ fn two_queues_at_once_and_reconnect() {
     assert!(r.eng.metadata().hydrated_count() >= 24);
     r.srv.stop();
 }
+
+#[test]
+fn background_hydration_racing_guest_writes_through_the_front() {
+    use rand::{Rng, SeedableRng};
+    use vhost_clone::engine::hydrator::{HydrationControl, Hydrator, HydratorTiming};
+    for seed in 0..3u64 {
+        let r = rig();
+        let ctl = HydrationControl::new(true, 4, 2, false);
+        let timing = HydratorTiming {
+            yield_delay: std::time::Duration::from_micros(200),
+            ..HydratorTiming::default()
+        };
+        let h = Hydrator::start(&r.eng, ctl, timing).unwrap();
+        let mut g = Guest::start(&r.srv.path, 2);
+        let mut want = r.src_img.clone();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for i in 0..300u32 {
+            let len = 512 * rng.gen_range(1..=16u64);
+            let off = rng.gen_range(0..(SIZE - len) / 512) * 512;
+            let data = pattern(len as usize, (i % 251) as u8);
+            assert_eq!(g.write((i % 2) as usize, off / 512, &data), S_OK);
+            want[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        let t = std::time::Instant::now();
+        while !r.eng.metadata().all_hydrated() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "hydration stalled"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(h);
+        assert_eq!(g.flush(0), S_OK);
+        assert!(
+            r.dst.current_image() == want,
+            "seed {seed}: destination differs"
+        );
+        assert!(
+            r.dst.durable_image() == want,
+            "seed {seed}: not durable after flush"
+        );
+    }
+}

@@ -277,6 +277,14 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         discard: true,
         name: "vhost-clone".into(),
     };
+    tracing::info!(
+        dest = %dest_path.display(),
+        geometry = %geo,
+        hydrated = md.hydrated_count(),
+        queues = num_queues,
+        control = %control.path().display(),
+        "serving"
+    );
     if let Some(p) = &socket_path {
         eprintln!(
             "vhost-clone: serving {} ({geo}, {}/{} regions hydrated) on {}\n  control: {}\n  attach: -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem -chardev socket,id=vc0,path={},reconnect-ms=1000 -device vhost-user-blk-pci,chardev=vc0,num-queues={}",
