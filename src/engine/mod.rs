@@ -619,7 +619,8 @@ impl Engine {
         let weak = Arc::downgrade(self);
         Committer::start(interval, move || {
             if let Some(e) = weak.upgrade() {
-                if e.md.changed() {
+                // After a failure (ro/fail) commits are refused: do not retry every tick.
+                if e.md.changed() && e.md.mode() == Mode::Rw {
                     if let Err(err) = e.commit(false) {
                         tracing::warn!(error = %err, "periodic commit failed");
                     }
