@@ -113,10 +113,15 @@ fn flush_flushes_the_destination_before_committing_metadata() {
         .any(|e| matches!(e, LogEvent::Flush { dev: META })));
     assert_eq!(r.eng.metadata().stats().commits, 1);
     assert_eq!(r.dst.pending_writes(), 0);
-    // A flush with nothing new still flushes the destination, without a commit.
+    // A flush with nothing written since needs no destination flush; one after a
+    // write to a hydrated region flushes the destination, without a commit.
     let f = r.dst.flush_count();
     assert_eq!(g.flush(0), S_OK);
+    assert_eq!(r.dst.flush_count(), f);
+    assert_eq!(g.write(0, 7 * REGION / 512 + 2, &pattern(512, 2)), S_OK);
+    assert_eq!(g.flush(0), S_OK);
     assert_eq!(r.dst.flush_count(), f + 1);
+    assert_eq!(r.dst.pending_writes(), 0);
     assert_eq!(r.eng.metadata().stats().commits, 1);
 }
 

@@ -188,6 +188,11 @@ pub struct Engine {
     ios_in_flight: AtomicU64,
     /// Bytes read from the source by hydration (holes skipped are not read).
     hydration_bytes_read: AtomicU64,
+    /// Completed destination writes (of any kind), counted after completion.
+    dest_writes: AtomicU64,
+    /// `dest_writes` as it was when the last successful destination flush started:
+    /// a flush finding no writes since then need not flush again.
+    dest_flushed_at: AtomicU64,
 }
 
 /// Counts a guest request as in flight for its lifetime.
@@ -271,6 +276,8 @@ impl Engine {
             hydration_cursor: AtomicU64::new(0),
             ios_in_flight: AtomicU64::new(0),
             hydration_bytes_read: AtomicU64::new(0),
+            dest_writes: AtomicU64::new(0),
+            dest_flushed_at: AtomicU64::new(0),
         })
     }
 
@@ -447,7 +454,14 @@ impl Engine {
             }
             Payload::Zeroes => self.dest.write_zeroes(pos, len),
         }
-        .map_err(EngineError::Dest)
+        .map_err(EngineError::Dest)?;
+        self.dest_written();
+        Ok(())
+    }
+
+    /// Notes a completed destination write (see `dest_flushed_at`).
+    fn dest_written(&self) {
+        self.dest_writes.fetch_add(1, Ordering::AcqRel);
     }
 
     fn do_write(&self, offset: u64, len: u64, payload: Payload<'_, '_>) -> Result<()> {
@@ -517,6 +531,7 @@ impl Engine {
                 Payload::Zeroes => buf[a..b].fill(0),
             }
             self.dest.write_at(&buf, rs).map_err(EngineError::Dest)?;
+            self.dest_written();
             bump(&self.counters.guest_hydrations, 1);
         }
         self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
@@ -539,7 +554,11 @@ impl Engine {
             return Ok(());
         }
         match self.dest.discard(pos, len) {
-            Ok(()) | Err(StorageError::Unsupported { .. }) => Ok(()),
+            Ok(()) => {
+                self.dest_written();
+                Ok(())
+            }
+            Err(StorageError::Unsupported { .. }) => Ok(()),
             Err(e) => Err(EngineError::Dest(e)),
         }
     }
@@ -587,12 +606,19 @@ impl Engine {
     fn zero_dest(&self, pos: u64, len: u64) -> Result<()> {
         if self.dest.supports_discard() && self.dest.discard_zeroes() {
             match self.dest.discard(pos, len) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.dest_written();
+                    return Ok(());
+                }
                 Err(StorageError::Unsupported { .. }) => {}
                 Err(e) => return Err(EngineError::Dest(e)),
             }
         }
-        self.dest.write_zeroes(pos, len).map_err(EngineError::Dest)
+        self.dest
+            .write_zeroes(pos, len)
+            .map_err(EngineError::Dest)?;
+        self.dest_written();
+        Ok(())
     }
 
     /// Completes when every write completed before the call is durable on the
@@ -609,7 +635,14 @@ impl Engine {
         self.check_mode()?;
         self.gate
             .commit(flush_dest, |force| {
-                self.md.commit(self.dest.as_ref(), force)
+                // Writes completed before this point are covered by the flush below.
+                let writes = self.dest_writes.load(Ordering::Acquire);
+                let dirty = writes != self.dest_flushed_at.load(Ordering::Acquire);
+                let out = self.md.commit(self.dest.as_ref(), force && dirty)?;
+                if (force && dirty) || matches!(out, CommitOutcome::Committed { .. }) {
+                    self.dest_flushed_at.fetch_max(writes, Ordering::AcqRel);
+                }
+                Ok(out)
             })
             .map_err(EngineError::Commit)
     }
@@ -687,6 +720,7 @@ impl Engine {
                         }
                     },
                 )?;
+                self.dest_written();
                 bump(&self.hydration_bytes_read, b - a);
             } else if data {
                 buf.resize((b - a) as usize, 0);
@@ -696,6 +730,7 @@ impl Engine {
                     self.zero_dest(a, b - a)?;
                 } else {
                     self.dest.write_at(&buf, a).map_err(EngineError::Dest)?;
+                    self.dest_written();
                 }
             } else {
                 self.zero_dest(a, b - a)?;

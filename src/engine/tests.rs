@@ -181,10 +181,21 @@ fn flush_commits_after_flushing_the_destination() {
     assert_eq!(r.dst.flush_count(), f + 1);
     assert_eq!(r.dst.pending_writes(), 0);
     assert_eq!(r.eng.metadata().stats().commits, 1);
-    // Nothing changed: the destination is still flushed, no metadata commit.
+    // Nothing written since: nothing to flush, no metadata commit.
+    r.eng.flush().unwrap();
+    assert_eq!(r.dst.flush_count(), f + 1);
+    assert_eq!(r.eng.metadata().stats().commits, 1);
+    // A write to a hydrated region: the destination is flushed, no metadata commit.
+    r.eng.write_at(&[2u8; 512], 512).unwrap();
     r.eng.flush().unwrap();
     assert_eq!(r.dst.flush_count(), f + 2);
+    assert_eq!(r.dst.pending_writes(), 0);
     assert_eq!(r.eng.metadata().stats().commits, 1);
+    // Discards and write-zeroes count as writes too.
+    r.eng.discard(0, 512).unwrap();
+    r.eng.flush().unwrap();
+    assert_eq!(r.dst.flush_count(), f + 3);
+    assert_eq!(r.dst.pending_writes(), 0);
 }
 
 #[test]
