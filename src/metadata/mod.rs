@@ -810,10 +810,11 @@ impl Metadata {
             return Ok(CommitOutcome::Nothing);
         }
         let result = self.write_txn(&mut disk, dest, &txn);
-        // Recycle the dirty set as the next spare.
-        let ones: Vec<usize> = txn.dirty.iter_ones().collect();
-        for i in ones {
-            txn.dirty.set(i, false);
+        // Recycle the dirty set as the next spare (clearing only non-zero words).
+        for w in txn.dirty.as_raw_mut_slice() {
+            if *w != 0 {
+                *w = 0;
+            }
         }
         disk.spare = txn.dirty;
         match result {
@@ -841,33 +842,40 @@ impl Metadata {
         if !self.skip_dest_flush.load(Ordering::SeqCst) {
             dest.flush().map_err(|e| ("destination flush", e.into()))?;
         }
-        let mut new_committed = disk.committed.clone();
+        // The changed blocks: those with a dirty word. Only they are read, merged
+        // and written, so a commit costs O(changed blocks) plus a word scan.
+        let dirty = txn.dirty.as_raw_slice();
         let mut blocks: Vec<u64> = Vec::new();
-        for r in txn.dirty.iter_ones() {
-            new_committed.set(r, true);
-            let b = r as u64 / BITS_PER_BLOCK;
-            if blocks.last() != Some(&b) {
+        for (wi, w) in dirty.iter().enumerate() {
+            let b = (wi / WORDS_PER_BLOCK) as u64;
+            if *w != 0 && blocks.last() != Some(&b) {
                 blocks.push(b);
             }
         }
+        let committed = disk.committed.as_raw_slice();
+        let merged = |index: u64| -> Vec<u64> {
+            let a = (index as usize * WORDS_PER_BLOCK).min(committed.len());
+            let b = (a + WORDS_PER_BLOCK).min(committed.len());
+            committed[a..b]
+                .iter()
+                .zip(&dirty[a..b])
+                .map(|(c, d)| c | d)
+                .collect()
+        };
         let seq = disk.sb.seq + 1;
         let slot = seq % 2;
-        let raw = new_committed.as_raw_slice();
-        let block_words = |index: u64| -> &[u64] {
-            let a = (index as usize * WORDS_PER_BLOCK).min(raw.len());
-            let b = (a + WORDS_PER_BLOCK).min(raw.len());
-            &raw[a..b]
-        };
         let io = |e: StorageError| MetadataError::from(e);
-        for (n, &index) in blocks.iter().enumerate() {
-            let b = encode_block(KIND_JOURNAL, index, seq, &self.uuid, block_words(index));
+        let images: Vec<Vec<u64>> = blocks.iter().map(|&i| merged(i)).collect();
+        for (n, (&index, words)) in blocks.iter().zip(&images).enumerate() {
+            let b = encode_block(KIND_JOURNAL, index, seq, &self.uuid, words);
             self.dev
                 .write_at(&b, self.layout.journal_offset(slot, n as u64))
                 .map_err(|e| ("journal write", io(e)))?;
         }
         // Also makes the previous commit's in-place writes durable.
         self.dev.flush().map_err(|e| ("metadata flush", io(e)))?;
-        let hydrated = new_committed.count_ones() as u64;
+        // Dirty bits are exactly the bits newly set since the last commit.
+        let hydrated = disk.sb.hydrated + txn.count;
         let mut flags = disk.sb.flags & !FLAG_HYDRATED;
         if hydrated == self.geo.nr_regions() {
             flags |= FLAG_HYDRATED;
@@ -896,12 +904,15 @@ impl Metadata {
             tracing::info!("every region is hydrated; the source is no longer needed");
         }
         disk.sb = sb;
-        disk.committed = new_committed;
-        let raw = disk.committed.as_raw_slice();
-        for &index in &blocks {
-            let a = (index as usize * WORDS_PER_BLOCK).min(raw.len());
-            let b = (a + WORDS_PER_BLOCK).min(raw.len());
-            let enc = encode_block(KIND_BITMAP, index, seq, &self.uuid, &raw[a..b]);
+        {
+            let raw = disk.committed.as_raw_mut_slice();
+            for (&index, words) in blocks.iter().zip(&images) {
+                let a = index as usize * WORDS_PER_BLOCK;
+                raw[a..a + words.len()].copy_from_slice(words);
+            }
+        }
+        for (&index, words) in blocks.iter().zip(&images) {
+            let enc = encode_block(KIND_BITMAP, index, seq, &self.uuid, words);
             self.dev
                 .write_at(&enc, self.layout.bitmap_offset(index))
                 .map_err(|e| ("bitmap write", io(e)))?;
