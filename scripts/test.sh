@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of the project: lints, unit and integration tests (including
-# the crash suite and its mutation check, whose counts are printed at the end).
+# the crash suite and its mutation check, whose counts are printed), then the
+# boot tests with real QEMU guests (qemu-tests/, against qemu-storage-daemon to
+# prove the harness and against vhost-clone). qemu-tests/setup.sh installs what
+# they need (QEMU 10 from bookworm-backports, build tools; the guest kernel,
+# busybox and fio are unpacked under target/qemu-tests).
+# VHOST_CLONE_SKIP_QEMU=1 skips the boot tests (for quick local runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
@@ -13,5 +18,28 @@ echo "== cargo test"
 cargo test --locked -- --show-output 2>&1 | tee target/test-output.txt
 echo "== figures"
 grep -E '^(crash suite|mutation)' target/test-output.txt || true
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
-     END { printf "cargo: %d passed, %d failed\n", p, f }' target/test-output.txt
+cargo_summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "%d %d", p, f }' target/test-output.txt)
+read -r cp cf <<< "$cargo_summary"
+echo "cargo: $cp passed, $cf failed"
+
+qp=0 qf=0
+if [ -z "${VHOST_CLONE_SKIP_QEMU:-}" ]; then
+  echo "== qemu-tests (real guests)"
+  cargo build --release --locked
+  for backend in qsd vhost-clone; do
+    rc=0
+    bash qemu-tests/run.sh --backend "$backend" 2>&1 | tee "target/qemu-tests-$backend.txt" || rc=$?
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "target/qemu-tests-$backend.txt" | tail -1 || true)
+    if [ -z "$line" ]; then
+      echo "qemu-tests ($backend) did not finish (exit $rc)"
+      qf=$((qf + 1))
+    else
+      qp=$((qp + ${line%% passed*}))
+      f=${line#*passed, }
+      qf=$((qf + ${f%% failed}))
+    fi
+  done
+fi
+echo "total: $((cp + qp)) passed, $((cf + qf)) failed"
+[ "$((cf + qf))" = 0 ]

@@ -1,0 +1,22 @@
+# shellcheck shell=bash disable=SC2034  # BACKENDS is read by run.sh
+# Case 1: unhydrated read. A fresh clone (nothing copied yet) must show the
+# guest exactly the source: the guest reads the whole disk with O_DIRECT and
+# its checksums (8 spans of 32 MiB) must equal the source image's.
+# Sabotage: flip 512 bytes of the source after the expected sums are taken.
+BACKENDS="vhost-clone qsd"
+
+run_case() {
+	fresh_files
+	local want
+	want=$(src_sums "$(whole_disk_spans 8)")
+	sabotage "overwrite 512 bytes of the source at 100 MiB" \
+		bash -c "chmod u+w '$SRC' && printf '%0512d' 0 | dd of='$SRC' bs=512 seek=204800 conv=notrunc 2>/dev/null"
+	daemon_start
+	boot read SPANS="$want" <<'GUEST'
+check_device
+check_spans "$SPANS"
+GUEST
+	daemon_stop
+	offline_check
+	sabotaging || source_unchanged
+}

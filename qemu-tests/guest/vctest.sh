@@ -1,0 +1,137 @@
+# shellcheck shell=sh
+# /lib/vctest.sh: helpers for the guest case scripts (busybox sh).
+# The host passes parameters in /case/env (sourced before this file).
+. /lib/layout.sh
+DEV=/dev/vda
+SEED=${SEED:-4242}
+
+log() { echo "vctest: $*"; }
+# fail REASON: record the reason (the init prints it in the result line) and stop
+fail() { echo "$*" > /tmp/fail-reason; echo "vctest: FAIL: $*"; exit 1; }
+# event NAME [VALUE]: a line the host watches for (VCTEST-EVENT: NAME VALUE)
+event() { echo "VCTEST-EVENT: $*"; }
+
+# The device the host attached: right size, two virtqueues (blk-mq hw queues).
+check_device() {
+	size=$(blockdev --getsize64 $DEV)
+	[ "$size" = "$DISK_BYTES" ] || fail "disk size $size, expected $DISK_BYTES"
+	nq=$(ls /sys/block/vda/mq | wc -l)
+	[ "$nq" = 2 ] || fail "$nq virtqueues, expected 2"
+	log "vda: $size bytes, $nq queues, cache $(cat /sys/block/vda/queue/write_cache)," \
+		"discard_max $(cat /sys/block/vda/queue/discard_max_bytes)," \
+		"write_zeroes_max $(cat /sys/block/vda/queue/write_zeroes_max_bytes)"
+}
+
+# vq_irqs: "N0 N1", interrupts so far from virtqueue 0 and 1 (each has its
+# own MSI-X vector, "virtio0-req.0" and "virtio0-req.1" in /proc/interrupts)
+vq_irqs() {
+	# shellcheck disable=SC2046 # the split into "N0 N1" is the point
+	echo $(awk '/virtio[0-9]+-req\.[01]$/ { s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; print s }' /proc/interrupts)
+}
+
+# span_sum OFF LEN: md5 of LEN bytes at OFF, read with O_DIRECT. The span is
+# copied to tmpfs first: a pipe into md5sum is 2x slower under TCG. md5 is the
+# fastest busybox hash here (~40 MB/s); this is a corruption check, not crypto.
+span_sum() {
+	f=/tmp/span-data.$1
+	dd if=$DEV of=$f bs=1M iflag=skip_bytes,count_bytes,direct skip=$1 count=$2 2>/dev/null ||
+		{ echo "read-error"; rm -f $f; return; }
+	md5sum $f | cut -d' ' -f1
+	rm -f $f
+}
+
+# check_spans "OFF:LEN:MD5 ...": each span must have the given md5. The spans
+# are hashed two at a time (one per vCPU).
+check_spans() {
+	n=0
+	for s in $1; do
+		n=$((n + 1))
+		off=${s%%:*}; rest=${s#*:}; len=${rest%%:*}
+		span_sum $off $len > /tmp/span.$n &
+		[ $((n % 2)) = 0 ] && wait
+	done
+	wait
+	n=0
+	for s in $1; do
+		n=$((n + 1))
+		off=${s%%:*}; rest=${s#*:}; len=${rest%%:*}; want=${rest#*:}
+		got=$(cat /tmp/span.$n)
+		[ "$got" = "$want" ] || fail "span $off+$len: md5 $got, expected $want"
+	done
+	log "spans ok: $n"
+}
+
+# fio_std write|verify [fio options...]: the standard workload over zones A, B
+# and C, all three jobs at once on both vCPUs (so both virtqueues carry I/O).
+# write = write every block once with crc32c headers and read it all back;
+# verify = only read back and check (same seed, so the same blocks and data).
+fio_std() {
+	mode=$1; shift
+	cat > /tmp/std.fio <<JOB
+[global]
+filename=$DEV
+direct=1
+ioengine=io_uring
+iodepth=16
+rw=randwrite
+verify=crc32c
+verify_fatal=1
+verify_state_save=0
+randrepeat=1
+randseed=$SEED
+exitall_on_error=1
+[a4k]
+offset=$ZA_OFF
+size=$ZA_LEN
+bs=4k
+cpus_allowed=0
+[b64k]
+offset=$ZB_OFF
+size=$ZB_LEN
+bs=64k
+cpus_allowed=1
+[cvar]
+offset=$ZC_OFF
+size=$ZC_LEN
+bsrange=512-132k
+blockalign=512
+cpus_allowed=1
+JOB
+	[ "$mode" = verify ] && set -- --verify_only=1 "$@"
+	irq0=$(vq_irqs)
+	if ! fio --eta=never "$@" --output=/tmp/fio.out /tmp/std.fio; then
+		grep -vE '^ *(lat|clat|slat|bw|iops|cpu|IO depths|submit|complete|issued|latency|  *[0-9]+\.[0-9]+th|  *\|) ' /tmp/fio.out | head -40
+		fail "fio $mode failed"
+	fi
+	irq1=$(vq_irqs)
+	# both virtqueues must have carried I/O (blk-mq maps vCPU n to queue n)
+	[ "${irq1% *}" -gt "${irq0% *}" ] && [ "${irq1#* }" -gt "${irq0#* }" ] ||
+		fail "fio $mode did not use both virtqueues: interrupts per queue $irq0 -> $irq1"
+	log "fio $mode ok: $(grep -E '^ *(write|read):' /tmp/fio.out | sed 's/,.*//' | tr -s ' ' | tr '\n' ';')" \
+		"vq interrupts +$((${irq1% *} - ${irq0% *}))/+$((${irq1#* } - ${irq0#* }))"
+}
+
+# fio_scratch SECONDS: random 4k writes to zone D, no verification, no flush
+fio_scratch() {
+	fio --eta=never --name=scratch --filename=$DEV --direct=1 --ioengine=io_uring --iodepth=16 \
+		--rw=randwrite --bs=4k --offset=$ZD_OFF --size=$ZD_LEN --time_based \
+		--runtime=$1 --numjobs=2 --output=/tmp/scratch.out
+}
+
+# marker_write TEXT / marker_read: a tag in zone M (synchronous, O_DIRECT)
+marker_write() {
+	{ printf '%s' "$1"; dd if=/dev/zero bs=4096 count=1 2>/dev/null; } |
+		dd of=$DEV bs=4096 count=1 seek=$((ZM_OFF / 4096)) iflag=fullblock oflag=direct conv=fsync 2>/dev/null ||
+		fail "marker write"
+}
+marker_read() {
+	dd if=$DEV bs=4096 count=1 skip=$((ZM_OFF / 4096)) iflag=direct 2>/dev/null | head -c 16 |
+		tr -c 'A-Za-z0-9-' '.'
+}
+
+# set_cache "write back"|"write through": the guest's write-cache mode
+set_cache() {
+	echo "$1" > /sys/block/vda/cache_type || fail "cannot set cache_type to '$1'"
+	got=$(cat /sys/block/vda/cache_type)
+	[ "$got" = "$1" ] || fail "cache_type is '$got' after setting '$1'"
+}

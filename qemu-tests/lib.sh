@@ -1,0 +1,250 @@
+# shellcheck shell=bash
+# qemu-tests/lib.sh: host-side helpers for the cases (sourced by run.sh).
+# A case runs in its own subshell with $D (its work dir) and $BACKEND set.
+# Any helper that finds a problem calls `die REASON`, which ends the case.
+
+die() { echo "FAIL: $*" > "$D/fail-reason"; echo "FAIL: $*"; exit 1; }
+note() { echo "[$(date +%T)] $*"; }
+sabotaging() { [ -n "${SABOTAGE:-}" ]; }
+# sabotage WHAT CMD...: only in --sabotage mode, run CMD to break the thing
+# the case guards; the case must then fail.
+sabotage() {
+	local what=$1; shift
+	sabotaging || return 0
+	note "SABOTAGE: $what"
+	"$@" || die "sabotage command failed"
+}
+
+# ---- files ------------------------------------------------------------------
+SRC='' DST='' META='' SOCK=''
+# fresh_files: a new random source image and no destination yet
+fresh_files() {
+	SRC=$D/source.img DST=$D/dest.img META=$D/dest.meta SOCK=$D/disk.sock
+	rm -f "$SRC" "$DST" "$META" "$SOCK"
+	head -c "$DISK_BYTES" /dev/urandom > "$SRC"
+	chmod 0444 "$SRC"
+	SRC_MD5=$(md5sum < "$SRC" | cut -d' ' -f1)
+	if [ "$BACKEND" = qsd ]; then
+		# QSD's analogue of a clone: a qcow2 overlay whose backing file is the
+		# read-only source; guest writes allocate clusters in the overlay, and
+		# qcow2 keeps its L2 tables in QSD's memory until a flush, which is
+		# what makes case 3 able to fail.
+		DST=$D/dest.qcow2
+		"$QEMU_IMG" create -q -f qcow2 -F raw -b "$SRC" "$DST" || die "qemu-img create"
+	fi
+}
+
+# src_sums "OFF:LEN ...": print "OFF:LEN:MD5 ..." of the source image
+src_sums() {
+	local s out=
+	for s in $1; do
+		out+="$s:$(dd if="$SRC" bs=1M iflag=skip_bytes,count_bytes skip=${s%%:*} count=${s#*:} 2>/dev/null |
+			md5sum | cut -d' ' -f1) "
+	done
+	echo "$out"
+}
+# whole_disk_spans N: the disk cut in N equal spans
+whole_disk_spans() {
+	local i n=$1 len=$((DISK_BYTES / $1)) out=
+	for ((i = 0; i < n; i++)); do out+="$((i * len)):$len "; done
+	echo "$out"
+}
+
+source_unchanged() {
+	[ "$(md5sum < "$SRC" | cut -d' ' -f1)" = "$SRC_MD5" ] || die "the source image changed"
+}
+
+# ---- the daemon -------------------------------------------------------------
+DAEMON_PID='' DAEMON_N=0
+daemon_start() {
+	DAEMON_N=$((DAEMON_N + 1))
+	local log=$D/daemon.$DAEMON_N.log
+	rm -f "$SOCK"
+	case $BACKEND in
+	vhost-clone)
+		"$VHOST_CLONE" serve --source "$SRC" --dest "$DST" --metadata "$META" \
+			--socket-path "$SOCK" --num-queues 2 > "$log" 2>&1 &
+		;;
+	qsd)
+		"$QSD" \
+			--blockdev driver=file,node-name=src-file,filename="$SRC",read-only=on,cache.direct=off,aio=threads \
+			--blockdev driver=raw,node-name=src,file=src-file,read-only=on \
+			--blockdev driver=file,node-name=dst-file,filename="$DST",cache.direct=off,aio=threads,discard=unmap \
+			--blockdev driver=qcow2,node-name=dst,file=dst-file,backing=src,discard=unmap \
+			--export type=vhost-user-blk,id=e,node-name=dst,addr.type=unix,addr.path="$SOCK",writable=on,num-queues=2 \
+			> "$log" 2>&1 &
+		;;
+	esac
+	DAEMON_PID=$!
+	local i
+	for ((i = 0; i < 300; i++)); do
+		[ -S "$SOCK" ] && { note "daemon $DAEMON_N up (pid $DAEMON_PID)"; return 0; }
+		kill -0 "$DAEMON_PID" 2> /dev/null || { tail -20 "$log"; die "daemon exited at start"; }
+		sleep 0.1
+	done
+	die "daemon socket $SOCK did not appear in 30 s"
+}
+
+# daemon_stop: SIGTERM; the daemon must exit by itself, with status 0
+daemon_stop() {
+	[ -n "$DAEMON_PID" ] || return 0
+	local pid=$DAEMON_PID i rc
+	DAEMON_PID=
+	kill -TERM "$pid" 2> /dev/null
+	for ((i = 0; i < 300; i++)); do
+		kill -0 "$pid" 2> /dev/null || break
+		sleep 0.1
+	done
+	if kill -0 "$pid" 2> /dev/null; then
+		kill -KILL "$pid"
+		wait "$pid" 2> /dev/null
+		die "daemon did not exit within 30 s of SIGTERM"
+	fi
+	wait "$pid"
+	rc=$?
+	[ $rc = 0 ] || { tail -20 "$D/daemon.$DAEMON_N.log"; die "daemon exited with status $rc on SIGTERM"; }
+	note "daemon $DAEMON_N stopped (SIGTERM, status 0)"
+}
+
+# daemon_kill: SIGKILL, as in a crash
+daemon_kill() {
+	[ -n "$DAEMON_PID" ] || return 0
+	kill -KILL "$DAEMON_PID" 2> /dev/null
+	wait "$DAEMON_PID" 2> /dev/null
+	note "daemon $DAEMON_N killed (SIGKILL)"
+	DAEMON_PID=
+}
+
+# offline_check: the on-disk state is consistent (daemon stopped)
+offline_check() {
+	local rc
+	case $BACKEND in
+	vhost-clone)
+		"$VHOST_CLONE" check --source "$SRC" --dest "$DST" --metadata "$META" > "$D/check.log" 2>&1
+		rc=$?
+		[ $rc = 0 ] || { tail -20 "$D/check.log"; die "vhost-clone check: exit $rc"; }
+		;;
+	qsd)
+		# 0 = clean, 3 = only leaked clusters (normal after a SIGKILL)
+		"$QEMU_IMG" check -q "$DST" > "$D/check.log" 2>&1
+		rc=$?
+		[ $rc = 0 ] || [ $rc = 3 ] || { cat "$D/check.log"; die "qemu-img check: exit $rc"; }
+		;;
+	esac
+	note "offline check ok"
+}
+
+# corrupt OFF: overwrite 512 bytes of what the guest sees at OFF, behind the
+# daemon's back (daemon stopped). Only meaningful where the guest has written.
+corrupt() {
+	case $BACKEND in
+	qsd) "$QEMU_IO" -f qcow2 -c "write -q -P 0xa5 $1 512" "$DST" > /dev/null ;;
+	vhost-clone) printf '\245%.0s' $(seq 512) | dd of="$DST" bs=512 seek=$(($1 / 512)) conv=notrunc 2> /dev/null ;;
+	esac
+}
+
+# ---- guests -----------------------------------------------------------------
+# boot_start NAME [--reboot] [KEY=VALUE...] < SCRIPT
+#   Start a guest in the background running SCRIPT (busybox sh, with
+#   /lib/vctest.sh loaded and KEY=VALUE in its environment). Its serial
+#   console goes to $D/NAME.serial. --reboot lets a guest reboot in place.
+BOOT_TIMEOUT=${BOOT_TIMEOUT:-240}
+declare -A QEMU_PID BOOT_T0
+boot_start() {
+	local name=$1 noreboot=-no-reboot kv v
+	shift
+	[ "${1:-}" = --reboot ] && { noreboot=; shift; }
+	local b=$D/$name.boot
+	rm -rf "$b" && mkdir -p "$b/case"
+	cat > "$b/case/script.sh"
+	{
+		echo "VCTEST_SCRIPT=$name"
+		for kv in "$@"; do
+			v=${kv#*=}
+			printf "%s='%s'\n" "${kv%%=*}" "${v//\'/\'\\\'\'}"
+		done
+	} > "$b/case/env"
+	(cd "$b" && find case | "$BUSYBOX" cpio -o -H newc 2> /dev/null) > "$b/case.cpio"
+	cat "$INITRD" "$b/case.cpio" > "$b/initrd"
+	: > "$D/$name.serial"
+	# shellcheck disable=SC2086
+	"$QEMU" -M pc -accel tcg -cpu max -smp 2 -m 1G \
+		-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
+		-nodefaults -no-user-config -display none $noreboot \
+		-serial file:"$D/$name.serial" \
+		-kernel "$KERNEL" -initrd "$b/initrd" \
+		-append "console=ttyS0 quiet tsc=reliable panic=-1" \
+		-chardev socket,id=vub0,path="$SOCK" \
+		-device vhost-user-blk-pci,chardev=vub0,num-queues=2 \
+		> "$D/$name.qemu.log" 2>&1 &
+	QEMU_PID[$name]=$!
+	BOOT_T0[$name]=$SECONDS
+	note "guest $name started (qemu pid $!)"
+}
+
+# boot_wait NAME: wait for the guest to power off (or BOOT_TIMEOUT), then
+# require its PASS line. Prints the guest's own log lines.
+boot_wait() {
+	local name=$1 pid=${QEMU_PID[$1]} rc res
+	while kill -0 "$pid" 2> /dev/null; do
+		if ((SECONDS - BOOT_T0[$name] > BOOT_TIMEOUT)); then
+			kill -KILL "$pid"
+			wait "$pid" 2> /dev/null
+			unset "QEMU_PID[$name]"
+			tail -15 "$D/$name.serial"
+			die "guest $name: timeout after $BOOT_TIMEOUT s"
+		fi
+		sleep 0.2
+	done
+	wait "$pid"
+	rc=$?
+	unset "QEMU_PID[$name]"
+	grep -a '^vctest:' "$D/$name.serial" | sed "s/^/  [$name] /"
+	res=$(grep -a '^VCTEST-RESULT: ' "$D/$name.serial" | tail -1 | tr -d '\r')
+	case $res in
+	"VCTEST-RESULT: PASS") ;;
+	"VCTEST-RESULT: "*)
+		grep -av "^vctest:" "$D/$name.serial" | tail -40
+		die "guest $name: ${res#VCTEST-RESULT: }" ;;
+	*)
+		tail -15 "$D/$name.serial"; tail -5 "$D/$name.qemu.log"
+		die "guest $name: no result line (qemu exit $rc)" ;;
+	esac
+	[ $rc = 0 ] || die "guest $name passed but qemu exited with $rc"
+	note "guest $name PASS in $((SECONDS - BOOT_T0[$name])) s"
+}
+
+# boot NAME [--reboot] [KEY=VALUE...] < SCRIPT: boot_start + boot_wait
+boot() { boot_start "$@"; boot_wait "$1"; }
+
+# wait_event NAME EVENT [TIMEOUT]: wait for "VCTEST-EVENT: EVENT" from the guest
+wait_event() {
+	local name=$1 ev=$2 t=${3:-$BOOT_TIMEOUT} t0=$SECONDS
+	until grep -aq "^VCTEST-EVENT: $ev\b" "$D/$name.serial"; do
+		kill -0 "${QEMU_PID[$name]}" 2> /dev/null || { boot_wait "$name"; die "guest $name ended before event $ev"; }
+		((SECONDS - t0 > t)) && die "guest $name: no event $ev within $t s"
+		sleep 0.05
+	done
+}
+
+# event_values NAME EVENT: the values of all "VCTEST-EVENT: EVENT VALUE" lines
+event_values() { grep -a "^VCTEST-EVENT: $2 " "$D/$1.serial" | cut -d' ' -f3- | tr -d '\r' | tr '\n' ' '; }
+
+# qemu_kill NAME: SIGKILL a running guest's QEMU
+qemu_kill() {
+	local pid=${QEMU_PID[$1]:-}
+	[ -n "$pid" ] || return 0
+	kill -KILL "$pid" 2> /dev/null
+	wait "$pid" 2> /dev/null
+	unset "QEMU_PID[$1]"
+	note "qemu of guest $1 killed (SIGKILL)"
+}
+
+# cleanup: end whatever this case started (by pid)
+cleanup() {
+	local n
+	for n in "${!QEMU_PID[@]}"; do kill -KILL "${QEMU_PID[$n]}" 2> /dev/null; done
+	[ -n "$DAEMON_PID" ] && kill -KILL "$DAEMON_PID" 2> /dev/null
+	[ -n "${EXTRA_PID:-}" ] && kill -KILL "$EXTRA_PID" 2> /dev/null
+	wait 2> /dev/null
+}
