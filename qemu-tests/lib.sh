@@ -56,6 +56,8 @@ source_unchanged() {
 
 # ---- the daemon -------------------------------------------------------------
 DAEMON_PID='' DAEMON_N=0
+# DAEMON_ARGS: extra arguments for `vhost-clone serve` (e.g. --commit-interval 0).
+DAEMON_ARGS=${DAEMON_ARGS:-}
 daemon_start() {
 	DAEMON_N=$((DAEMON_N + 1))
 	local log=$D/daemon.$DAEMON_N.log
@@ -63,7 +65,7 @@ daemon_start() {
 	case $BACKEND in
 	vhost-clone)
 		"$VHOST_CLONE" serve --source "$SRC" --dest "$DST" --metadata "$META" \
-			--socket-path "$SOCK" --num-queues 2 > "$log" 2>&1 &
+			--socket-path "$SOCK" --num-queues 2 $DAEMON_ARGS > "$log" 2>&1 &
 		;;
 	qsd)
 		"$QSD" \

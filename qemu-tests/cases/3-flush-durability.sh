@@ -10,14 +10,20 @@
 # tables in memory until a flush, so the writes are lost with the daemon).
 # A daemon without volatile state (a raw file on tmpfs, as in
 # tools/fake-vhost-clone) cannot lose them: there the sabotage goes
-# undetected, as it should.
+# undetected, as it should. A vhost-clone whose flush does not commit the
+# hydration bitmap is caught: the writer daemon runs without periodic commits
+# and background hydration, so after the kill the regions the guest wrote read
+# from the source again (checked with a deliberately broken build).
 BACKENDS="vhost-clone qsd"
 
 run_case() {
 	fresh_files
 	local spans
 	spans=$(src_sums "$UNTOUCHED_SPANS")
-	daemon_start
+	# vhost-clone: no periodic commits and no background hydration, so that only
+	# the guest's flushes can make its writes to unhydrated regions durable (a
+	# flush that did not commit would be hidden by either).
+	DAEMON_ARGS="--commit-interval 0 --no-hydration" daemon_start
 	boot_start write SABOTAGE="$SABOTAGE" <<'GUEST'
 check_device
 set_cache "write back"
