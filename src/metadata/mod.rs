@@ -259,6 +259,9 @@ pub struct Loaded {
     pub bits: BitVec<u64, Lsb0>,
     /// Notes about benign findings (e.g. a journal replayed).
     pub notes: Vec<String>,
+    /// Bitmap blocks the current journal record replaced (their in-place
+    /// copies may be stale or torn until rewritten).
+    pub journaled: Vec<u64>,
 }
 
 /// Counters of commits.
@@ -436,6 +439,7 @@ pub fn load(dev: &dyn BlockDevice, expected: Option<&Geometry>) -> Result<Loaded
 
     // The journal record of the current commit replaces its blocks in place.
     let slot = sb.seq % 2;
+    let mut journaled = Vec::new();
     let mut replaced: Vec<Option<Vec<u64>>> = vec![None; layout.bitmap_blocks as usize];
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
     for n in 0..sb.journal_count {
@@ -457,6 +461,7 @@ pub fn load(dev: &dyn BlockDevice, expected: Option<&Geometry>) -> Result<Loaded
                 ),
             });
         }
+        journaled.push(blk.index);
         replaced[blk.index as usize] = Some(blk.words);
     }
     if sb.journal_count > 0 {
@@ -528,6 +533,7 @@ pub fn load(dev: &dyn BlockDevice, expected: Option<&Geometry>) -> Result<Loaded
         superblock: sb,
         bits,
         notes,
+        journaled,
     })
 }
 
@@ -581,9 +587,27 @@ impl Metadata {
         Self::open(dev, Some(&geo))
     }
 
-    /// Opens a formatted store, validating everything (see [`load`]).
+    /// Opens a formatted store for use, validating everything (see [`load`]).
+    ///
+    /// If the current commit's journal record replaced blocks, their in-place
+    /// copies may be stale or torn (a crash after that commit's superblock but
+    /// before its in-place writes were flushed). The next commit would stop
+    /// covering them, so they are rewritten in place and flushed first. A crash
+    /// during this rewrite is harmless: the journal record still covers them.
     pub fn open(dev: Arc<dyn BlockDevice>, expected: Option<&Geometry>) -> Result<Metadata> {
         let loaded = load(dev.as_ref(), expected)?;
+        if !loaded.journaled.is_empty() {
+            let sb = &loaded.superblock;
+            let layout = Layout::new(&sb.geometry);
+            let raw = loaded.bits.as_raw_slice();
+            for &index in &loaded.journaled {
+                let a = (index as usize * WORDS_PER_BLOCK).min(raw.len());
+                let b = (a + WORDS_PER_BLOCK).min(raw.len());
+                let enc = encode_block(KIND_BITMAP, index, sb.seq, &sb.uuid, &raw[a..b]);
+                dev.write_at(&enc, layout.bitmap_offset(index))?;
+            }
+            dev.flush()?;
+        }
         Ok(Self::from_loaded(dev, loaded))
     }
 
