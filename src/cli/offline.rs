@@ -111,6 +111,14 @@ fn check_store(
                         d.size(),
                         g.device_size()
                     ));
+                } else if d.size() > g.device_size() && what == "source" {
+                    // serve refuses it too: a clone's size is its source's at create.
+                    report.problems.push(format!(
+                        "source {} has {} bytes, larger than the clone's {}: is it the image the clone was made from?",
+                        path.display(),
+                        d.size(),
+                        g.device_size()
+                    ));
                 } else if d.size() > g.device_size() {
                     report.notes.push(format!(
                         "{what} is {} bytes larger than the clone; the excess is not served",
