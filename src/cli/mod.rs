@@ -244,6 +244,7 @@ pub fn run(cli: Cli) -> i32 {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(f)
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .try_init();
         }
         Err(e) => {
