@@ -3,31 +3,16 @@
 //! `message` against the running daemon, SIGTERM, `check`, restarts, serving a
 //! completed clone without its source, and refusals with clear messages.
 
-use std::mem::MaybeUninit;
+#[path = "binary/mod.rs"]
+mod binary;
+
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use binary::{run, status_json, text, Client, Daemon};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-clone");
 const SIZE: usize = 8 << 20;
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run vhost-clone")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 struct Files {
     _dir: tempfile::TempDir,
@@ -58,118 +43,6 @@ fn files() -> Files {
     }
 }
 
-struct Daemon(Child);
-
-impl Daemon {
-    fn start(args: &[&str], sock: &Path) -> Daemon {
-        let child = Command::new(BIN)
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while !sock.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon(child)
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill only sends a signal to our own child's pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "daemon ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A libblkio connection with one 1 MiB buffer.
-struct Client {
-    _b: Blkio,
-    q: Blkioq,
-    buf: *mut u8,
-}
-
-impl Client {
-    fn connect(sock: &Path) -> Client {
-        let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
-        b.set_str("path", sock.to_str().unwrap()).unwrap();
-        b.connect().unwrap();
-        b.set_i32("num-queues", 1).unwrap();
-        let mut started = b.start().unwrap();
-        let q = started.queues.remove(0);
-        let region = b.alloc_mem_region(1 << 20).unwrap();
-        b.map_mem_region(&region).unwrap();
-        let buf = region.addr as *mut u8;
-        drop(started);
-        Client { _b: b, q, buf }
-    }
-
-    fn mem(&mut self) -> &mut [u8] {
-        // SAFETY: the region is 1 MiB owned by the Blkio instance kept alive in self.
-        unsafe { std::slice::from_raw_parts_mut(self.buf, 1 << 20) }
-    }
-
-    fn wait(&mut self) -> i32 {
-        let mut c = [const { MaybeUninit::<Completion>::uninit() }; 1];
-        let mut timeout = Duration::from_secs(20);
-        let n = self.q.do_io(&mut c, 1, Some(&mut timeout), None).unwrap();
-        assert_eq!(n, 1, "request timed out");
-        // SAFETY: do_io initialised the first completion.
-        unsafe { c[0].assume_init_ref() }.ret
-    }
-
-    fn write(&mut self, off: u64, data: &[u8]) {
-        self.mem()[..data.len()].copy_from_slice(data);
-        self.q
-            .write(off, self.buf, data.len(), 0, ReqFlags::empty());
-        assert_eq!(self.wait(), 0, "write at {off}");
-    }
-
-    fn read(&mut self, off: u64, len: usize) -> Vec<u8> {
-        self.q.read(off, self.buf, len, 0, ReqFlags::empty());
-        assert_eq!(self.wait(), 0, "read at {off}");
-        self.mem()[..len].to_vec()
-    }
-
-    fn flush(&mut self) {
-        self.q.flush(0, ReqFlags::empty());
-        assert_eq!(self.wait(), 0, "flush");
-    }
-}
-
-fn status_json(ctl: &Path) -> serde_json::Value {
-    let o = run(&[
-        "status",
-        "--json",
-        "--control-socket",
-        ctl.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
 #[test]
 fn serve_write_flush_sigterm_check_and_restart() {
     let f = files();
@@ -185,10 +58,10 @@ fn serve_write_flush_sigterm_check_and_restart() {
     );
 
     let mut c = Client::connect(&f.sock);
-    assert_eq!(c.read(12288, 8192), f.src_data[12288..20480]);
+    assert_eq!(c.read(12288, 8192).1, f.src_data[12288..20480]);
     let w: Vec<u8> = (0..4096).map(|i| (i * 7) as u8).collect();
-    c.write(100 * 1024, &w);
-    c.flush();
+    assert_eq!(c.write(100 * 1024, &w), 0);
+    assert_eq!(c.flush(), 0);
     let s = status_json(&f.ctl);
     assert_eq!(s["hydrated_regions"], 1);
     assert_eq!(s["mode"], "rw");
@@ -213,7 +86,7 @@ fn serve_write_flush_sigterm_check_and_restart() {
     // Restart on the same files: the write is there.
     let d = Daemon::start(&["--source", src, "--dest", dst], &f.sock);
     let mut c = Client::connect(&f.sock);
-    assert_eq!(c.read(100 * 1024, 4096), w);
+    assert_eq!(c.read(100 * 1024, 4096).1, w);
     // Background hydration completes; status says so.
     let t = Instant::now();
     while status_json(&f.ctl)["complete"] != true {
@@ -233,7 +106,7 @@ fn serve_write_flush_sigterm_check_and_restart() {
     // A complete clone runs without its source.
     let d = Daemon::start(&["--dest", dst], &f.sock);
     let mut c = Client::connect(&f.sock);
-    assert_eq!(c.read(0, 4096), want[..4096]);
+    assert_eq!(c.read(0, 4096).1, want[..4096]);
     assert_eq!(status_json(&f.ctl)["source_attached"], false);
     drop(c);
     assert!(d.terminate().success());
@@ -327,4 +200,43 @@ fn refusals_are_clear() {
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["type"], "block");
+}
+
+#[test]
+fn survives_losing_its_stderr() {
+    // A daemon started from a terminal or a log pipe that goes away must go on
+    // serving (it used to panic on its next log line).
+    let f = files();
+    let (src, dst) = (f.src.to_str().unwrap(), f.dst.to_str().unwrap());
+    let mut child = std::process::Command::new(binary::BIN)
+        .args([
+            "serve",
+            "--source",
+            src,
+            "--dest",
+            dst,
+            "--region-size",
+            "4K",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take()); // the reader goes away
+    let d = Daemon(child);
+    let t = Instant::now();
+    while !f.sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = Client::connect(&f.sock);
+    assert_eq!(c.write(4096, &[7u8; 4096]), 0);
+    assert_eq!(c.flush(), 0);
+    assert_eq!(c.read(4096, 4096).1, vec![7u8; 4096]);
+    drop(c);
+    let st = d.terminate();
+    assert!(st.success(), "exit status {st:?}");
 }

@@ -230,6 +230,13 @@ pub fn open_metadata_for(path: &Path, geo: &Geometry) -> Result<Arc<FileDevice>>
 
 pub use crate::error_chain;
 
+/// Writes a line to stderr. A daemon must not die because its stderr went away
+/// (a closed pipe or terminal): unlike `eprintln!`, errors are ignored.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
     let level = match cli.verbose {
@@ -245,10 +252,13 @@ pub fn run(cli: Cli) -> i32 {
                 .with_env_filter(f)
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                // Its report of a failed write is an eprintln!, which panics when
+                // stderr is gone; a daemon must outlive its terminal or log pipe.
+                .log_internal_errors(false)
                 .try_init();
         }
         Err(e) => {
-            eprintln!("error: bad log level '{level}': {e}");
+            say(&format!("error: bad log level '{level}': {e}"));
             return 2;
         }
     }
@@ -264,7 +274,7 @@ pub fn run(cli: Cli) -> i32 {
         Ok(()) => 0,
         Err(CliError::CheckFailed) => 1,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            say(&format!("error: {}", error_chain(&e)));
             if let CliError::Usage(_) = e {
                 2
             } else {

@@ -286,7 +286,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         "serving"
     );
     if let Some(p) = &socket_path {
-        eprintln!(
+        super::say(&format!(
             "vhost-clone: serving {} ({geo}, {}/{} regions hydrated) on {}\n  control: {}\n  attach: -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem -chardev socket,id=vc0,path={},reconnect-ms=1000 -device vhost-user-blk-pci,chardev=vc0,num-queues={}",
             dest_path.display(),
             md.hydrated_count(),
@@ -295,7 +295,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             control.path().display(),
             p.display(),
             num_queues
-        );
+        ));
     }
     let backend: Arc<dyn BlockBackend> = Arc::new(CloneDisk::new(engine.clone(), a.readonly));
     let served = virtio::serve(backend, &opts, &shutdown);
