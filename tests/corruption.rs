@@ -12,55 +12,24 @@
 //! * `vhost-clone serve` refuses to start (non-zero exit, an `error:` line naming it);
 //! * neither of them changed the metadata file (never silently repaired).
 
+#[path = "binary/mod.rs"]
+mod binary;
+
+use binary::{run, text, BIN};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_clone::engine::{Engine, EngineConfig};
-use vhost_clone::metadata::format::{Layout, BLOCK_SIZE, KIND_BITMAP, SUPERBLOCK_BYTES};
+use vhost_clone::metadata::format::{sb, Layout, BLOCK_SIZE, KIND_BITMAP, SUPERBLOCK_BYTES};
 
-/// Superblock field offsets, as docs/metadata-format.md gives them.
-mod sb {
-    pub const MAGIC: usize = 0;
-    pub const VERSION: usize = 8;
-    pub const FLAGS: usize = 12;
-    pub const UUID: usize = 16;
-    pub const SEQ: usize = 32;
-    pub const REGION_SIZE: usize = 40;
-    pub const DEVICE_SIZE: usize = 48;
-    pub const NR_REGIONS: usize = 56;
-    pub const BITMAP_START: usize = 64;
-    pub const BITMAP_BLOCKS: usize = 72;
-    pub const JOURNAL_START: usize = 80;
-    pub const JOURNAL_COUNT: usize = 88;
-    pub const HYDRATED: usize = 96;
-    pub const CREATED: usize = 104;
-    pub const RESERVED: usize = 112;
-    pub const CRC: usize = 508;
-}
 use vhost_clone::metadata::{Geometry, Metadata};
 use vhost_clone::storage::{FileDevice, OpenOptions};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-clone");
 const RS: u64 = 4096;
 const SIZE: u64 = 160 << 20; // 40960 regions: 2 bitmap blocks
 const BS: usize = BLOCK_SIZE as usize;
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run vhost-clone")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn sparse(path: &Path, size: u64) {
     let f = std::fs::File::create(path).unwrap();

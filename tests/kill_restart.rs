@@ -15,12 +15,15 @@
 //!   sequence that exposed a recovery bug, fixed by rewriting journal-covered
 //!   blocks in place when a store is opened (see its comment).
 
+#[path = "binary/mod.rs"]
+mod binary;
 #[path = "common/mod.rs"]
 mod sectors;
 
+use binary::{run, text, BIN};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,25 +35,9 @@ use vhost_clone::metadata::format::Layout;
 use vhost_clone::metadata::{load, Geometry, Metadata};
 use vhost_clone::storage::{BlockDevice, SimDevice};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-clone");
 const SIZE: u64 = 8 << 20;
 const SECTORS: u64 = SIZE / 512;
 const BUF: usize = 1 << 20;
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run vhost-clone")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 struct Files {
     _dir: tempfile::TempDir,

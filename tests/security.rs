@@ -12,36 +12,28 @@
 //! * guest requests outside the device, through the real vhost-user front and the
 //!   clone engine, get IOERR and touch nothing (destination, metadata).
 
+#[path = "binary/mod.rs"]
+mod binary;
 #[path = "common/mod.rs"]
 mod sectors;
 #[path = "vu/mod.rs"]
 mod vu;
 
-use std::mem::MaybeUninit;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use binary::{status_json, text, Client, BIN};
 use vhost_clone::disk::CloneDisk;
 use vhost_clone::engine::{Engine, EngineConfig};
 use vhost_clone::metadata::{Geometry, Metadata};
 use vhost_clone::storage::SimDevice;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-clone");
 const SIZE: usize = 4 << 20;
 const NOBODY: u32 = 65534;
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -81,140 +73,26 @@ fn as_nobody() -> Vec<String> {
     ]
 }
 
-struct Daemon(Child);
-
-impl Daemon {
-    /// Starts `prefix... vhost-clone serve args...` with umask 0 and waits for `sock`.
-    fn start(prefix: &[String], args: &[&str], sock: &Path) -> Daemon {
-        let mut cmd = if prefix.is_empty() {
-            Command::new(BIN)
-        } else {
-            let mut c = Command::new(&prefix[0]);
-            c.args(&prefix[1..]).arg(BIN);
-            c
-        };
-        cmd.arg("serve")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: umask is async-signal-safe and touches only the child's mask.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::umask(0);
-                Ok(())
-            });
-        }
-        // Owned from here on, so that a failed wait below still kills it.
-        let mut d = Daemon(cmd.spawn().unwrap());
-        let t = Instant::now();
-        while !sock.exists() {
-            if let Some(st) = d.0.try_wait().unwrap() {
-                let mut err = String::new();
-                use std::io::Read;
-                d.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-                panic!("daemon exited {st:?}: {err}");
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
+/// Starts `prefix... vhost-clone serve args...` with umask 0 and waits for `sock`.
+fn start_daemon(prefix: &[String], args: &[&str], sock: &Path) -> binary::Daemon {
+    let mut cmd = if prefix.is_empty() {
+        Command::new(BIN)
+    } else {
+        let mut c = Command::new(&prefix[0]);
+        c.args(&prefix[1..]).arg(BIN);
+        c
+    };
+    cmd.arg("serve").args(args);
+    // SAFETY: umask is async-signal-safe and touches only the child's mask.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
     }
-
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.0.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "daemon ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    binary::Daemon::spawn(cmd, sock)
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Client {
-    _b: Blkio,
-    q: Blkioq,
-    buf: *mut u8,
-}
-
-impl Client {
-    fn connect(sock: &Path) -> Client {
-        let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
-        b.set_str("path", s(sock)).unwrap();
-        b.connect().unwrap();
-        b.set_i32("num-queues", 1).unwrap();
-        let mut started = b.start().unwrap();
-        let q = started.queues.remove(0);
-        let region = b.alloc_mem_region(1 << 20).unwrap();
-        b.map_mem_region(&region).unwrap();
-        let buf = region.addr as *mut u8;
-        drop(started);
-        Client { _b: b, q, buf }
-    }
-
-    fn mem(&mut self) -> &mut [u8] {
-        // SAFETY: the region is 1 MiB owned by the Blkio instance kept alive in self.
-        unsafe { std::slice::from_raw_parts_mut(self.buf, 1 << 20) }
-    }
-
-    fn wait(&mut self) -> i32 {
-        let mut c = [const { MaybeUninit::<Completion>::uninit() }; 1];
-        let mut timeout = Duration::from_secs(20);
-        let n = self.q.do_io(&mut c, 1, Some(&mut timeout), None).unwrap();
-        assert_eq!(n, 1, "request timed out");
-        // SAFETY: do_io initialised the first completion.
-        unsafe { c[0].assume_init_ref() }.ret
-    }
-
-    fn write(&mut self, off: u64, data: &[u8]) -> i32 {
-        self.mem()[..data.len()].copy_from_slice(data);
-        self.q
-            .write(off, self.buf, data.len(), 0, ReqFlags::empty());
-        self.wait()
-    }
-
-    fn read(&mut self, off: u64, len: usize) -> (i32, Vec<u8>) {
-        self.q.read(off, self.buf, len, 0, ReqFlags::empty());
-        let r = self.wait();
-        (r, self.mem()[..len].to_vec())
-    }
-
-    fn flush(&mut self) -> i32 {
-        self.q.flush(0, ReqFlags::empty());
-        self.wait()
-    }
-}
-
-fn status_json(ctl: &Path) -> serde_json::Value {
-    let o = Command::new(BIN)
-        .args(["status", "--json", "--control-socket", s(ctl)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
-/// The access mode (O_RDONLY/O_WRONLY/O_RDWR) of every fd of `pid` open on `path`.
 fn open_modes(pid: u32, path: &Path) -> Vec<i32> {
     let want = std::fs::canonicalize(path).unwrap();
     let mut modes = Vec::new();
@@ -308,7 +186,7 @@ fn source_is_opened_read_only_and_never_written() {
     let before = digest(&t.src);
     let (dst, sock) = (t.work.join("clone.img"), t.work.join("clone.sock"));
     let ctl = t.work.join("clone.sock.ctl");
-    let d = Daemon::start(
+    let d = start_daemon(
         &[],
         &[
             "--source",
@@ -340,7 +218,7 @@ fn sockets_are_private_whatever_the_umask() {
     let t = tree(None);
     let (dst, sock) = (t.work.join("clone.img"), t.work.join("clone.sock"));
     let ctl = t.work.join("clone.sock.ctl");
-    let d = Daemon::start(
+    let d = start_daemon(
         &[],
         &[
             "--source",
@@ -476,7 +354,7 @@ fn runs_as_an_unprivileged_user() {
     let before = digest(&t.src);
     let (dst, sock) = (t.work.join("clone.img"), t.work.join("clone.sock"));
     let ctl = t.work.join("clone.sock.ctl");
-    let d = Daemon::start(
+    let d = start_daemon(
         &as_nobody(),
         &[
             "--source",

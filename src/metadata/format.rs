@@ -35,23 +35,40 @@ pub const KIND_BITMAP: u32 = 0x424d_4150; // "BMAP"
 /// Kind tag of a journal copy of a bitmap block.
 pub const KIND_JOURNAL: u32 = 0x4a524e4c; // "JRNL"
 
-/// Byte offsets inside the superblock sector.
-mod sb {
+/// Byte offsets of the superblock's fields inside its sector
+/// (docs/metadata-format.md); public so that tests can damage single fields.
+pub mod sb {
+    /// `vhclone\0`.
     pub const MAGIC: usize = 0;
+    /// Format version (u32).
     pub const VERSION: usize = 8;
+    /// Flags (u32).
     pub const FLAGS: usize = 12;
+    /// Clone uuid (16 bytes).
     pub const UUID: usize = 16;
+    /// Commit sequence number (u64).
     pub const SEQ: usize = 32;
+    /// Region size in bytes (u64).
     pub const REGION_SIZE: usize = 40;
+    /// Device size in bytes (u64).
     pub const DEVICE_SIZE: usize = 48;
+    /// Number of regions (u64).
     pub const NR_REGIONS: usize = 56;
+    /// First bitmap block (u64).
     pub const BITMAP_START: usize = 64;
+    /// Number of bitmap blocks (u64).
     pub const BITMAP_BLOCKS: usize = 72;
+    /// First journal block (u64).
     pub const JOURNAL_START: usize = 80;
+    /// Blocks in the current journal record (u64).
     pub const JOURNAL_COUNT: usize = 88;
+    /// Hydrated regions (u64).
     pub const HYDRATED: usize = 96;
+    /// Creation time (u64).
     pub const CREATED: usize = 104;
+    /// Start of the reserved, zero bytes.
     pub const RESERVED: usize = 112;
+    /// crc32c of bytes 0..508 (u32).
     pub const CRC: usize = 508;
 }
 
