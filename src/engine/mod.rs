@@ -141,8 +141,27 @@ pub struct Counters {
     pub errors: u64,
 }
 
+/// Counter shards: each thread adds to its own (cache-line aligned) shard, so
+/// that queue threads on different CPUs do not bounce a shared cache line on
+/// every request; readers sum the shards.
+const COUNTER_SHARDS: usize = 16;
+
+/// The shard of the calling thread.
+fn shard_index() -> usize {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static INDEX: usize = (NEXT.fetch_add(1, Ordering::Relaxed) as usize) % COUNTER_SHARDS;
+    }
+    INDEX.with(|i| *i)
+}
+
 #[derive(Debug, Default)]
+#[repr(align(128))]
 struct AtomicCounters {
+    /// Guest requests being served (incremented and decremented by the same thread).
+    in_flight: AtomicU64,
+    /// Completed destination writes (see `Engine::dest_flushed_at`).
+    dest_writes: AtomicU64,
     reads: AtomicU64,
     writes: AtomicU64,
     discards: AtomicU64,
@@ -181,16 +200,13 @@ pub struct Engine {
     cfg: EngineConfig,
     locks: RegionLocks,
     gate: CommitGate,
-    counters: AtomicCounters,
+    shards: Box<[AtomicCounters]>,
     /// Where background hydration looks next.
     hydration_cursor: AtomicU64,
-    /// Guest requests being served right now (background hydration yields to them).
-    ios_in_flight: AtomicU64,
     /// Bytes read from the source by hydration (holes skipped are not read).
     hydration_bytes_read: AtomicU64,
-    /// Completed destination writes (of any kind), counted after completion.
-    dest_writes: AtomicU64,
-    /// `dest_writes` as it was when the last successful destination flush started:
+    /// The sum of the shards' `dest_writes` (completed destination writes of
+    /// any kind, counted after completion) as it was when the last successful destination flush started:
     /// a flush finding no writes since then need not flush again.
     dest_flushed_at: AtomicU64,
 }
@@ -272,11 +288,11 @@ impl Engine {
             cfg,
             locks: RegionLocks::new(),
             gate: CommitGate::default(),
-            counters: AtomicCounters::default(),
+            shards: (0..COUNTER_SHARDS)
+                .map(|_| AtomicCounters::default())
+                .collect(),
             hydration_cursor: AtomicU64::new(0),
-            ios_in_flight: AtomicU64::new(0),
             hydration_bytes_read: AtomicU64::new(0),
-            dest_writes: AtomicU64::new(0),
             dest_flushed_at: AtomicU64::new(0),
         })
     }
@@ -308,7 +324,20 @@ impl Engine {
 
     /// Guest requests being served right now.
     pub fn ios_in_flight(&self) -> u64 {
-        self.ios_in_flight.load(Ordering::Acquire)
+        // Each request adds and removes 1 on its own thread's shard.
+        self.sum(|c| &c.in_flight)
+    }
+
+    /// This thread's counter shard.
+    fn stats(&self) -> &AtomicCounters {
+        &self.shards[shard_index()]
+    }
+
+    /// The sum of one counter over the shards.
+    fn sum(&self, f: impl Fn(&AtomicCounters) -> &AtomicU64) -> u64 {
+        self.shards
+            .iter()
+            .fold(0u64, |t, c| t.wrapping_add(f(c).load(Ordering::Acquire)))
     }
 
     /// Bytes hydration has read from the source.
@@ -323,20 +352,18 @@ impl Engine {
 
     /// A snapshot of the I/O counters.
     pub fn counters(&self) -> Counters {
-        let c = &self.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Counters {
-            reads: l(&c.reads),
-            writes: l(&c.writes),
-            discards: l(&c.discards),
-            write_zeroes: l(&c.write_zeroes),
-            flushes: l(&c.flushes),
-            bytes_read: l(&c.bytes_read),
-            bytes_written: l(&c.bytes_written),
-            guest_hydrations: l(&c.guest_hydrations),
-            background_hydrations: l(&c.background_hydrations),
-            overwrites: l(&c.overwrites),
-            errors: l(&c.errors),
+            reads: self.sum(|c| &c.reads),
+            writes: self.sum(|c| &c.writes),
+            discards: self.sum(|c| &c.discards),
+            write_zeroes: self.sum(|c| &c.write_zeroes),
+            flushes: self.sum(|c| &c.flushes),
+            bytes_read: self.sum(|c| &c.bytes_read),
+            bytes_written: self.sum(|c| &c.bytes_written),
+            guest_hydrations: self.sum(|c| &c.guest_hydrations),
+            background_hydrations: self.sum(|c| &c.background_hydrations),
+            overwrites: self.sum(|c| &c.overwrites),
+            errors: self.sum(|c| &c.errors),
         }
     }
 
@@ -364,7 +391,7 @@ impl Engine {
 
     fn count_err<T>(&self, r: Result<T>) -> Result<T> {
         if r.is_err() {
-            bump(&self.counters.errors, 1);
+            bump(&self.stats().errors, 1);
         }
         r
     }
@@ -375,7 +402,7 @@ impl Engine {
 
     /// Reads `iov_len(bufs)` bytes at `offset`.
     pub fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        let _io = InFlight::new(&self.ios_in_flight);
+        let _io = InFlight::new(&self.stats().in_flight);
         let r = self.do_read(offset, bufs);
         self.count_err(r)
     }
@@ -384,8 +411,8 @@ impl Engine {
         let len = iov_len(bufs);
         self.check(offset, len)?;
         self.check_mode()?;
-        bump(&self.counters.reads, 1);
-        bump(&self.counters.bytes_read, len);
+        bump(&self.stats().reads, 1);
+        bump(&self.stats().bytes_read, len);
         if len == 0 {
             return Ok(());
         }
@@ -421,10 +448,10 @@ impl Engine {
 
     /// Writes `bufs` at `offset`.
     pub fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        let _io = InFlight::new(&self.ios_in_flight);
+        let _io = InFlight::new(&self.stats().in_flight);
         let len = iov_len(bufs);
-        bump(&self.counters.writes, 1);
-        bump(&self.counters.bytes_written, len);
+        bump(&self.stats().writes, 1);
+        bump(&self.stats().bytes_written, len);
         let r = self.do_write(offset, len, Payload::Data(bufs));
         self.count_err(r)
     }
@@ -436,8 +463,8 @@ impl Engine {
 
     /// Writes zeroes over `[offset, offset + len)`.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let _io = InFlight::new(&self.ios_in_flight);
-        bump(&self.counters.write_zeroes, 1);
+        let _io = InFlight::new(&self.stats().in_flight);
+        bump(&self.stats().write_zeroes, 1);
         let r = self.do_write(offset, len, Payload::Zeroes);
         self.count_err(r)
     }
@@ -461,7 +488,7 @@ impl Engine {
 
     /// Notes a completed destination write (see `dest_flushed_at`).
     fn dest_written(&self) {
-        self.dest_writes.fetch_add(1, Ordering::AcqRel);
+        self.stats().dest_writes.fetch_add(1, Ordering::AcqRel);
     }
 
     fn do_write(&self, offset: u64, len: u64, payload: Payload<'_, '_>) -> Result<()> {
@@ -517,7 +544,7 @@ impl Engine {
         if pos == rs && piece_end == re {
             // Overwrite of the whole region: no copy.
             self.dest_write(pos, re - rs, offset, payload)?;
-            bump(&self.counters.overwrites, 1);
+            bump(&self.stats().overwrites, 1);
         } else {
             // Partial: copy the region with the new data applied, in one write.
             let mut buf = vec![0u8; (re - rs) as usize];
@@ -532,7 +559,7 @@ impl Engine {
             }
             self.dest.write_at(&buf, rs).map_err(EngineError::Dest)?;
             self.dest_written();
-            bump(&self.counters.guest_hydrations, 1);
+            bump(&self.stats().guest_hydrations, 1);
         }
         self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
         Ok(())
@@ -543,8 +570,8 @@ impl Engine {
     /// partial edge regions) are passed down when passdown is on; partial
     /// unhydrated edges are left alone.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let _io = InFlight::new(&self.ios_in_flight);
-        bump(&self.counters.discards, 1);
+        let _io = InFlight::new(&self.stats().in_flight);
+        bump(&self.stats().discards, 1);
         let r = self.do_discard(offset, len);
         self.count_err(r)
     }
@@ -588,7 +615,7 @@ impl Engine {
                         // Zero, then mark: the bit never claims stale destination data.
                         self.zero_dest(rs, re - rs)?;
                         self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
-                        bump(&self.counters.overwrites, 1);
+                        bump(&self.stats().overwrites, 1);
                     }
                 }
             }
@@ -624,7 +651,7 @@ impl Engine {
     /// Completes when every write completed before the call is durable on the
     /// destination and every region it hydrated is committed.
     pub fn flush(&self) -> Result<()> {
-        bump(&self.counters.flushes, 1);
+        bump(&self.stats().flushes, 1);
         let r = self.commit(true).map(|_| ());
         self.count_err(r)
     }
@@ -636,7 +663,7 @@ impl Engine {
         self.gate
             .commit(flush_dest, |force| {
                 // Writes completed before this point are covered by the flush below.
-                let writes = self.dest_writes.load(Ordering::Acquire);
+                let writes = self.sum(|c| &c.dest_writes);
                 let dirty = writes != self.dest_flushed_at.load(Ordering::Acquire);
                 let out = self.md.commit(self.dest.as_ref(), force && dirty)?;
                 if (force && dirty) || matches!(out, CommitOutcome::Committed { .. }) {
@@ -772,7 +799,7 @@ impl Engine {
             drop(guards);
             self.hydration_cursor
                 .store((first + count) % nr, Ordering::Relaxed);
-            bump(&self.counters.background_hydrations, count);
+            bump(&self.stats().background_hydrations, count);
             return Ok(HydrateStep::Hydrated {
                 first,
                 count,
