@@ -219,6 +219,21 @@ boot_wait() {
 # boot NAME [--reboot] [KEY=VALUE...] < SCRIPT: boot_start + boot_wait
 boot() { boot_start "$@"; boot_wait "$1"; }
 
+# verify_again SPANS: a new daemon on the same files and a new guest verify the
+# standard workload and the untouched spans; then the offline check, and the
+# source must be unchanged.
+verify_again() {
+	daemon_start
+	boot verify SPANS="$1" <<'GUEST'
+check_device
+fio_std verify
+check_spans "$SPANS"
+GUEST
+	daemon_stop
+	offline_check
+	source_unchanged
+}
+
 # wait_event NAME EVENT [TIMEOUT]: wait for "VCTEST-EVENT: EVENT" from the guest
 wait_event() {
 	local name=$1 ev=$2 t=${3:-$BOOT_TIMEOUT} t0=$SECONDS

@@ -22,13 +22,5 @@ GUEST
 	daemon_stop
 	offline_check
 	sabotage "overwrite 512 bytes in zone A" corrupt $((ZA_OFF + 4096 * 1000 + 512))
-	daemon_start
-	boot verify SPANS="$spans" <<'GUEST'
-check_device
-fio_std verify
-check_spans "$SPANS"
-GUEST
-	daemon_stop
-	offline_check
-	source_unchanged
+	verify_again "$spans"
 }

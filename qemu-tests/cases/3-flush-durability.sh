@@ -44,13 +44,5 @@ GUEST
 	qemu_kill write
 	grep -a '^vctest:' "$D/write.serial" | sed 's/^/  [write] /'
 	offline_check
-	daemon_start
-	boot verify SPANS="$spans" <<'GUEST'
-check_device
-fio_std verify
-check_spans "$SPANS"
-GUEST
-	daemon_stop
-	offline_check
-	source_unchanged
+	verify_again "$spans"
 }
