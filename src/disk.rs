@@ -6,7 +6,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use crate::engine::Engine;
-use crate::virtio::BlockBackend;
+use crate::virtio::{BlockBackend, DirectIo};
 
 /// A clone served to a guest.
 #[derive(Debug)]
@@ -74,6 +74,25 @@ impl BlockBackend for CloneDisk {
 
     fn write_cache(&self) -> bool {
         self.engine.metadata().write_cache().unwrap_or(true)
+    }
+
+    fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<DirectIo> {
+        if write && self.readonly {
+            return None;
+        }
+        let io = self.engine.direct_io(offset, len)?;
+        Some(DirectIo {
+            fd: io.fd,
+            align: io.align,
+        })
+    }
+
+    fn direct_io_start(&self) {
+        self.engine.direct_io_start();
+    }
+
+    fn direct_io_done(&self, write: bool, len: u64, ok: bool) {
+        self.engine.direct_io_done(write, len, ok);
     }
 
     fn set_write_cache(&self, writeback: bool) {

@@ -9,7 +9,8 @@
 //!   on the same files. Every sector must read back as the write acknowledged last
 //!   before the last acknowledged flush, or as a write issued after that flush,
 //!   never as anything else (never the destination's initial garbage, never the
-//!   source over a flushed write). 20 iterations by default,
+//!   source over a flushed write). Half of the daemons run with
+//!   `--io-engine uring`. 20 iterations by default,
 //!   `VHOST_CLONE_KILL_ITERS=N` for more.
 //! * `power_cut_then_a_commit_elsewhere_then_restart`: a library-level restart
 //!   sequence that exposed a recovery bug, fixed by rewriting journal-covered
@@ -397,6 +398,9 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
         }
         if rng.gen_bool(0.5) {
             extra.extend_from_slice(&["--commit-interval", "0.02"]);
+        }
+        if rng.gen_bool(0.5) {
+            extra.extend_from_slice(&["--io-engine", "uring"]);
         }
         let d = Daemon::start(&f, &extra);
         let mut c = Client::connect(&f.sock);

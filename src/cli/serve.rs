@@ -23,7 +23,7 @@ use crate::engine::hydrator::{
 use crate::engine::{Engine, EngineConfig};
 use crate::metadata::{self, Geometry, Metadata, DEFAULT_REGION_SIZE};
 use crate::storage::{BlockDevice, FileDevice, OpenOptions};
-use crate::virtio::{self, BlockBackend, ServeOptions, ShutdownSignal};
+use crate::virtio::{self, BlockBackend, IoEngine, ServeOptions, ShutdownSignal};
 
 /// `serve` arguments.
 #[derive(Debug, Args)]
@@ -84,9 +84,36 @@ pub struct ServeArgs {
     /// Open source and destination with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     pub direct: bool,
+    /// How queues execute reads and writes of hydrated regions: `uring` keeps many
+    /// in flight per queue through io_uring, `sync` does one blocking call at a time;
+    /// `auto` picks `uring` with --direct and `sync` otherwise.
+    #[arg(long, value_enum, default_value_t = IoEngineArg::Auto)]
+    pub io_engine: IoEngineArg,
     /// Print QEMU's vhost-user capabilities JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+}
+
+/// `--io-engine` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoEngineArg {
+    /// `uring` with --direct, `sync` otherwise.
+    Auto,
+    /// io_uring, many requests in flight per queue.
+    Uring,
+    /// One blocking system call at a time per queue.
+    Sync,
+}
+
+impl IoEngineArg {
+    fn resolve(self, direct: bool) -> IoEngine {
+        match self {
+            IoEngineArg::Uring => IoEngine::Uring,
+            IoEngineArg::Sync => IoEngine::Sync,
+            IoEngineArg::Auto if direct => IoEngine::Uring,
+            IoEngineArg::Auto => IoEngine::Sync,
+        }
+    }
 }
 
 fn open_file(
@@ -276,6 +303,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         readonly: a.readonly,
         discard: true,
         name: "vhost-clone".into(),
+        io_engine: a.io_engine.resolve(a.direct),
     };
     tracing::info!(
         dest = %dest_path.display(),

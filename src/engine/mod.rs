@@ -38,7 +38,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::metadata::{CommitOutcome, Geometry, Metadata, MetadataError, Mode};
-use crate::storage::{copy_range, iov_len, BlockDevice, StorageError, SECTOR_SIZE};
+use crate::storage::{copy_range, iov_len, BlockDevice, IoFd, StorageError, SECTOR_SIZE};
 use commit::{CommitGate, Committer};
 use locks::RegionLocks;
 
@@ -459,6 +459,62 @@ impl Engine {
     /// Convenience: writes one buffer.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.write(offset, &[IoSlice::new(buf)])
+    }
+
+    /// Whether the caller may read or write `[offset, offset + len)` itself, on
+    /// the destination at the same offset (the io_uring path of the virtio
+    /// front), instead of calling [`Engine::read`] / [`Engine::write`].
+    ///
+    /// That is the case when the range is valid, the metadata is not in fail
+    /// mode, the destination has a file descriptor, and every region in the range
+    /// is hydrated: such a region's data lives on the destination, it is never
+    /// locked, and nothing but the guest writes it again (a set bit is never
+    /// cleared), so the request maps to exactly what [`Engine::read`] /
+    /// [`Engine::write`] would do. Everything else (unhydrated regions, whose
+    /// requests copy, wait or split) returns `None` and goes through the engine.
+    ///
+    /// This only looks. A caller that goes ahead calls [`Engine::direct_io_start`]
+    /// before it issues the I/O and [`Engine::direct_io_done`] once it completed,
+    /// before it tells the guest, so that the next flush knows a destination
+    /// write happened.
+    pub fn direct_io(&self, offset: u64, len: u64) -> Option<IoFd> {
+        if len == 0 || self.check(offset, len).is_err() || self.check_mode().is_err() {
+            return None;
+        }
+        let io = self.dest.io_fd()?;
+        if !self.md.all_hydrated() {
+            let last = self.geo.region_of(offset + len - 1);
+            if !(self.geo.region_of(offset)..=last).all(|r| self.md.is_hydrated(r)) {
+                return None;
+            }
+        }
+        Some(io)
+    }
+
+    /// Counts a request [`Engine::direct_io`] allowed as in flight.
+    pub fn direct_io_start(&self) {
+        self.stats().in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Ends a request started with [`Engine::direct_io_start`]: `ok` tells
+    /// whether all `len` bytes were transferred. A successful write counts as a
+    /// completed destination write (the next flush flushes the destination).
+    pub fn direct_io_done(&self, write: bool, len: u64, ok: bool) {
+        let st = self.stats();
+        if write {
+            bump(&st.writes, 1);
+            bump(&st.bytes_written, len);
+            if ok {
+                self.dest_written();
+            }
+        } else {
+            bump(&st.reads, 1);
+            bump(&st.bytes_read, len);
+        }
+        if !ok {
+            bump(&st.errors, 1);
+        }
+        st.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Writes zeroes over `[offset, offset + len)`.

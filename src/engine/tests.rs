@@ -285,3 +285,81 @@ fn read_only_metadata_fails_writes_that_need_hydration_only() {
     r.eng.read_at(&mut b, 2 * RS).unwrap();
     assert_eq!(b[0], src_byte(2 * RS));
 }
+
+#[test]
+fn direct_io_is_offered_for_hydrated_ranges_only() {
+    let size = 4 * RS;
+    let dir = tempfile::tempdir().unwrap();
+    let dst = Arc::new(
+        crate::storage::FileDevice::open(
+            &dir.path().join("d.img"),
+            &crate::storage::OpenOptions {
+                create_size: Some(size),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let src = Arc::new(SimDevice::new(size));
+    let geo = Geometry::new(size, RS).unwrap();
+    let mdd = Arc::new(SimDevice::new(Layout::new(&geo).required_size()));
+    let md = Arc::new(Metadata::format(mdd, geo).unwrap());
+    let eng = Engine::new(Some(src), dst.clone(), md, EngineConfig::default()).unwrap();
+
+    assert_eq!(eng.direct_io(0, RS), None, "unhydrated region");
+    eng.write_at(&vec![7u8; RS as usize], 0).unwrap();
+    let io = eng.direct_io(0, RS).expect("hydrated region");
+    assert_eq!(io, dst.io_fd().unwrap());
+    assert_eq!(io.align, 1);
+    assert_eq!(eng.direct_io(512, 1024), Some(io));
+    assert_eq!(
+        eng.direct_io(0, 2 * RS),
+        None,
+        "reaches into an unhydrated region"
+    );
+    assert_eq!(eng.direct_io(0, 0), None, "empty");
+    assert_eq!(eng.direct_io(1, 512), None, "unaligned");
+    assert_eq!(eng.direct_io(3 * RS, 2 * RS), None, "past the end");
+}
+
+/// The io_uring path's writes bypass `Engine::write`; `direct_io_done` must make the
+/// next flush flush the destination, like any completed destination write.
+#[test]
+fn direct_write_completion_makes_the_next_flush_flush_the_destination() {
+    let r = rig(4, 0);
+    r.eng.write_at(&[1u8; 512], 0).unwrap();
+    r.eng.flush().unwrap();
+    let f0 = r.dst.flush_count();
+    r.eng.flush().unwrap();
+    assert_eq!(
+        r.dst.flush_count(),
+        f0,
+        "nothing written: no destination flush"
+    );
+
+    r.eng.direct_io_start();
+    assert_eq!(r.eng.ios_in_flight(), 1);
+    // A read completing changes nothing.
+    r.eng.direct_io_done(false, 512, true);
+    r.eng.flush().unwrap();
+    assert_eq!(r.dst.flush_count(), f0);
+
+    r.eng.direct_io_start();
+    r.eng.direct_io_done(true, 512, true);
+    assert_eq!(r.eng.ios_in_flight(), 0);
+    r.eng.flush().unwrap();
+    assert_eq!(
+        r.dst.flush_count(),
+        f0 + 1,
+        "a completed direct write must be flushed"
+    );
+    let c = r.eng.counters();
+    assert_eq!((c.reads, c.writes), (1, 2));
+
+    // A failed write counts as an error, not as a write to flush.
+    r.eng.direct_io_start();
+    r.eng.direct_io_done(true, 512, false);
+    r.eng.flush().unwrap();
+    assert_eq!(r.dst.flush_count(), f0 + 1);
+    assert_eq!(r.eng.counters().errors, 1);
+}

@@ -8,7 +8,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{check_range, iov_len, BlockDevice, Result, StorageError};
+use super::{check_range, iov_len, BlockDevice, IoFd, Result, StorageError};
 
 /// `BLKDISCARD` from `<linux/fs.h>`: `_IO(0x12, 119)`.
 const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -453,6 +453,13 @@ impl BlockDevice for FileDevice {
     fn raw_fd(&self) -> Option<RawFd> {
         // O_DIRECT files keep to their aligned paths.
         (!self.direct).then_some(self.fd())
+    }
+
+    fn io_fd(&self) -> Option<IoFd> {
+        Some(IoFd {
+            fd: self.fd(),
+            align: if self.direct { DIRECT_ALIGN } else { 1 },
+        })
     }
 
     fn data_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {

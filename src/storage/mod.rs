@@ -174,6 +174,15 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The file descriptor and the alignment its reads and writes need, for callers
+    /// that issue their own I/O on the device (the io_uring path of the virtio
+    /// front). `align` is 1 for buffered files; with `O_DIRECT` every buffer
+    /// address, buffer length and offset must be a multiple of it. `None` for
+    /// devices without a file descriptor (the simulated device).
+    fn io_fd(&self) -> Option<IoFd> {
+        None
+    }
+
     /// The ranges of `[offset, offset + len)` that may hold data, as `(start, end)`
     /// pairs in order; everything else reads as zeroes (holes of a sparse file).
     /// `None` when the device cannot tell, i.e. every byte may be data.
@@ -181,6 +190,15 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         let _ = (offset, len);
         Ok(None)
     }
+}
+
+/// A file descriptor to issue I/O on directly (see [`BlockDevice::io_fd`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoFd {
+    /// The open file; it lives as long as the device.
+    pub fd: std::os::unix::io::RawFd,
+    /// Alignment of buffer addresses, buffer lengths and offsets (1: none).
+    pub align: usize,
 }
 
 /// Copies `[offset, offset + len)` from `src` to the same place on `dst`:

@@ -27,7 +27,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -35,10 +35,11 @@ use vmm_sys_util::event::{
 
 use super::config::{self, DeviceGeometry, SERIAL_LEN};
 use super::request::{
-    self, guest_io_slices, guest_io_slices_mut, GuestMemory, ParseLimits, Request, STATUS_IOERR,
-    STATUS_OK, STATUS_UNSUPP,
+    self, guest_io_slices, guest_io_slices_mut, GuestMemory, ParseLimits, ParsedChain, Request,
+    STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
-use super::BlockBackend;
+use super::uring::{UringQueue, MAX_IOVECS};
+use super::{BlockBackend, IoEngine};
 
 /// Guest memory shared with the vhost-user message handler.
 pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemory>;
@@ -52,11 +53,16 @@ pub struct QueueState {
     pub completed: u64,
     /// Requests completed with an error status or retired without one.
     pub failed: u64,
+    /// The queue's io_uring, created on first use with [`IoEngine::Uring`].
+    uring: Option<UringQueue>,
+    /// Creating the io_uring failed: the queue runs synchronously.
+    uring_unavailable: bool,
 }
 
 /// One connection's vhost-user-blk device.
 pub struct BlkDevice {
     backend: Arc<dyn BlockBackend>,
+    io_engine: IoEngine,
     geometry: DeviceGeometry,
     limits: ParseLimits,
     serial: [u8; SERIAL_LEN],
@@ -80,6 +86,7 @@ impl BlkDevice {
         geometry: DeviceGeometry,
         serial: &str,
         mem: AtomicGuestMemory,
+        io_engine: IoEngine,
     ) -> io::Result<Self> {
         let mut s = [0u8; SERIAL_LEN];
         let b = serial.as_bytes();
@@ -90,6 +97,7 @@ impl BlkDevice {
             .collect::<io::Result<Vec<_>>>()?;
         Ok(BlkDevice {
             backend,
+            io_engine,
             limits: ParseLimits::from(&geometry),
             geometry,
             serial: s,
@@ -147,7 +155,11 @@ impl BlkDevice {
                     return;
                 }
             }
-            self.drain(vring, q);
+            if self.use_uring(q) {
+                self.drain_uring(vring, q);
+            } else {
+                self.drain(vring, q);
+            }
             if !event_idx {
                 break;
             }
@@ -163,6 +175,25 @@ impl BlkDevice {
         }
     }
 
+    /// Whether queue `q` runs with io_uring; creates its ring on first use.
+    fn use_uring(&self, q: &mut QueueState) -> bool {
+        if self.io_engine != IoEngine::Uring || q.uring_unavailable {
+            return false;
+        }
+        if q.uring.is_none() {
+            match UringQueue::new(usize::from(self.geometry.queue_size)) {
+                Ok(u) => q.uring = Some(u),
+                Err(e) => {
+                    warn!("cannot create an io_uring, the queue runs synchronously: {e}");
+                    q.uring_unavailable = true;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Synchronous queue loop: each request runs to completion before the next is popped.
     fn drain(&self, vring: &Vring, q: &mut QueueState) {
         let mem = self.mem.memory();
         let mut retired = false;
@@ -174,39 +205,168 @@ impl BlkDevice {
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let parsed = request::parse_chain(chain, &self.limits);
-            let (status, written) = match &parsed.request {
-                Ok(req) => self.execute(&mem, req),
-                Err(e) => {
-                    debug!(head, "refused request: {e}");
-                    (e.status(), 0)
-                }
-            };
-            let used = match parsed.status {
-                Some(addr) => match mem.write_obj(status, addr) {
-                    Ok(()) => written.saturating_add(1),
-                    Err(_) => 0,
-                },
-                None => 0,
-            };
-            if status == STATUS_OK && used > 0 {
-                q.completed += 1;
-            } else {
-                q.failed += 1;
-            }
-            match vring.add_used(head, used) {
-                Ok(()) => retired = true,
-                Err(e) => warn!(head, "add_used failed: {e}"),
-            }
+            let (status, written) = self.run(&mem, &parsed);
+            retired |= self.complete(vring, q, &mem, head, parsed.status, status, written);
         }
         if retired {
-            match vring.needs_notification() {
-                Ok(true) => {
-                    if let Err(e) = vring.signal_used_queue() {
-                        warn!("signal_used_queue failed: {e}");
+            notify(vring);
+        }
+    }
+
+    /// io_uring queue loop (see [`super::uring`]): direct reads and writes are started
+    /// as they are popped, up to the ring's depth, and retired in order; any other
+    /// request waits for the queue to be idle and runs synchronously. Returns only when
+    /// the queue is idle and the avail ring empty.
+    fn drain_uring(&self, vring: &Vring, q: &mut QueueState) {
+        let mem = self.mem.memory();
+        let Some(mut uq) = q.uring.take() else {
+            return;
+        };
+        loop {
+            let mut retired = false;
+            while uq.has_room() {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let parsed = request::parse_chain(chain, &self.limits);
+                if let Some((status_addr, write, offset, len, fd)) =
+                    self.direct_plan(&mem, &parsed, uq.next_iov())
+                {
+                    self.backend.direct_io_start();
+                    // The iovecs point into `mem`, held until this function returns,
+                    // which it does only once the queue is idle; `fd` is the backend's,
+                    // open while `self.backend` lives.
+                    uq.start(head, status_addr, write, fd, offset, len);
+                    continue;
+                }
+                // A barrier: everything started before it completes first.
+                while !uq.is_idle() {
+                    uq.wait();
+                    if self.retire_uring(vring, q, &mem, &mut uq) {
+                        notify(vring);
                     }
                 }
-                Ok(false) => {}
-                Err(e) => warn!("needs_notification failed: {e}"),
+                let (status, written) = self.run(&mem, &parsed);
+                retired |= self.complete(vring, q, &mem, head, parsed.status, status, written);
+            }
+            uq.submit();
+            retired |= self.retire_uring(vring, q, &mem, &mut uq);
+            if retired {
+                notify(vring);
+            }
+            if uq.is_idle() {
+                break;
+            }
+            uq.wait();
+        }
+        q.uring = Some(uq);
+    }
+
+    /// Whether `parsed` can go to the io_uring, and with what: fills `iov` and returns
+    /// (status address, write, offset, length, fd).
+    fn direct_plan(
+        &self,
+        mem: &GuestMemory,
+        parsed: &ParsedChain,
+        iov: &mut Vec<libc::iovec>,
+    ) -> Option<(GuestAddress, bool, u64, u64, RawFd)> {
+        let status_addr = parsed.status?;
+        let (write, offset, len, data) = match parsed.request.as_ref().ok()? {
+            Request::Read { offset, len, data } => (false, *offset, *len, data),
+            // Write-through writes need a flush before completion: synchronous path.
+            Request::Write { offset, len, data } if self.writeback() => (true, *offset, *len, data),
+            _ => return None,
+        };
+        request::guest_iovecs(mem, data, iov, MAX_IOVECS).ok()?;
+        let dio = self.backend.direct_io(write, offset, len)?;
+        if dio.align > 1 {
+            let a = dio.align;
+            let aligned = offset % a as u64 == 0
+                && iov
+                    .iter()
+                    .all(|v| (v.iov_base as usize) % a == 0 && v.iov_len % a == 0);
+            if !aligned {
+                return None;
+            }
+        }
+        Some((status_addr, write, offset, len, dio.fd))
+    }
+
+    /// Retires the io_uring requests that finished, in order. Returns whether any was.
+    fn retire_uring(
+        &self,
+        vring: &Vring,
+        q: &mut QueueState,
+        mem: &GuestMemory,
+        uq: &mut UringQueue,
+    ) -> bool {
+        let mut retired = false;
+        while let Some(r) = uq.next_retired() {
+            self.backend
+                .direct_io_done(r.write, r.len, r.status == STATUS_OK);
+            let written = if r.write || r.status != STATUS_OK {
+                0
+            } else {
+                // len <= 4 GiB - 1: virtio-queue ends chains that exceed 2^32 bytes.
+                u32::try_from(r.len).unwrap_or(u32::MAX)
+            };
+            retired |= self.complete(
+                vring,
+                q,
+                mem,
+                r.head,
+                Some(r.status_addr),
+                r.status,
+                written,
+            );
+        }
+        retired
+    }
+
+    /// Runs a parsed chain synchronously: the status byte and the data bytes written.
+    fn run(&self, mem: &GuestMemory, parsed: &ParsedChain) -> (u8, u32) {
+        match &parsed.request {
+            Ok(req) => self.execute(mem, req),
+            Err(e) => {
+                debug!(head = parsed.head, "refused request: {e}");
+                (e.status(), 0)
+            }
+        }
+    }
+
+    /// Writes the status byte and adds the chain to the used ring. Returns whether it
+    /// was added.
+    #[allow(clippy::too_many_arguments)]
+    fn complete(
+        &self,
+        vring: &Vring,
+        q: &mut QueueState,
+        mem: &GuestMemory,
+        head: u16,
+        status_addr: Option<GuestAddress>,
+        status: u8,
+        written: u32,
+    ) -> bool {
+        let used = match status_addr {
+            Some(addr) => match mem.write_obj(status, addr) {
+                Ok(()) => written.saturating_add(1),
+                Err(_) => 0,
+            },
+            None => 0,
+        };
+        if status == STATUS_OK && used > 0 {
+            q.completed += 1;
+        } else {
+            q.failed += 1;
+        }
+        match vring.add_used(head, used) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(head, "add_used failed: {e}");
+                false
             }
         }
     }
@@ -274,6 +434,19 @@ impl BlkDevice {
             Ok(()) => STATUS_OK,
             Err(e) => io_status(&e),
         }
+    }
+}
+
+/// Interrupts the driver if the ring's notification rules ask for it.
+fn notify(vring: &Vring) {
+    match vring.needs_notification() {
+        Ok(true) => {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("signal_used_queue failed: {e}");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => warn!("needs_notification failed: {e}"),
     }
 }
 

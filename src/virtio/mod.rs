@@ -34,6 +34,7 @@ pub mod config;
 pub mod device;
 pub mod request;
 pub mod server;
+pub mod uring;
 
 pub use server::{print_capabilities, serve, ShutdownSignal};
 
@@ -59,6 +60,46 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn write_cache(&self) -> bool;
     /// Records the guest's write-cache choice.
     fn set_write_cache(&self, writeback: bool);
+
+    /// Whether a read or write of `[offset, offset + len)` may be issued by the
+    /// front itself on the returned file descriptor, at the same offset, with
+    /// the guest's buffers (the io_uring path, see [`IoEngine::Uring`]). Must not
+    /// have side effects; `None` (the default) sends the request through
+    /// [`BlockBackend::read`] / [`BlockBackend::write`].
+    fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<DirectIo> {
+        let _ = (write, offset, len);
+        None
+    }
+
+    /// Called before a request [`BlockBackend::direct_io`] allowed is issued.
+    fn direct_io_start(&self) {}
+
+    /// Called when such a request completed (`ok`: all `len` bytes transferred),
+    /// before the guest is told.
+    fn direct_io_done(&self, write: bool, len: u64, ok: bool) {
+        let _ = (write, len, ok);
+    }
+}
+
+/// A file descriptor the front may issue a request on (see [`BlockBackend::direct_io`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectIo {
+    /// The open file; it stays open while the backend lives.
+    pub fd: std::os::unix::io::RawFd,
+    /// Required alignment of buffer addresses, buffer lengths and the offset (1: none).
+    pub align: usize,
+}
+
+/// How a queue executes reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoEngine {
+    /// One blocking system call at a time per queue, in the queue's thread.
+    #[default]
+    Sync,
+    /// Reads and writes the backend allows ([`BlockBackend::direct_io`]) are
+    /// submitted through a per-queue io_uring, many in flight, and retired in
+    /// order; everything else runs synchronously after the queue drained.
+    Uring,
 }
 
 /// How [`serve`] exposes the backend.
@@ -82,6 +123,8 @@ pub struct ServeOptions {
     pub discard: bool,
     /// Name of the vhost-user daemon threads (diagnostics only).
     pub name: String,
+    /// How queues execute reads and writes.
+    pub io_engine: IoEngine,
 }
 
 impl Default for ServeOptions {
@@ -95,6 +138,7 @@ impl Default for ServeOptions {
             readonly: false,
             discard: true,
             name: String::from("vhost-clone"),
+            io_engine: IoEngine::Sync,
         }
     }
 }

@@ -596,6 +596,41 @@ pub fn guest_io_slices_mut<'m>(
     Ok(out)
 }
 
+/// Appends `iovec`s over the guest buffers `segs` to `out` (for the io_uring path, which
+/// hands raw addresses to the kernel). Fails like [`guest_io_slices`], and with
+/// [`RequestError::TooManyDescriptors`] when more than `max` iovecs would be needed.
+///
+/// No Rust reference to guest memory is formed, so buffers that overlap each other are
+/// harmless here: the kernel stores the data in the order of the list.
+pub fn guest_iovecs(
+    mem: &GuestMemory,
+    segs: &[GuestSegment],
+    out: &mut Vec<libc::iovec>,
+    max: usize,
+) -> Result<(), RequestError> {
+    for seg in segs {
+        let mut covered = 0usize;
+        for vs in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+            let vs = vs.map_err(|_| outside(seg))?;
+            if out.len() >= max {
+                return Err(RequestError::TooManyDescriptors(max));
+            }
+            // The pointer is only passed on, never dereferenced here: see the caller's
+            // SAFETY comment on how long the mapping lives.
+            let guard = vs.ptr_guard_mut();
+            covered += guard.len();
+            out.push(libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: guard.len(),
+            });
+        }
+        if covered != seg.len as usize {
+            return Err(outside(seg));
+        }
+    }
+    Ok(())
+}
+
 fn outside(seg: &GuestSegment) -> RequestError {
     RequestError::OutsideMemory {
         addr: seg.addr.raw_value(),

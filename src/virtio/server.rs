@@ -204,8 +204,14 @@ fn serve_connection(
 ) -> Result<()> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let device = Arc::new(
-        BlkDevice::new(backend.clone(), geometry, &opts.serial, mem.clone())
-            .map_err(VirtioError::Setup)?,
+        BlkDevice::new(
+            backend.clone(),
+            geometry,
+            &opts.serial,
+            mem.clone(),
+            opts.io_engine,
+        )
+        .map_err(VirtioError::Setup)?,
     );
     let mut daemon = VhostUserDaemon::new(opts.name.clone(), device.clone(), mem)
         .map_err(|e| VirtioError::Daemon(e.to_string()))?;
