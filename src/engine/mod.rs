@@ -603,17 +603,19 @@ impl Engine {
             bump(&self.stats().overwrites, 1);
         } else {
             // Partial: copy the region with the new data applied, in one write.
-            let mut buf = vec![0u8; (re - rs) as usize];
-            self.source_dev(r)?
-                .read_at(&mut buf, rs)
-                .map_err(EngineError::Source)?;
-            let a = (pos - rs) as usize;
-            let b = (piece_end - rs) as usize;
-            match payload {
-                Payload::Data(bufs) => copy_from_iov(bufs, (pos - offset) as usize, &mut buf[a..b]),
-                Payload::Zeroes => buf[a..b].fill(0),
-            }
-            self.dest.write_at(&buf, rs).map_err(EngineError::Dest)?;
+            let src = self.source_dev(r)?;
+            with_scratch((re - rs) as usize, |buf| {
+                src.read_at(buf, rs).map_err(EngineError::Source)?;
+                let a = (pos - rs) as usize;
+                let b = (piece_end - rs) as usize;
+                match payload {
+                    Payload::Data(bufs) => {
+                        copy_from_iov(bufs, (pos - offset) as usize, &mut buf[a..b])
+                    }
+                    Payload::Zeroes => buf[a..b].fill(0),
+                }
+                self.dest.write_at(buf, rs).map_err(EngineError::Dest)
+            })?;
             self.dest_written();
             bump(&self.stats().guest_hydrations, 1);
         }
@@ -873,6 +875,29 @@ impl Engine {
             _ => Ok(None),
         }
     }
+}
+
+/// Runs `f` on a per-thread scratch buffer of `len` bytes whose contents are
+/// unspecified. Buffers up to 1 MiB are kept and reused, so that a partial write
+/// to an unhydrated region does not allocate (and zero) a region buffer each time.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    const KEEP: usize = 1 << 20;
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    if len > KEEP {
+        return f(&mut vec![0u8; len]);
+    }
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0);
+            }
+            f(&mut v[..len])
+        }
+        // Not re-entered today; stay correct if it ever is.
+        Err(_) => f(&mut vec![0u8; len]),
+    })
 }
 
 /// The byte range `[start, start + len)` of a scatter list, as a new list.

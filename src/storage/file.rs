@@ -353,7 +353,7 @@ impl BlockDevice for FileDevice {
             return Ok(());
         }
         // advance_slices needs a mutable list of slices: copy the (small) descriptor list.
-        let mut owned: Vec<IoSlice<'_>> = bufs.to_vec();
+        let mut owned: smallvec::SmallVec<[IoSlice<'_>; 8]> = bufs.iter().copied().collect();
         let mut rest: &mut [IoSlice<'_>] = &mut owned;
         let mut off = offset;
         while !rest.is_empty() {

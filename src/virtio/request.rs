@@ -25,6 +25,8 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::ops::Deref;
 
+use smallvec::SmallVec;
+
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -67,6 +69,10 @@ pub struct GuestSegment {
     pub len: u32,
 }
 
+/// The guest buffers of one request. Inline for up to 4 (the common case: Linux sends one
+/// data descriptor per page run), so that parsing a request does not allocate.
+pub type Segments = SmallVec<[GuestSegment; 4]>;
+
 /// A validated byte range for discard or write-zeroes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteRange {
@@ -89,7 +95,7 @@ pub enum Request {
         /// Total length of `data`.
         len: u64,
         /// Destination buffers in guest memory.
-        data: Vec<GuestSegment>,
+        data: Segments,
     },
     /// VIRTIO_BLK_T_OUT: write `data` (device-readable) at `offset`.
     Write {
@@ -98,14 +104,14 @@ pub enum Request {
         /// Total length of `data`.
         len: u64,
         /// Source buffers in guest memory.
-        data: Vec<GuestSegment>,
+        data: Segments,
     },
     /// VIRTIO_BLK_T_FLUSH.
     Flush,
     /// VIRTIO_BLK_T_GET_ID: the serial goes into `data` (device-writable, non-empty).
     GetId {
         /// Destination buffers in guest memory.
-        data: Vec<GuestSegment>,
+        data: Segments,
     },
     /// VIRTIO_BLK_T_DISCARD.
     Discard(Vec<ByteRange>),
@@ -244,7 +250,7 @@ where
     let head = chain.head_index();
     let mem: &GuestMemory = chain.memory();
 
-    let mut descs: Vec<Desc> = Vec::new();
+    let mut descs: SmallVec<[Desc; 8]> = SmallVec::new();
     let mut seen = 0usize;
     let mut last_has_next = false;
     let mut too_many = false;
@@ -309,7 +315,7 @@ fn parse_descriptors(
         }
     }
 
-    let readable: Vec<GuestSegment> = descs
+    let readable: Segments = descs
         .iter()
         .filter(|d| !d.write)
         .map(|d| GuestSegment {
@@ -318,7 +324,7 @@ fn parse_descriptors(
         })
         .collect();
     // Writable data: every writable byte but the status byte (the very last one).
-    let mut writable: Vec<GuestSegment> = descs
+    let mut writable: Segments = descs
         .iter()
         .filter(|d| d.write)
         .map(|d| GuestSegment {
@@ -475,8 +481,8 @@ fn total_len(segs: &[GuestSegment]) -> u64 {
 }
 
 /// The segments after the first `n` bytes.
-fn skip(segs: &[GuestSegment], mut n: u64) -> Vec<GuestSegment> {
-    let mut out = Vec::new();
+fn skip(segs: &[GuestSegment], mut n: u64) -> Segments {
+    let mut out = Segments::new();
     for s in segs {
         let len = u64::from(s.len);
         if n >= len {
@@ -532,8 +538,8 @@ pub fn scatter(mem: &GuestMemory, segs: &[GuestSegment], src: &[u8]) -> Result<u
 pub fn guest_io_slices<'m>(
     mem: &'m GuestMemory,
     segs: &[GuestSegment],
-) -> Result<Vec<IoSlice<'m>>, RequestError> {
-    let mut out = Vec::with_capacity(segs.len());
+) -> Result<SmallVec<[IoSlice<'m>; 4]>, RequestError> {
+    let mut out = SmallVec::new();
     for seg in segs {
         let mut covered = 0usize;
         for vs in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
@@ -563,9 +569,9 @@ pub fn guest_io_slices<'m>(
 pub fn guest_io_slices_mut<'m>(
     mem: &'m GuestMemory,
     segs: &[GuestSegment],
-) -> Result<Vec<IoSliceMut<'m>>, RequestError> {
-    let mut out = Vec::with_capacity(segs.len());
-    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(segs.len());
+) -> Result<SmallVec<[IoSliceMut<'m>; 4]>, RequestError> {
+    let mut out = SmallVec::new();
+    let mut spans: SmallVec<[(usize, usize); 4]> = SmallVec::new();
     for seg in segs {
         let mut covered = 0usize;
         for vs in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
@@ -705,7 +711,7 @@ mod tests {
             Ok(Request::Read {
                 offset: 1024,
                 len: 1024,
-                data: vec![GuestSegment {
+                data: smallvec::smallvec![GuestSegment {
                     addr: GuestAddress(0x20000),
                     len: 1024
                 }]
