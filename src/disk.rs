@@ -80,7 +80,7 @@ impl BlockBackend for CloneDisk {
         if write && self.readonly {
             return None;
         }
-        let io = self.engine.direct_io(offset, len)?;
+        let io = self.engine.direct_io(write, offset, len)?;
         Some(DirectIo {
             fd: io.fd,
             align: io.align,

@@ -461,34 +461,47 @@ impl Engine {
         self.write(offset, &[IoSlice::new(buf)])
     }
 
-    /// Whether the caller may read or write `[offset, offset + len)` itself, on
-    /// the destination at the same offset (the io_uring path of the virtio
-    /// front), instead of calling [`Engine::read`] / [`Engine::write`].
+    /// Whether the caller may read or write `[offset, offset + len)` itself (the
+    /// io_uring path of the virtio front), instead of calling [`Engine::read`] /
+    /// [`Engine::write`], and on which file: the returned descriptor, at the same
+    /// offset.
     ///
-    /// That is the case when the range is valid, the metadata is not in fail
-    /// mode, the destination has a file descriptor, and every region in the range
-    /// is hydrated: such a region's data lives on the destination, it is never
-    /// locked, and nothing but the guest writes it again (a set bit is never
-    /// cleared), so the request maps to exactly what [`Engine::read`] /
-    /// [`Engine::write`] would do. Everything else (unhydrated regions, whose
-    /// requests copy, wait or split) returns `None` and goes through the engine.
+    /// - A write whose regions are all hydrated goes to the destination: such a
+    ///   region's data lives there, it is never locked, and nothing but the guest
+    ///   writes it again (a set bit is never cleared).
+    /// - A read whose regions are all hydrated reads the destination; a read whose
+    ///   regions are all unhydrated reads the source, as [`Engine::read`] does
+    ///   (reads never copy or wait, and the source never changes: a region that
+    ///   becomes hydrated meanwhile holds the same data on both).
+    ///
+    /// Everything else returns `None` and goes through the engine: writes to
+    /// unhydrated regions (which copy, lock and mark), reads over both kinds,
+    /// invalid ranges, fail mode, devices without a file descriptor.
     ///
     /// This only looks. A caller that goes ahead calls [`Engine::direct_io_start`]
     /// before it issues the I/O and [`Engine::direct_io_done`] once it completed,
     /// before it tells the guest, so that the next flush knows a destination
     /// write happened.
-    pub fn direct_io(&self, offset: u64, len: u64) -> Option<IoFd> {
+    pub fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<IoFd> {
         if len == 0 || self.check(offset, len).is_err() || self.check_mode().is_err() {
             return None;
         }
-        let io = self.dest.io_fd()?;
-        if !self.md.all_hydrated() {
-            let last = self.geo.region_of(offset + len - 1);
-            if !(self.geo.region_of(offset)..=last).all(|r| self.md.is_hydrated(r)) {
-                return None;
-            }
+        if self.md.all_hydrated() {
+            return self.dest.io_fd();
         }
-        Some(io)
+        let (first, last) = (
+            self.geo.region_of(offset),
+            self.geo.region_of(offset + len - 1),
+        );
+        let hydrated = self.md.is_hydrated(first);
+        if !(first + 1..=last).all(|r| self.md.is_hydrated(r) == hydrated) {
+            return None;
+        }
+        match (hydrated, write) {
+            (true, _) => self.dest.io_fd(),
+            (false, false) => self.source.as_ref()?.io_fd(),
+            (false, true) => None,
+        }
     }
 
     /// Counts a request [`Engine::direct_io`] allowed as in flight.

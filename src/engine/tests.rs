@@ -287,39 +287,51 @@ fn read_only_metadata_fails_writes_that_need_hydration_only() {
 }
 
 #[test]
-fn direct_io_is_offered_for_hydrated_ranges_only() {
+fn direct_io_maps_single_kind_ranges_to_the_right_file() {
     let size = 4 * RS;
     let dir = tempfile::tempdir().unwrap();
-    let dst = Arc::new(
-        crate::storage::FileDevice::open(
-            &dir.path().join("d.img"),
-            &crate::storage::OpenOptions {
-                create_size: Some(size),
-                ..Default::default()
-            },
+    let open = |name: &str| {
+        Arc::new(
+            crate::storage::FileDevice::open(
+                &dir.path().join(name),
+                &crate::storage::OpenOptions {
+                    create_size: Some(size),
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
         )
-        .unwrap(),
-    );
-    let src = Arc::new(SimDevice::new(size));
+    };
+    let (src, dst) = (open("s.img"), open("d.img"));
     let geo = Geometry::new(size, RS).unwrap();
     let mdd = Arc::new(SimDevice::new(Layout::new(&geo).required_size()));
     let md = Arc::new(Metadata::format(mdd, geo).unwrap());
-    let eng = Engine::new(Some(src), dst.clone(), md, EngineConfig::default()).unwrap();
+    let eng = Engine::new(Some(src.clone()), dst.clone(), md, EngineConfig::default()).unwrap();
+    let (s, d) = (src.io_fd().unwrap(), dst.io_fd().unwrap());
+    assert_ne!(s.fd, d.fd);
 
-    assert_eq!(eng.direct_io(0, RS), None, "unhydrated region");
+    // Unhydrated: reads go to the source, writes through the engine.
+    assert_eq!(eng.direct_io(false, 0, 2 * RS), Some(s));
+    assert_eq!(eng.direct_io(true, 0, RS), None);
     eng.write_at(&vec![7u8; RS as usize], 0).unwrap();
-    let io = eng.direct_io(0, RS).expect("hydrated region");
-    assert_eq!(io, dst.io_fd().unwrap());
-    assert_eq!(io.align, 1);
-    assert_eq!(eng.direct_io(512, 1024), Some(io));
+    // Hydrated: both go to the destination.
+    assert_eq!(eng.direct_io(false, 0, RS), Some(d));
+    assert_eq!(eng.direct_io(true, 512, 1024), Some(d));
+    // Mixed ranges, bad ranges: the engine.
+    assert_eq!(eng.direct_io(false, 0, 2 * RS), None, "hydrated and not");
     assert_eq!(
-        eng.direct_io(0, 2 * RS),
+        eng.direct_io(true, 0, 2 * RS),
         None,
-        "reaches into an unhydrated region"
+        "reaches an unhydrated region"
     );
-    assert_eq!(eng.direct_io(0, 0), None, "empty");
-    assert_eq!(eng.direct_io(1, 512), None, "unaligned");
-    assert_eq!(eng.direct_io(3 * RS, 2 * RS), None, "past the end");
+    assert_eq!(eng.direct_io(false, 0, 0), None, "empty");
+    assert_eq!(eng.direct_io(false, 1, 512), None, "unaligned");
+    assert_eq!(eng.direct_io(false, 3 * RS, 2 * RS), None, "past the end");
+    // Complete: everything to the destination.
+    for r in 1..4 {
+        eng.write_at(&vec![7u8; RS as usize], r * RS).unwrap();
+    }
+    assert_eq!(eng.direct_io(false, 0, size), Some(d));
 }
 
 /// The io_uring path's writes bypass `Engine::write`; `direct_io_done` must make the
