@@ -88,6 +88,10 @@ struct Args {
     /// Extra arguments for our daemon (repeatable), e.g. --ours-arg=--commit-interval=0.
     #[arg(long, allow_hyphen_values = true)]
     ours_arg: Vec<String>,
+    /// Make the source a hole (all zeroes, no data) instead of random data. Reads then
+    /// copy no page-cache data on tmpfs: shows how much of the cost is the copy itself.
+    #[arg(long)]
+    sparse_source: bool,
 }
 
 // ---------------------------------------------------------------- cases
@@ -335,6 +339,17 @@ fn rm(p: &Path) {
     let _ = std::fs::remove_file(p);
 }
 
+/// The source image: random data, or one hole with --sparse-source.
+fn make_source(c: &Ctx) {
+    if c.a.sparse_source {
+        let f = File::create(&c.src).unwrap_or_else(|e| die(format!("{}: {e}", c.src.display())));
+        f.set_len(c.size)
+            .unwrap_or_else(|e| die(format!("{}: {e}", c.src.display())));
+    } else {
+        fill_file(&c.src, c.size, 0x5eed);
+    }
+}
+
 /// Deterministic non-zero, incompressible-looking data.
 fn fill_file(path: &Path, size: u64, seed: u64) {
     let mut f = File::create(path).unwrap_or_else(|e| die(format!("{}: {e}", path.display())));
@@ -534,7 +549,7 @@ fn ours_status(c: &Ctx, ctl: &Path) -> Option<serde_json::Value> {
 /// daemon's background hydration.
 fn prepare(c: &Ctx) {
     let t = Instant::now();
-    fill_file(&c.src, c.size, 0x5eed);
+    make_source(c);
     rm(&c.dest);
     rm(&c.dest_meta);
     run_cmd(
@@ -1436,7 +1451,7 @@ fn main() {
         if cs.iter().any(|k| k.target == Target::Hydrated) {
             prepare(&c);
         } else {
-            fill_file(&c.src, c.size, 0x5eed);
+            make_source(&c);
         }
         println!("\n### Runs (in the order run)\n");
         println!("| round | case | backend | IOPS | MiB/s | p50 us | p99 us | CPU s | CPU s/Mreq | load1 | note |");
