@@ -240,3 +240,66 @@ fn survives_losing_its_stderr() {
     let st = d.terminate();
     assert!(st.success(), "exit status {st:?}");
 }
+
+/// A guest request that fails in the backend is answered with IOERR and logged with
+/// its cause, for both queue engines. Here the source shrinks under the daemon, so
+/// reads of unhydrated regions past its new end fail.
+#[test]
+fn failed_guest_requests_are_logged() {
+    for engine in ["sync", "uring"] {
+        let f = files();
+        let log_path = f.dst.with_extension("log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = std::process::Command::new(binary::BIN);
+        cmd.args([
+            "serve",
+            "--source",
+            f.src.to_str().unwrap(),
+            "--dest",
+            f.dst.to_str().unwrap(),
+            "--no-hydration",
+            "--io-engine",
+            engine,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+        // Not Daemon::spawn: it sends stderr to a file of its own.
+        let d = Daemon(cmd.spawn().unwrap());
+        let t = Instant::now();
+        while !f.sock.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut c = Client::connect(&f.sock);
+        let (r, _) = c.read(0, 4096);
+        assert_eq!(r, 0);
+        // Cut the source to 1 MiB: reads beyond that find its end.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f.src)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let (r, _) = c.read(4 << 20, 4096);
+        assert_eq!(r, -libc::EIO, "{engine}: read past the source's end");
+        let (r, data) = c.read(0, 4096);
+        assert_eq!(
+            (r, &data[..]),
+            (0, &f.src_data[..4096]),
+            "{engine}: still serving"
+        );
+        drop(c);
+        assert!(d.terminate().success());
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(
+            log.contains("guest request failed")
+                && log.contains("op=\"read\"")
+                && log.contains("offset=4194304"),
+            "{engine}: no useful log line for the failed read:\n{log}"
+        );
+    }
+}

@@ -77,6 +77,8 @@ pub struct BlkDevice {
     /// registers them with `into_raw_fd()` and never closes them; the server closes them
     /// after the daemon (and its workers) are gone.
     exit_fds: Mutex<Vec<RawFd>>,
+    /// Backend errors seen (for rate-limited logging).
+    errors_logged: AtomicU64,
 }
 
 impl BlkDevice {
@@ -109,6 +111,7 @@ impl BlkDevice {
                 .collect(),
             exit_events: Mutex::new(exit_events),
             exit_fds: Mutex::new(Vec::new()),
+            errors_logged: AtomicU64::new(0),
         })
     }
 
@@ -307,6 +310,10 @@ impl BlkDevice {
         while let Some(r) = uq.next_retired() {
             self.backend
                 .direct_io_done(r.write, r.len, r.status == STATUS_OK);
+            if r.status != STATUS_OK {
+                let e = io::Error::from_raw_os_error(r.errno);
+                self.failed(if r.write { "write" } else { "read" }, r.offset, &e);
+            }
             let written = if r.write || r.status != STATUS_OK {
                 0
             } else {
@@ -384,7 +391,7 @@ impl BlkDevice {
                 match self.backend.read(*offset, &mut bufs) {
                     // len <= 4 GiB - 1: virtio-queue ends chains that exceed 2^32 bytes.
                     Ok(()) => (ok, u32::try_from(*len).unwrap_or(u32::MAX)),
-                    Err(e) => (io_status(&e), 0),
+                    Err(e) => (self.failed("read", *offset, &e), 0),
                 }
             }
             Request::Write { offset, len, data } => {
@@ -394,13 +401,13 @@ impl BlkDevice {
                 };
                 debug_assert_eq!(bufs.iter().map(|b| b.len() as u64).sum::<u64>(), *len);
                 if let Err(e) = self.backend.write(*offset, &bufs) {
-                    return (io_status(&e), 0);
+                    return (self.failed("write", *offset, &e), 0);
                 }
                 (self.write_through(), 0)
             }
             Request::Flush => match self.backend.flush() {
                 Ok(()) => (ok, 0),
-                Err(e) => (io_status(&e), 0),
+                Err(e) => (self.failed("flush", 0, &e), 0),
             },
             Request::GetId { data } => match request::scatter(mem, data, &self.serial) {
                 Ok(n) => (ok, n),
@@ -409,7 +416,7 @@ impl BlkDevice {
             Request::Discard(ranges) => {
                 for r in ranges {
                     if let Err(e) = self.backend.discard(r.offset, r.len) {
-                        return (io_status(&e), 0);
+                        return (self.failed("discard", r.offset, &e), 0);
                     }
                 }
                 (self.write_through(), 0)
@@ -417,7 +424,7 @@ impl BlkDevice {
             Request::WriteZeroes(ranges) => {
                 for r in ranges {
                     if let Err(e) = self.backend.write_zeroes(r.offset, r.len, r.unmap) {
-                        return (io_status(&e), 0);
+                        return (self.failed("write-zeroes", r.offset, &e), 0);
                     }
                 }
                 (self.write_through(), 0)
@@ -432,8 +439,29 @@ impl BlkDevice {
         }
         match self.backend.flush() {
             Ok(()) => STATUS_OK,
-            Err(e) => io_status(&e),
+            Err(e) => self.failed("flush (write-through)", 0, &e),
         }
+    }
+
+    /// A backend error for a guest request: logged (the first 20, then every
+    /// 1000th, so that a failing disk cannot flood the log) and turned into a status.
+    fn failed(&self, op: &'static str, offset: u64, e: &io::Error) -> u8 {
+        let status = io_status(e);
+        if status == STATUS_UNSUPP {
+            debug!(op, offset, "unsupported: {e}");
+            return status;
+        }
+        let n = self.errors_logged.fetch_add(1, Ordering::Relaxed);
+        if n < 20 || n % 1000 == 0 {
+            warn!(
+                op,
+                offset,
+                errors = n + 1,
+                "guest request failed: {}",
+                crate::error_chain(e)
+            );
+        }
+        status
     }
 }
 

@@ -59,6 +59,10 @@ pub struct Retired {
     pub write: bool,
     /// Bytes requested.
     pub len: u64,
+    /// Offset of the first byte.
+    pub offset: u64,
+    /// With `STATUS_IOERR`: the errno (`EIO` for an unexpected end of file).
+    pub errno: i32,
 }
 
 /// One request's state. Slots are reused; their iovec buffers keep their capacity.
@@ -78,6 +82,8 @@ struct Slot {
     iov_pos: usize,
     /// `None` while in flight.
     result: Option<u8>,
+    /// The error of a failed request.
+    errno: i32,
 }
 
 impl Slot {
@@ -93,6 +99,7 @@ impl Slot {
             iov: Vec::new(),
             iov_pos: 0,
             result: None,
+            errno: 0,
         }
     }
 
@@ -222,6 +229,7 @@ impl UringQueue {
         s.offset = offset;
         s.iov_pos = 0;
         s.result = None;
+        s.errno = 0;
         self.order.push_back(idx as u16);
         self.push(idx);
     }
@@ -337,6 +345,7 @@ impl UringQueue {
             } else {
                 // 0 (end of file) or an error.
                 s.result = Some(STATUS_IOERR);
+                s.errno = if res == 0 { libc::EIO } else { -res };
                 finished += 1;
             }
         }
@@ -357,6 +366,8 @@ impl UringQueue {
             status,
             write: s.write,
             len: s.len,
+            offset: s.offset,
+            errno: s.errno,
         };
         self.order.pop_front();
         self.free.push(idx);
