@@ -301,5 +301,7 @@ fn failed_guest_requests_are_logged() {
                 && log.contains("offset=4194304"),
             "{engine}: no useful log line for the failed read:\n{log}"
         );
+        let line = log.lines().find(|l| l.contains("guest request failed"));
+        eprintln!("{engine}: {}", line.unwrap_or_default());
     }
 }

@@ -311,8 +311,16 @@ impl BlkDevice {
             self.backend
                 .direct_io_done(r.write, r.len, r.status == STATUS_OK);
             if r.status != STATUS_OK {
-                let e = io::Error::from_raw_os_error(r.errno);
-                self.failed(if r.write { "write" } else { "read" }, r.offset, &e);
+                let op = if r.write { "write" } else { "read" };
+                let cause = match r.errno {
+                    0 => "unexpected end of file".to_string(),
+                    n => io::Error::from_raw_os_error(n).to_string(),
+                };
+                let e = io::Error::other(format!(
+                    "io_uring {op} of {} bytes at offset {} failed: {cause}",
+                    r.len, r.offset
+                ));
+                self.failed(op, r.offset, &e);
             }
             let written = if r.write || r.status != STATUS_OK {
                 0

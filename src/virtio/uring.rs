@@ -61,7 +61,7 @@ pub struct Retired {
     pub len: u64,
     /// Offset of the first byte.
     pub offset: u64,
-    /// With `STATUS_IOERR`: the errno (`EIO` for an unexpected end of file).
+    /// With `STATUS_IOERR`: the errno, 0 for an unexpected end of file.
     pub errno: i32,
 }
 
@@ -345,7 +345,7 @@ impl UringQueue {
             } else {
                 // 0 (end of file) or an error.
                 s.result = Some(STATUS_IOERR);
-                s.errno = if res == 0 { libc::EIO } else { -res };
+                s.errno = -res;
                 finished += 1;
             }
         }
