@@ -56,8 +56,12 @@ source_unchanged() {
 
 # ---- the daemon -------------------------------------------------------------
 DAEMON_PID='' DAEMON_N=0
-# DAEMON_ARGS: extra arguments for `vhost-clone serve` (e.g. --commit-interval 0).
+# DAEMON_ARGS: extra arguments for `vhost-clone serve` (e.g. --commit-interval 0);
+# cases set it for themselves. VHOST_CLONE_EXTRA_ARGS (environment) is added to
+# every daemon of the run, e.g. "--direct" to run every case with O_DIRECT files
+# and so with the io_uring queue engine.
 DAEMON_ARGS=${DAEMON_ARGS:-}
+VHOST_CLONE_EXTRA_ARGS=${VHOST_CLONE_EXTRA_ARGS:-}
 daemon_start() {
 	DAEMON_N=$((DAEMON_N + 1))
 	local log=$D/daemon.$DAEMON_N.log
@@ -65,7 +69,7 @@ daemon_start() {
 	case $BACKEND in
 	vhost-clone)
 		"$VHOST_CLONE" serve --source "$SRC" --dest "$DST" --metadata "$META" \
-			--socket-path "$SOCK" --num-queues 2 $DAEMON_ARGS > "$log" 2>&1 &
+			--socket-path "$SOCK" --num-queues 2 $DAEMON_ARGS $VHOST_CLONE_EXTRA_ARGS > "$log" 2>&1 &
 		;;
 	qsd)
 		"$QSD" \

@@ -2,7 +2,8 @@
 # Runs every test of the project: lints, unit and integration tests (including
 # the crash suite and its mutation check, whose counts are printed), then the
 # boot tests with real QEMU guests (qemu-tests/, against qemu-storage-daemon to
-# prove the harness and against vhost-clone). qemu-tests/setup.sh installs what
+# prove the harness, against vhost-clone, and against vhost-clone with --direct,
+# i.e. the io_uring queue engine). qemu-tests/setup.sh installs what
 # they need (QEMU 10 from bookworm-backports, build tools; the guest kernel,
 # busybox and fio are unpacked under target/qemu-tests).
 # VHOST_CLONE_SKIP_QEMU=1 skips the boot tests (for quick local runs).
@@ -27,12 +28,18 @@ qp=0 qf=0
 if [ -z "${VHOST_CLONE_SKIP_QEMU:-}" ]; then
   echo "== qemu-tests (real guests)"
   cargo build --release --locked
-  for backend in qsd vhost-clone; do
+  # vhost-clone-direct: every case again with O_DIRECT files, hence the io_uring
+  # queue engine (--io-engine auto picks it with --direct).
+  for run in qsd vhost-clone vhost-clone-direct; do
     rc=0
-    bash qemu-tests/run.sh --backend "$backend" 2>&1 | tee "target/qemu-tests-$backend.txt" || rc=$?
-    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "target/qemu-tests-$backend.txt" | tail -1 || true)
+    backend=${run%-direct}
+    extra=''
+    [ "$run" = vhost-clone-direct ] && extra=--direct
+    echo "-- qemu-tests: $run"
+    VHOST_CLONE_EXTRA_ARGS=$extra bash qemu-tests/run.sh --backend "$backend" 2>&1 | tee "target/qemu-tests-$run.txt" || rc=$?
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "target/qemu-tests-$run.txt" | tail -1 || true)
     if [ -z "$line" ]; then
-      echo "qemu-tests ($backend) did not finish (exit $rc)"
+      echo "qemu-tests ($run) did not finish (exit $rc)"
       qf=$((qf + 1))
     else
       qp=$((qp + ${line%% passed*}))

@@ -123,6 +123,7 @@ pub fn serve(
         size = geometry.size,
         queues = geometry.num_queues,
         read_only = geometry.read_only,
+        io_engine = ?opts.io_engine,
         "vhost-user-blk listening"
     );
     let mut listener = Listener::from(unix_listener);
