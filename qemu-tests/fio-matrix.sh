@@ -93,7 +93,7 @@ note "fio-matrix: $ROUNDS rounds, ${RUNTIME}s (+${RAMP}s warm-up) per job, ${SIZ
 # overlay OVERLAY whose backing file is $SRC (lib.sh's settings). Same
 # bookkeeping as daemon_start, so that lib.sh's daemon_stop and cleanup apply.
 qsd_start() {
-	local fmt=$1 img=$2 log i nodes
+	local fmt=$1 img=$2 log nodes
 	DAEMON_N=$((DAEMON_N + 1))
 	log=$D/daemon.$DAEMON_N.log
 	rm -f "$SOCK"
@@ -111,12 +111,7 @@ qsd_start() {
 		--export "type=vhost-user-blk,id=e,node-name=dst,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=2" \
 		> "$log" 2>&1 &
 	DAEMON_PID=$!
-	for ((i = 0; i < 300; i++)); do
-		[ -S "$SOCK" ] && { note "qsd $DAEMON_N up (pid $DAEMON_PID, $fmt)"; return 0; }
-		kill -0 "$DAEMON_PID" 2> /dev/null || { tail -20 "$log"; die "qsd exited at start"; }
-		sleep 0.1
-	done
-	die "qsd socket $SOCK did not appear in 30 s"
+	wait_socket qsd "$log" "$fmt"
 }
 
 # wait_hydrated: poll vhost-clone's status until the clone is complete

@@ -82,13 +82,19 @@ daemon_start() {
 		;;
 	esac
 	DAEMON_PID=$!
-	local i
+	wait_socket daemon "$log"
+}
+
+# wait_socket WHAT LOG [NOTE]: wait up to 30 s for $SOCK while $DAEMON_PID lives;
+# if it dies first, show the end of LOG and fail.
+wait_socket() {
+	local what=$1 log=$2 extra=${3:+, $3} i
 	for ((i = 0; i < 300; i++)); do
-		[ -S "$SOCK" ] && { note "daemon $DAEMON_N up (pid $DAEMON_PID)"; return 0; }
-		kill -0 "$DAEMON_PID" 2> /dev/null || { tail -20 "$log"; die "daemon exited at start"; }
+		[ -S "$SOCK" ] && { note "$what $DAEMON_N up (pid $DAEMON_PID$extra)"; return 0; }
+		kill -0 "$DAEMON_PID" 2> /dev/null || { tail -20 "$log"; die "$what exited at start"; }
 		sleep 0.1
 	done
-	die "daemon socket $SOCK did not appear in 30 s"
+	die "$what socket $SOCK did not appear in 30 s"
 }
 
 # daemon_stop: SIGTERM; the daemon must exit by itself, with status 0

@@ -223,15 +223,7 @@ fn survives_losing_its_stderr() {
         .spawn()
         .unwrap();
     drop(child.stderr.take()); // the reader goes away
-    let d = Daemon(child);
-    let t = Instant::now();
-    while !f.sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "socket never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let d = Daemon::adopt(child, &f.sock);
     let mut c = Client::connect(&f.sock);
     assert_eq!(c.write(4096, &[7u8; 4096]), 0);
     assert_eq!(c.flush(), 0);
@@ -265,15 +257,7 @@ fn failed_guest_requests_are_logged() {
         .stdout(std::process::Stdio::null())
         .stderr(log);
         // Not Daemon::spawn: it sends stderr to a file of its own.
-        let d = Daemon(cmd.spawn().unwrap());
-        let t = Instant::now();
-        while !f.sock.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let d = Daemon::adopt(cmd.spawn().unwrap(), &f.sock);
         let mut c = Client::connect(&f.sock);
         let (r, _) = c.read(0, 4096);
         assert_eq!(r, 0);

@@ -27,7 +27,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -196,20 +196,22 @@ impl BlkDevice {
         true
     }
 
+    /// The next available chain, parsed and validated.
+    fn pop(&self, vring: &Vring, mem: &GuestMemoryLoadGuard<GuestMemory>) -> Option<ParsedChain> {
+        let chain = vring
+            .get_mut()
+            .get_queue_mut()
+            .pop_descriptor_chain(mem.clone())?;
+        Some(request::parse_chain(chain, &self.limits))
+    }
+
     /// Synchronous queue loop: each request runs to completion before the next is popped.
     fn drain(&self, vring: &Vring, q: &mut QueueState) {
         let mem = self.mem.memory();
         let mut retired = false;
-        loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let parsed = request::parse_chain(chain, &self.limits);
+        while let Some(parsed) = self.pop(vring, &mem) {
             let (status, written) = self.run(&mem, &parsed);
-            retired |= self.complete(vring, q, &mem, head, parsed.status, status, written);
+            retired |= self.complete(vring, q, &mem, parsed.head, parsed.status, status, written);
         }
         if retired {
             notify(vring);
@@ -228,13 +230,10 @@ impl BlkDevice {
         loop {
             let mut retired = false;
             while uq.has_room() {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let parsed = request::parse_chain(chain, &self.limits);
+                let Some(parsed) = self.pop(vring, &mem) else {
+                    break;
+                };
+                let head = parsed.head;
                 if let Some((status_addr, write, offset, len, fd)) =
                     self.direct_plan(&mem, &parsed, uq.next_iov())
                 {

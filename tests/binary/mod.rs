@@ -60,14 +60,26 @@ impl Daemon {
         cmd.stdout(Stdio::null())
             .stderr(Stdio::from(log.try_clone().unwrap()));
         // Owned from here on, so that a failed wait below still kills it.
-        let mut d = Daemon(cmd.spawn().unwrap());
+        let d = Daemon(cmd.spawn().unwrap());
+        d.wait_for(sock, Some(&mut log))
+    }
+
+    /// Adopts a spawned `serve` (whose stderr the caller arranged) once `sock`
+    /// exists; panics if it exits first or the socket takes over 20 s.
+    pub fn adopt(child: Child, sock: &Path) -> Daemon {
+        Daemon(child).wait_for(sock, None)
+    }
+
+    fn wait_for(mut self, sock: &Path, mut log: Option<&mut std::fs::File>) -> Daemon {
         let t = Instant::now();
         while !sock.exists() {
-            if let Some(st) = d.0.try_wait().unwrap() {
+            if let Some(st) = self.0.try_wait().unwrap() {
                 use std::io::{Read, Seek};
                 let mut err = String::new();
-                log.rewind().unwrap();
-                log.read_to_string(&mut err).unwrap();
+                if let Some(log) = log.as_mut() {
+                    log.rewind().unwrap();
+                    log.read_to_string(&mut err).unwrap();
+                }
                 panic!("daemon exited {st:?}: {err}");
             }
             assert!(
@@ -76,7 +88,7 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        d
+        self
     }
 
     /// The daemon's pid.
