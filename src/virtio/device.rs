@@ -10,7 +10,8 @@
 //! `i` and is the only one to lock `queues[i]`. Queues therefore run in parallel; nothing is
 //! shared between them but the backend and a few atomics. GET_VRING_BASE (`stop_vring`)
 //! takes the queue's lock too, so it returns only after the requests that worker popped have
-//! been completed (requests are executed synchronously in the worker).
+//! been completed (the worker runs them synchronously, or through the queue's io_uring,
+//! which it drains before it lets go of the lock; see [`super::uring`]).
 //!
 //! Completion rules: every popped chain with a valid head index is added to the used ring,
 //! with used length = bytes written into guest buffers including the status byte, or 0 when
@@ -238,10 +239,16 @@ impl BlkDevice {
                     self.direct_plan(&mem, &parsed, uq.next_iov())
                 {
                     self.backend.direct_io_start();
-                    // The iovecs point into `mem`, held until this function returns,
-                    // which it does only once the queue is idle; `fd` is the backend's,
-                    // open while `self.backend` lives.
-                    uq.start(head, status_addr, write, fd, offset, len);
+                    // SAFETY: the iovecs point into guest memory mapped by `mem`, which
+                    // this function holds until it returns, and it returns only once the
+                    // queue is idle (every request retired). This queue forms no Rust
+                    // references to guest memory meanwhile: requests it runs itself wait
+                    // until it is idle, and headers and status bytes are read and written
+                    // with volatile accesses. Other queues, like the guest, may touch the
+                    // same bytes concurrently, as `request::guest_io_slices` documents
+                    // for guest memory in general. `fd` is the backend's, open while
+                    // `self.backend` lives.
+                    unsafe { uq.start(head, status_addr, write, fd, offset, len) };
                     continue;
                 }
                 // A barrier: everything started before it completes first.
@@ -282,8 +289,10 @@ impl BlkDevice {
             Request::Write { offset, len, data } if self.writeback() => (true, *offset, *len, data),
             _ => return None,
         };
-        request::guest_iovecs(mem, data, iov, MAX_IOVECS).ok()?;
+        // The backend's check first: it is a bitmap lookup, and the chains it refuses
+        // (copies, mixed ranges) would build their buffer lists twice otherwise.
         let dio = self.backend.direct_io(write, offset, len)?;
+        request::guest_iovecs(mem, data, iov, MAX_IOVECS).ok()?;
         if dio.align > 1 {
             let a = dio.align;
             let aligned = offset % a as u64 == 0

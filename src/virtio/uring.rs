@@ -204,11 +204,16 @@ impl UringQueue {
 
     /// Starts a request over the iovecs just put into [`UringQueue::next_iov`]: a
     /// readv (or writev with `write`) of `len` bytes at `offset` on `fd`.
+    /// Requires [`UringQueue::has_room`].
     ///
-    /// The caller guarantees, until the request is retired: `fd` stays open, and the
-    /// memory the iovecs describe stays mapped and is not otherwise used by Rust code as
-    /// a reference (see the module documentation). Requires [`UringQueue::has_room`].
-    pub fn start(
+    /// # Safety
+    ///
+    /// Until the request is retired ([`UringQueue::next_retired`] returned it) or the
+    /// queue is dropped: `fd` stays open, and the memory the iovecs describe stays
+    /// mapped and is not accessed through Rust references (the kernel reads or writes
+    /// it at any time meanwhile). See the module documentation for how the device
+    /// keeps this.
+    pub unsafe fn start(
         &mut self,
         head: u16,
         status_addr: GuestAddress,
@@ -419,7 +424,9 @@ mod tests {
             v.push(iov(rest));
             // Request 4 reads past the end of the file: end of file is an error.
             let off = if i == 4 { 65536 } else { i as u64 * 8192 };
-            q.start(i as u16 + 10, GuestAddress(i as u64), false, fd, off, 4096);
+            // SAFETY: `f` and `bufs` outlive `q` and are not touched until the loop
+            // below retired every request.
+            unsafe { q.start(i as u16 + 10, GuestAddress(i as u64), false, fd, off, 4096) };
         }
         assert!(!q.is_idle());
         let mut seen = Vec::new();
@@ -456,14 +463,18 @@ mod tests {
             while q.has_room() && next < bufs.len() {
                 let v = iov(&mut bufs[next]);
                 q.next_iov().push(v);
-                q.start(
-                    next as u16,
-                    GuestAddress(0),
-                    true,
-                    fd,
-                    next as u64 * 512,
-                    512,
-                );
+                // SAFETY: `f` and `bufs` outlive `q`; `bufs` is read only after every
+                // write was retired.
+                unsafe {
+                    q.start(
+                        next as u16,
+                        GuestAddress(0),
+                        true,
+                        fd,
+                        next as u64 * 512,
+                        512,
+                    )
+                };
                 next += 1;
             }
             q.wait();
@@ -493,7 +504,9 @@ mod tests {
         for (i, b) in bufs.iter_mut().enumerate() {
             let v = iov(b);
             q.next_iov().push(v);
-            q.start(i as u16, GuestAddress(0), false, fd, 0, 512);
+            // SAFETY: `f` and `bufs` outlive `q` (moved into the thread, dropped
+            // before `bufs`) and are not touched meanwhile.
+            unsafe { q.start(i as u16, GuestAddress(0), false, fd, 0, 512) };
         }
         while q
             .order
