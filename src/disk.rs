@@ -97,6 +97,11 @@ impl BlockBackend for CloneDisk {
 
     fn set_write_cache(&self, writeback: bool) {
         tracing::info!(writeback, "guest changed the write cache mode");
-        self.engine.metadata().set_write_cache(writeback);
+        if let Err(e) = self.engine.set_write_cache(writeback) {
+            tracing::error!(
+                error = %crate::error_chain(&e),
+                "cannot commit the guest's write cache mode; it is kept in memory only"
+            );
+        }
     }
 }

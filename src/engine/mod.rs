@@ -206,10 +206,17 @@ pub struct Engine {
     /// Bytes read from the source by hydration (holes skipped are not read).
     hydration_bytes_read: AtomicU64,
     /// The sum of the shards' `dest_writes` (completed destination writes of
-    /// any kind, counted after completion) as it was when the last successful destination flush started:
-    /// a flush finding no writes since then need not flush again.
+    /// any kind, counted after completion) as it was when the last successful
+    /// destination flush started: a flush finding no writes since then need not
+    /// flush again. [`DEST_NEVER_FLUSHED`] until this process flushed once.
     dest_flushed_at: AtomicU64,
 }
+
+/// `dest_flushed_at` of an engine that has not flushed the destination yet. A
+/// restarted process inherits, in the page cache or the disk's cache, writes the
+/// previous one completed and never flushed: its first flush must reach the
+/// destination although its own counters say nothing was written (design rule 7).
+const DEST_NEVER_FLUSHED: u64 = u64::MAX;
 
 /// Counts a guest request as in flight for its lifetime.
 struct InFlight<'a>(&'a AtomicU64);
@@ -293,7 +300,7 @@ impl Engine {
                 .collect(),
             hydration_cursor: AtomicU64::new(0),
             hydration_bytes_read: AtomicU64::new(0),
-            dest_flushed_at: AtomicU64::new(0),
+            dest_flushed_at: AtomicU64::new(DEST_NEVER_FLUSHED),
         })
     }
 
@@ -729,6 +736,11 @@ impl Engine {
 
     /// Commits if anything changed (the periodic commit). With `flush_dest`,
     /// flushes the destination even when nothing changed.
+    ///
+    /// The one place that decides whether a commit with nothing to record
+    /// flushes the destination: when asked to, and something was written since
+    /// the last destination flush (or this process never flushed it). A commit
+    /// that records bits always flushes it ([`Metadata::commit`]).
     pub fn commit(&self, flush_dest: bool) -> Result<CommitOutcome> {
         self.check_mode()?;
         self.gate
@@ -738,11 +750,28 @@ impl Engine {
                 let dirty = writes != self.dest_flushed_at.load(Ordering::Acquire);
                 let out = self.md.commit(self.dest.as_ref(), force && dirty)?;
                 if (force && dirty) || matches!(out, CommitOutcome::Committed { .. }) {
-                    self.dest_flushed_at.fetch_max(writes, Ordering::AcqRel);
+                    // Commits are serialised by the gate: a plain store.
+                    self.dest_flushed_at.store(writes, Ordering::Release);
                 }
                 Ok(out)
             })
             .map_err(EngineError::Commit)
+    }
+
+    /// Records the guest's write-cache choice and commits it at once: QEMU does
+    /// not send it again after a reconnect, so it must survive a restart.
+    pub fn set_write_cache(&self, writeback: bool) -> Result<()> {
+        self.md.set_write_cache(writeback);
+        self.commit(false).map(|_| ())
+    }
+
+    /// Test-only mutation: pretend this process already flushed the
+    /// destination, so that its first flush may skip it (the bug design rule 7
+    /// forbids). Exists so the crash suite's process-death check can fail.
+    #[cfg(feature = "test-hooks")]
+    pub fn assume_dest_flushed(&self) {
+        self.dest_flushed_at
+            .store(self.sum(|c| &c.dest_writes), Ordering::Release);
     }
 
     /// Starts the periodic commit thread (dm-clone commits every second).

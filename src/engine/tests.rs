@@ -9,6 +9,7 @@ const RS: u64 = 4096;
 struct Rig {
     src: Arc<SimDevice>,
     dst: Arc<SimDevice>,
+    mdd: Arc<SimDevice>,
     eng: Arc<Engine>,
 }
 
@@ -22,10 +23,10 @@ fn rig(regions: u64, tail: u64) -> Rig {
     let dst = Arc::new(SimDevice::new(size));
     let geo = Geometry::new(size, RS).unwrap();
     let mdd = Arc::new(SimDevice::new(Layout::new(&geo).required_size()));
-    let md = Arc::new(Metadata::format(mdd, geo).unwrap());
+    let md = Arc::new(Metadata::format(mdd.clone(), geo).unwrap());
     let eng =
         Arc::new(Engine::new(Some(src.clone()), dst.clone(), md, EngineConfig::default()).unwrap());
-    Rig { src, dst, eng }
+    Rig { src, dst, mdd, eng }
 }
 
 fn src_byte(off: u64) -> u8 {
@@ -374,4 +375,74 @@ fn direct_write_completion_makes_the_next_flush_flush_the_destination() {
     r.eng.flush().unwrap();
     assert_eq!(r.dst.flush_count(), f0 + 1);
     assert_eq!(r.eng.counters().errors, 1);
+}
+
+/// The engine of a restarted process on the devices of `r` (whose caches, like
+/// the page cache, survived) with the live map `live` the dead one left.
+fn restart(r: &Rig, live: crate::metadata::live::LiveMap) -> Engine {
+    let mdd: Arc<dyn crate::storage::BlockDevice> = r.mdd.clone();
+    let loaded = crate::metadata::load(mdd.as_ref(), None).unwrap();
+    let md = Metadata::from_loaded(mdd, loaded, live).unwrap();
+    Engine::new(
+        Some(r.src.clone()),
+        r.dst.clone(),
+        Arc::new(md),
+        EngineConfig::default(),
+    )
+    .unwrap()
+}
+
+/// Design rule 7: a process death loses no completed write, and the restarted
+/// process's first flush makes them durable (then a power cut keeps them).
+#[test]
+fn a_restart_after_a_process_death_keeps_every_completed_write() {
+    let r = rig(4, 0);
+    r.eng.write_at(&vec![1u8; RS as usize], 0).unwrap();
+    r.eng.flush().unwrap();
+    // Not flushed: a write to hydrated region 0, and one that hydrates region 1.
+    r.eng.write_at(&[2u8; 512], 512).unwrap();
+    r.eng.write_at(&[3u8; 512], RS + 1024).unwrap();
+    assert!(r.dst.pending_writes() > 0);
+    let live = r.eng.metadata().live_map().survivor().unwrap();
+    let eng = restart(&r, live);
+    assert_eq!(eng.metadata().adopted(), 1, "region 1's bit is adopted");
+    let mut b = vec![0u8; 2 * RS as usize];
+    eng.read_at(&mut b, 0).unwrap();
+    assert_eq!(&b[512..1024], &[2u8; 512][..]);
+    assert_eq!(&b[RS as usize + 1024..RS as usize + 1536], &[3u8; 512][..]);
+    assert_eq!(b[RS as usize], src_byte(RS), "the rest of region 1 is the source's");
+    // The first flush of the new process reaches the destination.
+    let f = r.dst.flush_count();
+    eng.flush().unwrap();
+    assert!(r.dst.flush_count() > f, "the first flush after a restart skipped the destination");
+    // A power cut now keeps everything.
+    let dst = Arc::new(SimDevice::from_image(r.dst.durable_image()));
+    let mdd = Arc::new(SimDevice::from_image(r.mdd.durable_image()));
+    let md = Arc::new(Metadata::open(mdd, None).unwrap());
+    assert!(md.is_hydrated(1));
+    let eng = Engine::new(Some(r.src.clone()), dst, md, EngineConfig::default()).unwrap();
+    eng.read_at(&mut b, 0).unwrap();
+    assert_eq!(&b[512..1024], &[2u8; 512][..]);
+    assert_eq!(&b[RS as usize + 1024..RS as usize + 1536], &[3u8; 512][..]);
+}
+
+/// The first flush of a process flushes the destination even when the process
+/// itself wrote nothing (the previous one may have).
+#[test]
+fn the_first_flush_of_a_process_flushes_the_destination() {
+    let r = rig(2, 0);
+    let f = r.dst.flush_count();
+    r.eng.flush().unwrap();
+    assert_eq!(r.dst.flush_count(), f + 1);
+    r.eng.flush().unwrap();
+    assert_eq!(r.dst.flush_count(), f + 1, "nothing written since: no flush");
+}
+
+/// The guest's write-cache choice is committed when it is made.
+#[test]
+fn the_write_cache_choice_is_committed_at_once() {
+    let r = rig(2, 0);
+    r.eng.set_write_cache(false).unwrap();
+    let md = Metadata::open(Arc::new(SimDevice::from_image(r.mdd.durable_image())), None).unwrap();
+    assert_eq!(md.write_cache(), Some(false));
 }

@@ -19,9 +19,16 @@
 //!
 //! * Metadata modes (rw / ro / fail) as dm-clone has them: a failed commit aborts
 //!   the transaction, reloads the last committed state and drops to read-only; if
-//!   the reload fails too, fail mode, for good.
+//!   the reload fails too, fail mode, for good. Bits set while the failed commit
+//!   ran belong to the next transaction and stay set: their writes completed.
+//! * The in-core map lives in a [`live::LiveMap`], memory that survives a process
+//!   death on the same boot. Bits a dead process set but never committed are
+//!   adopted when the store is opened ([`Metadata::from_loaded`]): they join the
+//!   first transaction, whose commit flushes the destination before recording
+//!   them (design rule 7).
 
 pub mod format;
+pub mod live;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -32,6 +39,7 @@ use bitvec::prelude::*;
 use serde::Serialize;
 
 use crate::storage::{BlockDevice, StorageError, SECTOR_SIZE};
+use live::LiveMap;
 use format::{
     decode_block, encode_block, Layout, Superblock, BITS_PER_BLOCK, BLOCK_SIZE, FLAG_HYDRATED,
     FLAG_WCE_SET, FLAG_WRITEBACK, KIND_BITMAP, KIND_JOURNAL, SUPERBLOCK_BYTES, WORDS_PER_BLOCK,
@@ -293,6 +301,10 @@ struct DiskState {
     committed: BitVec<u64, Lsb0>,
     /// A cleared dirty set, swapped in at the next pre-commit.
     spare: BitVec<u64, Lsb0>,
+    /// Bitmap blocks whose in-place copy could not be written after their commit
+    /// was durable: the current journal record still covers them, and the next
+    /// commit journals and rewrites them again.
+    unsynced: Vec<u64>,
 }
 
 /// The hydration bitmap: in-core map, transaction tracking and commits.
@@ -301,8 +313,11 @@ pub struct Metadata {
     geo: Geometry,
     layout: Layout,
     uuid: [u8; 16],
-    /// In-core region map (committed and uncommitted bits). Read without locks.
-    map: Box<[AtomicU64]>,
+    /// In-core region map (committed and uncommitted bits), in memory that
+    /// outlives the process. Read without locks.
+    live: LiveMap,
+    /// Regions a dead process hydrated but never committed, adopted at open.
+    adopted: u64,
     hydrated: AtomicU64,
     mode: AtomicU8,
     txn: Mutex<Txn>,
@@ -555,6 +570,12 @@ impl Loaded {
 impl Metadata {
     /// Formats `dev` for `geo` (every region unhydrated) and opens it.
     pub fn format(dev: Arc<dyn BlockDevice>, geo: Geometry) -> Result<Metadata> {
+        Self::format_store(dev.as_ref(), geo)?;
+        Self::open(dev, Some(&geo))
+    }
+
+    /// Writes a new store for `geo` (every region unhydrated, a new uuid) on `dev`.
+    pub fn format_store(dev: &dyn BlockDevice, geo: Geometry) -> Result<()> {
         let layout = Layout::new(&geo);
         if dev.size() < layout.required_size() {
             return Err(MetadataError::TooSmall {
@@ -584,31 +605,15 @@ impl Metadata {
         };
         dev.write_at(&sb.encode(), BLOCK_SIZE)?;
         dev.flush()?;
-        Self::open(dev, Some(&geo))
+        Ok(())
     }
 
-    /// Opens a formatted store for use, validating everything (see [`load`]).
-    ///
-    /// If the current commit's journal record replaced blocks, their in-place
-    /// copies may be stale or torn (a crash after that commit's superblock but
-    /// before its in-place writes were flushed). The next commit would stop
-    /// covering them, so they are rewritten in place and flushed first. A crash
-    /// during this rewrite is harmless: the journal record still covers them.
+    /// Opens a formatted store for use, validating everything (see [`load`]),
+    /// with its in-core map in process memory (see [`Metadata::from_loaded`]).
     pub fn open(dev: Arc<dyn BlockDevice>, expected: Option<&Geometry>) -> Result<Metadata> {
         let loaded = load(dev.as_ref(), expected)?;
-        if !loaded.journaled.is_empty() {
-            let sb = &loaded.superblock;
-            let layout = Layout::new(&sb.geometry);
-            let raw = loaded.bits.as_raw_slice();
-            for &index in &loaded.journaled {
-                let a = (index as usize * WORDS_PER_BLOCK).min(raw.len());
-                let b = (a + WORDS_PER_BLOCK).min(raw.len());
-                let enc = encode_block(KIND_BITMAP, index, sb.seq, &sb.uuid, &raw[a..b]);
-                dev.write_at(&enc, layout.bitmap_offset(index))?;
-            }
-            dev.flush()?;
-        }
-        Ok(Self::from_loaded(dev, loaded))
+        let live = LiveMap::anonymous(loaded.superblock.geometry.nr_regions());
+        Self::from_loaded(dev, loaded, live)
     }
 
     /// Opens `dev`, formatting it first if it is blank (all-zero superblocks).
@@ -621,15 +626,60 @@ impl Metadata {
         }
     }
 
-    fn from_loaded(dev: Arc<dyn BlockDevice>, loaded: Loaded) -> Metadata {
+    /// Opens a store [`load`] read from `dev`, with its in-core map in `live`.
+    ///
+    /// If the current commit's journal record replaced blocks, their in-place
+    /// copies may be stale or torn (a crash after that commit's superblock but
+    /// before its in-place writes were flushed). The next commit would stop
+    /// covering them, so they are rewritten in place and flushed first. A crash
+    /// during this rewrite is harmless: the journal record still covers them.
+    ///
+    /// Bits set in `live` but not committed were set by a process of this boot
+    /// that died before committing them (design rule 7): their data writes
+    /// completed, and live in the page cache or the disk's cache. They are
+    /// adopted into the first transaction, whose commit flushes the destination
+    /// before it records them ([`Metadata::commit`]); until then they are served
+    /// like any bit set since the last commit.
+    pub fn from_loaded(dev: Arc<dyn BlockDevice>, loaded: Loaded, live: LiveMap) -> Result<Metadata> {
         let geo = loaded.superblock.geometry;
         let nr = geo.nr_regions() as usize;
-        let map: Box<[AtomicU64]> = loaded
-            .bits
-            .as_raw_slice()
-            .iter()
-            .map(|w| AtomicU64::new(*w))
-            .collect();
+        if !loaded.journaled.is_empty() {
+            let sb = &loaded.superblock;
+            let layout = Layout::new(&geo);
+            let raw = loaded.bits.as_raw_slice();
+            for &index in &loaded.journaled {
+                let a = (index as usize * WORDS_PER_BLOCK).min(raw.len());
+                let b = (a + WORDS_PER_BLOCK).min(raw.len());
+                let enc = encode_block(KIND_BITMAP, index, sb.seq, &sb.uuid, &raw[a..b]);
+                dev.write_at(&enc, layout.bitmap_offset(index))?;
+            }
+            dev.flush()?;
+        }
+        let committed = loaded.bits.as_raw_slice();
+        if live.words().len() != committed.len() {
+            return Err(MetadataError::Inconsistent(format!(
+                "the live region map has {} words, the bitmap {}",
+                live.words().len(),
+                committed.len()
+            )));
+        }
+        let mut dirty: BitVec<u64, Lsb0> = BitVec::repeat(false, nr);
+        let tail = nr % 64;
+        for (i, (w, &c)) in live.words().iter().zip(committed).enumerate() {
+            let mut l = w.load(Ordering::Acquire);
+            if i + 1 == committed.len() && tail != 0 {
+                l &= (1u64 << tail) - 1;
+            }
+            dirty.as_raw_mut_slice()[i] = l & !c;
+            w.store(l | c, Ordering::Release);
+        }
+        let adopted = dirty.count_ones() as u64;
+        if adopted > 0 {
+            tracing::warn!(
+                regions = adopted,
+                "adopting regions hydrated by a process of this boot that stopped before committing them; the next commit flushes the destination and records them"
+            );
+        }
         let wce = match (
             loaded.superblock.flags & FLAG_WCE_SET != 0,
             loaded.superblock.flags & FLAG_WRITEBACK != 0,
@@ -638,30 +688,47 @@ impl Metadata {
             (true, false) => 1,
             (true, true) => 2,
         };
-        Metadata {
+        let hydrated = loaded.bits.count_ones() as u64 + adopted;
+        Ok(Metadata {
             dev,
             geo,
             layout: Layout::new(&geo),
             uuid: loaded.superblock.uuid,
-            map,
-            hydrated: AtomicU64::new(loaded.bits.count_ones() as u64),
+            live,
+            adopted,
+            hydrated: AtomicU64::new(hydrated),
             mode: AtomicU8::new(0),
             txn: Mutex::new(Txn {
-                dirty: BitVec::repeat(false, nr),
-                count: 0,
+                dirty,
+                count: adopted,
                 wce: None,
             }),
             disk: Mutex::new(DiskState {
                 sb: loaded.superblock,
                 committed: loaded.bits,
                 spare: BitVec::repeat(false, nr),
+                unsynced: Vec::new(),
             }),
             commits: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             last_commit_us: AtomicU64::new(0),
             write_cache: AtomicU8::new(wce),
             skip_dest_flush: AtomicBool::new(false),
-        }
+        })
+    }
+
+    /// Regions adopted at open from a process that died before committing them.
+    pub fn adopted(&self) -> u64 {
+        self.adopted
+    }
+
+    /// The in-core map's memory.
+    pub fn live_map(&self) -> &LiveMap {
+        &self.live
+    }
+
+    fn map(&self) -> &[AtomicU64] {
+        self.live.words()
     }
 
     /// The geometry.
@@ -692,7 +759,7 @@ impl Metadata {
 
     /// True when region `r` is hydrated (in core; committed or not). Lock-free.
     pub fn is_hydrated(&self, r: u64) -> bool {
-        match self.map.get((r / 64) as usize) {
+        match self.map().get((r / 64) as usize) {
             Some(w) => w.load(Ordering::Acquire) & (1 << (r % 64)) != 0,
             None => false,
         }
@@ -714,11 +781,11 @@ impl Metadata {
         if self.all_hydrated() {
             return None;
         }
-        let words = self.map.len() as u64;
+        let words = self.map().len() as u64;
         let start = from.min(nr.saturating_sub(1));
         for step in 0..=words {
             let wi = (start / 64 + step) % words;
-            let mut w = !self.map[wi as usize].load(Ordering::Acquire);
+            let mut w = !self.map()[wi as usize].load(Ordering::Acquire);
             if step == 0 {
                 w &= !0u64 << (start % 64);
             }
@@ -742,14 +809,17 @@ impl Metadata {
         if r >= nr {
             return Err(MetadataError::OutOfRange { region: r, nr });
         }
+        // The mode is checked under the transaction lock, which a failing commit
+        // holds while it switches mode and reloads: a bit is either set before
+        // the reload (and kept, see `failed`) or refused.
+        let mut txn = lock(&self.txn);
         match self.mode() {
             Mode::Rw => {}
             Mode::Ro => return Err(MetadataError::ReadOnly),
             Mode::Fail => return Err(MetadataError::Failed),
         }
-        let mut txn = lock(&self.txn);
         let bit = 1u64 << (r % 64);
-        let prev = self.map[(r / 64) as usize].fetch_or(bit, Ordering::AcqRel);
+        let prev = self.map()[(r / 64) as usize].fetch_or(bit, Ordering::AcqRel);
         if prev & bit != 0 {
             return Ok(false);
         }
@@ -876,6 +946,13 @@ impl Metadata {
                 blocks.push(b);
             }
         }
+        // Blocks whose in-place copy failed after an earlier commit: only the
+        // journal covers them, and this commit's journal replaces that one.
+        if !disk.unsynced.is_empty() {
+            blocks.extend_from_slice(&disk.unsynced);
+            blocks.sort_unstable();
+            blocks.dedup();
+        }
         let committed = disk.committed.as_raw_slice();
         let merged = |index: u64| -> Vec<u64> {
             let a = (index as usize * WORDS_PER_BLOCK).min(committed.len());
@@ -935,11 +1012,19 @@ impl Metadata {
                 raw[a..a + words.len()].copy_from_slice(words);
             }
         }
+        // A failed in-place write does not undo the commit, which is durable: the
+        // journal record covers the block until the next commit journals it again.
+        disk.unsynced.clear();
         for (&index, words) in blocks.iter().zip(&images) {
             let enc = encode_block(KIND_BITMAP, index, seq, &self.uuid, words);
-            self.dev
-                .write_at(&enc, self.layout.bitmap_offset(index))
-                .map_err(|e| ("bitmap write", io(e)))?;
+            if let Err(e) = self.dev.write_at(&enc, self.layout.bitmap_offset(index)) {
+                tracing::warn!(
+                    block = index,
+                    error = %crate::error_chain(&e),
+                    "in-place bitmap write failed after a durable commit; the journal covers it until the next commit"
+                );
+                disk.unsynced.push(index);
+            }
         }
         Ok(CommitOutcome::Committed {
             seq,
@@ -950,23 +1035,33 @@ impl Metadata {
 
     /// A commit step failed: abort the transaction, reload the last committed
     /// state, and go read-only (or fail, if the reload fails too).
+    ///
+    /// The aborted transaction's bits are dropped (design rule 6). Bits set
+    /// since its pre-commit belong to the next transaction: their writes
+    /// completed and may have been acknowledged, so they stay set in core (and
+    /// in the live map, for a restart to adopt). The mode switches under the
+    /// transaction lock, so no bit is set after the reload.
     fn failed(&self, disk: &mut DiskState, step: &str) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         tracing::error!(step, "metadata commit failed; aborting the transaction");
+        let t = lock(&self.txn);
         self.set_mode(Mode::Ro);
         match load(self.dev.as_ref(), Some(&self.geo)) {
             Ok(loaded) if loaded.superblock.uuid == self.uuid => {
-                let mut t = lock(&self.txn);
-                for (w, v) in self.map.iter().zip(loaded.bits.as_raw_slice()) {
-                    w.store(*v, Ordering::Release);
+                let next = t.dirty.as_raw_slice();
+                for ((w, v), d) in self.map().iter().zip(loaded.bits.as_raw_slice()).zip(next) {
+                    w.store(*v | *d, Ordering::Release);
                 }
-                self.hydrated
-                    .store(loaded.bits.count_ones() as u64, Ordering::Release);
-                t.dirty.fill(false);
-                t.count = 0;
-                t.wce = None;
+                self.hydrated.store(
+                    self.map()
+                        .iter()
+                        .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+                        .sum(),
+                    Ordering::Release,
+                );
                 disk.sb = loaded.superblock;
                 disk.committed = loaded.bits;
+                disk.unsynced.clear();
             }
             Ok(_) => {
                 tracing::error!("reloaded metadata has another uuid");

@@ -280,3 +280,125 @@ fn corruption_is_detected_with_a_message() {
         .to_string();
     assert!(e.contains("region size mismatch"), "{e}");
 }
+
+/// A device that delegates to a [`SimDevice`], with hooks: `on_flush` runs at
+/// each flush (and fails it when it returns true), `fail_write` fails writes
+/// at the offsets it names.
+struct Hooked {
+    inner: SimDevice,
+    on_flush: Box<dyn Fn() -> bool + Send + Sync>,
+    fail_write: Box<dyn Fn(u64) -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for Hooked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hooked")
+    }
+}
+
+impl BlockDevice for Hooked {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::storage::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> crate::storage::Result<()> {
+        if (self.fail_write)(offset) {
+            return Err(StorageError::Io {
+                op: "write",
+                offset,
+                len: buf.len() as u64,
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> crate::storage::Result<()> {
+        if (self.on_flush)() {
+            return Err(StorageError::Io {
+                op: "flush",
+                offset: 0,
+                len: 0,
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> crate::storage::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> crate::storage::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+/// A bit set while a commit runs belongs to the next transaction: when that
+/// commit fails, the bit stays set (its write completed and may have been
+/// acknowledged); only the aborted transaction's bits are dropped.
+#[test]
+fn bits_set_during_a_failed_commit_are_kept() {
+    let g = geo(64);
+    let dev = md_dev(&g);
+    let md = Arc::new(Metadata::format(dev.clone(), g).unwrap());
+    md.set_hydrated(1).unwrap();
+    md.commit(&SimDevice::new(4096), false).unwrap();
+    md.set_hydrated(2).unwrap();
+    let m2 = md.clone();
+    let dest = Hooked {
+        inner: SimDevice::new(4096),
+        // A guest write to region 3 completes during the commit, whose
+        // destination flush then fails.
+        on_flush: Box::new(move || {
+            m2.set_hydrated(3).unwrap();
+            true
+        }),
+        fail_write: Box::new(|_| false),
+    };
+    assert!(md.commit(&dest, false).is_err());
+    assert_eq!(md.mode(), Mode::Ro);
+    assert!(md.is_hydrated(1), "committed bit kept");
+    assert!(!md.is_hydrated(2), "the aborted transaction's bit is dropped");
+    assert!(md.is_hydrated(3), "a bit of the next transaction was dropped");
+    assert_eq!(md.hydrated_count(), 2);
+    assert!(matches!(md.set_hydrated(4), Err(MetadataError::ReadOnly)));
+}
+
+/// Once a commit's superblock is durable, a failed in-place bitmap write does
+/// not fail the commit: the journal covers the block, and the next commit
+/// journals and rewrites it; a crash after that loses nothing.
+#[test]
+fn a_failed_in_place_write_after_a_durable_commit_is_not_a_failure() {
+    let g = geo(70_000); // three bitmap blocks
+    let layout = Layout::new(&g);
+    let sim = SimDevice::new(layout.required_size());
+    Metadata::format_store(&sim, g).unwrap();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f2 = failing.clone();
+    let bitmap0 = layout.bitmap_offset(0);
+    let dev = Arc::new(Hooked {
+        inner: sim,
+        on_flush: Box::new(|| false),
+        fail_write: Box::new(move |off| f2.load(Ordering::SeqCst) && off == bitmap0),
+    });
+    let md = Metadata::open(dev.clone(), None).unwrap();
+    let dest = SimDevice::new(4096);
+    md.set_hydrated(5).unwrap();
+    let out = md.commit(&dest, true);
+    assert!(out.is_ok(), "the commit is durable, yet it failed: {out:?}");
+    assert_eq!(md.mode(), Mode::Rw);
+    failing.store(false, Ordering::SeqCst);
+    // The next commit touches another block only.
+    md.set_hydrated(40_000).unwrap();
+    md.commit(&dest, false).unwrap();
+    let reopened = Metadata::open(
+        Arc::new(SimDevice::from_image(dev.inner.durable_image())),
+        None,
+    )
+    .unwrap();
+    assert!(reopened.is_hydrated(5), "block 0's bit was lost");
+    assert!(reopened.is_hydrated(40_000));
+}
