@@ -8,9 +8,20 @@
 //!   the value it had at the last acknowledged flush (the source's if never
 //!   written); never garbage, never source data over a flushed guest write.
 //!
+//! The second crash kind is a **process death** (design rule 7): the process
+//! dies just before an event, the machine keeps running (every write stays in
+//! the volatile caches, none is lost), the in-core state is gone except the
+//! live region map, and a new process starts on what is left. Then:
+//!
+//! * every sector written by a completed request reads back exactly (a request
+//!   in progress at the death may have left its new value or the old one);
+//! * after the new process's first flush and then a power cut, the same holds.
+//!
 //! `VHOST_CLONE_CRASH_WORKLOADS=N` runs N workloads instead of the default.
-//! The mutation test proves the suite can fail: with the destination flush
-//! removed from the commit, it must find a violation.
+//! The mutation tests prove the suite can fail: with the destination flush
+//! removed from the commit, with the live map lost at a process death (the
+//! in-core bits die with the process), or with a restarted process whose first
+//! flush skips the destination, it must find a violation.
 
 mod common;
 
@@ -21,8 +32,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use common::*;
-use vhost_clone::engine::Engine;
-use vhost_clone::metadata::Geometry;
+use vhost_clone::engine::{Engine, EngineConfig};
+use vhost_clone::metadata::live::LiveMap;
+use vhost_clone::metadata::{load, Geometry, Metadata};
 use vhost_clone::storage::{BlockDevice, CrashLog, Replayer, SimDevice};
 
 const REGION: u64 = 4096;
@@ -100,9 +112,33 @@ enum Hist {
     FlushAck(usize),
 }
 
+/// One operation of a workload, for the process-death check.
+struct OpRec {
+    /// Log index when it started.
+    start: usize,
+    /// The sector values it writes.
+    vals: Vec<(u64, u64)>,
+    /// The live region map once it returned.
+    live_after: Vec<u64>,
+}
+
+/// Which crash kinds to check, and which mutation of the restart to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kinds {
+    /// Power cuts and process deaths, nothing mutated.
+    Both,
+    /// Power cuts only (the commit mutation).
+    PowerCut,
+    /// Process deaths whose restart loses the live map.
+    DeathLosingLiveMap,
+    /// Process deaths whose restarted process believes the destination flushed.
+    DeathAssumingFlushed,
+}
+
 #[derive(Default, Debug)]
 struct Outcome {
     crash_points: u64,
+    death_points: u64,
     violations: Vec<String>,
 }
 
@@ -148,16 +184,18 @@ fn read_tags(eng: &Engine, first: u64, n: u64) -> Result<Vec<Option<u64>>, Strin
         .collect())
 }
 
-fn run_workload(seed: u64, mutate: bool) -> Outcome {
+fn run_workload(seed: u64, mutate: bool, kinds: Kinds) -> Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let w = world(mutate);
     let mut out = Outcome::default();
     let mut cur = vec![SOURCE; SECTORS as usize];
     let mut hist = Vec::new();
+    let mut ops = Vec::new();
     let mut next_tag = 100u64;
     for i in 0..OPS {
         let op = gen_op(&mut rng);
         let at = w.log.len();
+        let issued = hist.len();
         let res = match op {
             Op::Write(a, n) => {
                 let tag = next_tag;
@@ -228,9 +266,140 @@ fn run_workload(seed: u64, mutate: bool) -> Outcome {
             out.violations
                 .push(format!("seed {seed}: op {i} {op:?} failed: {e}"));
         }
+        let vals = match hist.get(issued) {
+            Some(Hist::Issue(_, v)) => v.clone(),
+            _ => Vec::new(),
+        };
+        ops.push(OpRec {
+            start: at,
+            vals,
+            live_after: w.eng.metadata().live_map().snapshot(),
+        });
     }
-    check_crashes(seed, &w, &hist, &mut rng, &mut out);
+    if kinds == Kinds::Both || kinds == Kinds::PowerCut {
+        check_crashes(seed, &w, &hist, &mut rng, &mut out);
+    }
+    if kinds != Kinds::PowerCut && out.violations.is_empty() {
+        check_deaths(seed, &w, &ops, kinds, &mut rng, &mut out);
+    }
     out
+}
+
+/// A process death just before every event of the run (see the module docs).
+fn check_deaths(
+    seed: u64,
+    w: &World,
+    ops: &[OpRec],
+    kinds: Kinds,
+    rng: &mut ChaCha8Rng,
+    out: &mut Outcome,
+) {
+    let mut points = w.log.boundaries();
+    points.push(w.log.len());
+    let mut dst = Replayer::new(&w.log, DEST, w.dst_init.clone());
+    let mut md = Replayer::new(&w.log, META, w.md_init.clone());
+    // Sector values once the requests before op `done` completed.
+    let mut done_vals = vec![SOURCE; SECTORS as usize];
+    let mut done = 0;
+    let empty = vec![0u64; w.eng.metadata().live_map().words().len()];
+    for &p in &points {
+        // The op in progress at p: the last one that started at or before it.
+        while done + 1 < ops.len() && ops[done + 1].start <= p {
+            for &(s, t) in &ops[done].vals {
+                done_vals[s as usize] = t;
+            }
+            done += 1;
+        }
+        let in_progress = &ops[done];
+        let live_bits = match done {
+            0 => &empty,
+            i => &ops[i - 1].live_after,
+        };
+        dst.advance_to(p);
+        md.advance_to(p);
+        out.death_points += 1;
+        if let Err(v) = check_death(
+            w,
+            &dst,
+            &md,
+            live_bits,
+            &done_vals,
+            &in_progress.vals,
+            kinds,
+            rng,
+        ) {
+            out.violations
+                .push(format!("seed {seed}, process death before event {p}: {v}"));
+            return;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_death(
+    w: &World,
+    dst: &Replayer,
+    md: &Replayer,
+    live_bits: &[u64],
+    done_vals: &[u64],
+    in_progress: &[(u64, u64)],
+    kinds: Kinds,
+    rng: &mut ChaCha8Rng,
+) -> Result<(), String> {
+    let d = Arc::new(dst.survivor());
+    let m = Arc::new(md.survivor());
+    let live = if kinds == Kinds::DeathLosingLiveMap {
+        LiveMap::anonymous(w.geo.nr_regions())
+    } else {
+        LiveMap::from_snapshot(live_bits)
+    };
+    let md_dev: Arc<dyn BlockDevice> = m.clone();
+    let loaded = load(md_dev.as_ref(), Some(&w.geo)).map_err(|e| format!("restart failed: {e}"))?;
+    let meta =
+        Metadata::from_loaded(md_dev, loaded, live).map_err(|e| format!("restart failed: {e}"))?;
+    let eng = Engine::new(
+        Some(w.src.clone()),
+        d.clone(),
+        Arc::new(meta),
+        EngineConfig::default(),
+    )
+    .map_err(|e| format!("restart failed: {e}"))?;
+    if kinds == Kinds::DeathAssumingFlushed {
+        eng.assume_dest_flushed();
+    }
+    let allowed = |s: usize, t: Option<u64>| {
+        t == Some(done_vals[s])
+            || in_progress
+                .iter()
+                .any(|&(x, v)| x as usize == s && Some(v) == t)
+    };
+    let tags = read_tags(&eng, 0, SECTORS)?;
+    if let Some(s) = (0..SECTORS as usize).find(|&s| !allowed(s, tags[s])) {
+        return Err(format!(
+            "after the restart sector {s} (region {}) reads {:?}; the completed writes left {}",
+            s as u64 / RSEC,
+            tags[s],
+            done_vals[s]
+        ));
+    }
+    // The guest's first flush after the restart, then a power cut.
+    eng.flush()
+        .map_err(|e| format!("first flush after the restart failed: {e}"))?;
+    drop(eng);
+    let d2: Arc<dyn BlockDevice> = Arc::new(SimDevice::from_image(d.crash(rng)));
+    let m2: Arc<dyn BlockDevice> = Arc::new(SimDevice::from_image(m.crash(rng)));
+    let eng = engine(w.src.clone(), d2, m2, &w.geo)
+        .map_err(|e| format!("restart after the first flush and a power cut failed: {e}"))?;
+    let tags = read_tags(&eng, 0, SECTORS)?;
+    if let Some(s) = (0..SECTORS as usize).find(|&s| !allowed(s, tags[s])) {
+        return Err(format!(
+            "after the restart, its first flush and a power cut, sector {s} (region {}) reads {:?}; the completed writes left {}",
+            s as u64 / RSEC,
+            tags[s],
+            done_vals[s]
+        ));
+    }
+    Ok(())
 }
 
 /// Crashes at every boundary of the run (plus extra draws at random ones) and checks.
@@ -348,7 +517,7 @@ fn workloads() -> u64 {
 fn crash_suite() {
     let start = Instant::now();
     let n = workloads();
-    let (mut points, mut violations) = (0u64, Vec::new());
+    let (mut points, mut deaths, mut violations) = (0u64, 0u64, Vec::new());
     // Two threads: the machine has two cores.
     let results: Vec<Outcome> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..2u64)
@@ -356,7 +525,7 @@ fn crash_suite() {
                 s.spawn(move || {
                     (0..n)
                         .filter(|i| i % 2 == t)
-                        .map(|i| run_workload(0xC1 ^ (i << 8), false))
+                        .map(|i| run_workload(0xC1 ^ (i << 8), false, Kinds::Both))
                         .collect::<Vec<_>>()
                 })
             })
@@ -365,10 +534,11 @@ fn crash_suite() {
     });
     for o in results {
         points += o.crash_points;
+        deaths += o.death_points;
         violations.extend(o.violations);
     }
     println!(
-        "crash suite: {n} workloads, {points} crash points, {} violations, {:.1} s",
+        "crash suite: {n} workloads, {points} power-cut points, {deaths} process-death points, {} violations, {:.1} s",
         violations.len(),
         start.elapsed().as_secs_f64()
     );
@@ -379,27 +549,57 @@ fn crash_suite() {
     );
     if n >= 256 {
         assert!(points >= 10_000, "only {points} crash points");
+        assert!(deaths >= 10_000, "only {deaths} process-death points");
     }
 }
 
-#[test]
-fn mutation_skipping_the_destination_flush_is_caught() {
+/// Runs mutated workloads until one finds a violation; returns the report line.
+fn mutation(what: &str, seed: u64, mutate: bool, kinds: Kinds) {
     let start = Instant::now();
     let mut found = None;
     let mut points = 0;
     for i in 0..64u64 {
-        let o = run_workload(0x5EED ^ (i << 8), true);
-        points += o.crash_points;
+        let o = run_workload(seed ^ (i << 8), mutate, kinds);
+        points += o.crash_points + o.death_points;
         if let Some(v) = o.violations.first() {
             found = Some((i + 1, v.clone()));
             break;
         }
     }
-    let (runs, v) =
-        found.expect("the crash suite did not notice commits that skip the destination flush");
+    let (runs, v) = found.unwrap_or_else(|| panic!("the crash suite did not notice {what}"));
     println!(
-        "mutation (no destination flush in commit): caught after {runs} workloads, {points} crash points, {:.1} s: {v}",
+        "mutation ({what}): caught after {runs} workloads, {points} crash points, {:.1} s: {v}",
         start.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn mutation_skipping_the_destination_flush_is_caught() {
+    mutation(
+        "no destination flush in commit",
+        0x5EED,
+        true,
+        Kinds::PowerCut,
+    );
+}
+
+#[test]
+fn mutation_losing_uncommitted_bits_at_a_process_death_is_caught() {
+    mutation(
+        "in-core bits lost at a process death",
+        0xDEAD,
+        false,
+        Kinds::DeathLosingLiveMap,
+    );
+}
+
+#[test]
+fn mutation_skipping_the_first_flush_after_a_restart_is_caught() {
+    mutation(
+        "first flush after a restart skips the destination",
+        0xF1F1,
+        false,
+        Kinds::DeathAssumingFlushed,
     );
 }
 

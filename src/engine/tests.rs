@@ -410,11 +410,18 @@ fn a_restart_after_a_process_death_keeps_every_completed_write() {
     eng.read_at(&mut b, 0).unwrap();
     assert_eq!(&b[512..1024], &[2u8; 512][..]);
     assert_eq!(&b[RS as usize + 1024..RS as usize + 1536], &[3u8; 512][..]);
-    assert_eq!(b[RS as usize], src_byte(RS), "the rest of region 1 is the source's");
+    assert_eq!(
+        b[RS as usize],
+        src_byte(RS),
+        "the rest of region 1 is the source's"
+    );
     // The first flush of the new process reaches the destination.
     let f = r.dst.flush_count();
     eng.flush().unwrap();
-    assert!(r.dst.flush_count() > f, "the first flush after a restart skipped the destination");
+    assert!(
+        r.dst.flush_count() > f,
+        "the first flush after a restart skipped the destination"
+    );
     // A power cut now keeps everything.
     let dst = Arc::new(SimDevice::from_image(r.dst.durable_image()));
     let mdd = Arc::new(SimDevice::from_image(r.mdd.durable_image()));
@@ -435,7 +442,11 @@ fn the_first_flush_of_a_process_flushes_the_destination() {
     r.eng.flush().unwrap();
     assert_eq!(r.dst.flush_count(), f + 1);
     r.eng.flush().unwrap();
-    assert_eq!(r.dst.flush_count(), f + 1, "nothing written since: no flush");
+    assert_eq!(
+        r.dst.flush_count(),
+        f + 1,
+        "nothing written since: no flush"
+    );
 }
 
 /// The guest's write-cache choice is committed when it is made.

@@ -267,9 +267,8 @@ impl LiveMap {
             Found::New
         } else {
             let mut old = [0u8; 96];
-            let matches = meta.len() == len as u64
-                && file.read_exact(&mut old).is_ok()
-                && old == header;
+            let matches =
+                meta.len() == len as u64 && file.read_exact(&mut old).is_ok() && old == header;
             if matches {
                 Found::Kept
             } else {
@@ -375,7 +374,9 @@ fn describe_mismatch(old: &[u8; 96], id: &LiveIdentity, have: u64, want: u64) ->
     if old[16..32] != id.boot_id {
         return "it was written before the last reboot".into();
     }
-    if old[48..56] != id.nr_regions.to_le_bytes()[..] || old[56..64] != id.region_size.to_le_bytes()[..] {
+    if old[48..56] != id.nr_regions.to_le_bytes()[..]
+        || old[56..64] != id.region_size.to_le_bytes()[..]
+    {
         return "it describes another geometry".into();
     }
     if old[64..80] != [id.dest.0.to_le_bytes(), id.dest.1.to_le_bytes()].concat()[..] {
@@ -424,7 +425,10 @@ mod tests {
         // Another destination: the bits are not this clone's.
         drop(m);
         let (m, found) = LiveMap::open(dir.path(), &id((1, 3))).unwrap();
-        assert!(matches!(found, Found::Replaced(ref w) if w.contains("another destination")), "{found:?}");
+        assert!(
+            matches!(found, Found::Replaced(ref w) if w.contains("another destination")),
+            "{found:?}"
+        );
         assert_eq!(m.snapshot(), vec![0, 0, 0]);
     }
 
@@ -437,7 +441,10 @@ mod tests {
         m.words()[0].fetch_or(1, Ordering::AcqRel);
         drop(m);
         let (m, found) = LiveMap::open(dir.path(), &id((1, 2))).unwrap();
-        assert!(matches!(found, Found::Replaced(ref w) if w.contains("reboot")), "{found:?}");
+        assert!(
+            matches!(found, Found::Replaced(ref w) if w.contains("reboot")),
+            "{found:?}"
+        );
         assert_eq!(m.snapshot(), vec![0, 0, 0]);
     }
 

@@ -39,11 +39,11 @@ use bitvec::prelude::*;
 use serde::Serialize;
 
 use crate::storage::{BlockDevice, StorageError, SECTOR_SIZE};
-use live::LiveMap;
 use format::{
     decode_block, encode_block, Layout, Superblock, BITS_PER_BLOCK, BLOCK_SIZE, FLAG_HYDRATED,
     FLAG_WCE_SET, FLAG_WRITEBACK, KIND_BITMAP, KIND_JOURNAL, SUPERBLOCK_BYTES, WORDS_PER_BLOCK,
 };
+use live::LiveMap;
 
 /// Smallest region size (8 sectors), as dm-clone.
 pub const MIN_REGION_SIZE: u64 = 4096;
@@ -640,7 +640,11 @@ impl Metadata {
     /// adopted into the first transaction, whose commit flushes the destination
     /// before it records them ([`Metadata::commit`]); until then they are served
     /// like any bit set since the last commit.
-    pub fn from_loaded(dev: Arc<dyn BlockDevice>, loaded: Loaded, live: LiveMap) -> Result<Metadata> {
+    pub fn from_loaded(
+        dev: Arc<dyn BlockDevice>,
+        loaded: Loaded,
+        live: LiveMap,
+    ) -> Result<Metadata> {
         let geo = loaded.superblock.geometry;
         let nr = geo.nr_regions() as usize;
         if !loaded.journaled.is_empty() {

@@ -361,8 +361,14 @@ fn bits_set_during_a_failed_commit_are_kept() {
     assert!(md.commit(&dest, false).is_err());
     assert_eq!(md.mode(), Mode::Ro);
     assert!(md.is_hydrated(1), "committed bit kept");
-    assert!(!md.is_hydrated(2), "the aborted transaction's bit is dropped");
-    assert!(md.is_hydrated(3), "a bit of the next transaction was dropped");
+    assert!(
+        !md.is_hydrated(2),
+        "the aborted transaction's bit is dropped"
+    );
+    assert!(
+        md.is_hydrated(3),
+        "a bit of the next transaction was dropped"
+    );
     assert_eq!(md.hydrated_count(), 2);
     assert!(matches!(md.set_hydrated(4), Err(MetadataError::ReadOnly)));
 }

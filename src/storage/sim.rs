@@ -10,7 +10,9 @@
 //!
 //! A [`CrashLog`] shared by several devices records every write and flush in
 //! global order, so that a test can rebuild each device's state "as if the
-//! machine crashed just before event N" for every N of one run.
+//! machine crashed just before event N" for every N of one run, or "as if the
+//! process died just before event N" ([`Replayer::survivor`]: nothing is lost,
+//! the unflushed writes stay volatile).
 
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -148,6 +150,23 @@ impl Replayer {
             }
             self.pos += 1;
         }
+    }
+
+    /// The device as a process that died at the current point leaves it: the
+    /// machine kept running, so every write is still there, the unflushed ones
+    /// still volatile (a later [`SimDevice::crash`] may lose them).
+    pub fn survivor(&self) -> SimDevice {
+        let mut cache = self.durable.clone();
+        for (off, data) in &self.pending {
+            apply(&mut cache, *off, data);
+        }
+        let d = SimDevice::from_image(self.durable.clone());
+        {
+            let mut st = d.lock();
+            st.cache = cache;
+            st.pending = self.pending.clone();
+        }
+        d
     }
 
     /// The device image after a crash at the current point.
