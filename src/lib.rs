@@ -8,6 +8,7 @@
 //! * [`engine`]: region state, request mapping, hydration, commit scheduling.
 //! * [`metadata`]: the on-disk bitmap format and the crash-safe two-phase commit.
 //! * [`storage`]: block devices (files, block devices, a simulated volatile cache).
+//! * [`socket`]: the daemon's private unix sockets (one binder, one policy).
 
 #![deny(missing_docs)]
 
@@ -16,6 +17,7 @@ pub mod control;
 pub mod disk;
 pub mod engine;
 pub mod metadata;
+pub mod socket;
 pub mod storage;
 pub mod virtio;
 

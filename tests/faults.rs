@@ -113,7 +113,8 @@ fn status(eng: &Arc<Engine>) -> control::Status {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ctl");
     let ctl = HydrationControl::new(false, 1, 1, false);
-    let srv = ControlServer::start(&path, eng.clone(), ctl, true, true).unwrap();
+    let sock = vhost_clone::socket::BoundSocket::bind(&path).unwrap();
+    let srv = ControlServer::start(sock, eng.clone(), ctl, true, true).unwrap();
     let r = control::request(&path, &control::Request::Status).unwrap();
     drop(srv);
     r.status.unwrap()

@@ -9,6 +9,7 @@
 mod offline;
 mod serve;
 mod status;
+pub mod stores;
 
 pub use serve::ServeArgs;
 pub use status::{MessageArgs, StatusArgs};
@@ -18,9 +19,8 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::metadata::format::Layout;
-use crate::metadata::{Geometry, MetadataError};
-use crate::storage::{BlockDevice, FileDevice, OpenOptions, StorageError};
+use crate::metadata::MetadataError;
+use crate::storage::{FileDevice, OpenOptions, StorageError};
 
 /// Errors of the command-line tools.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +37,15 @@ pub enum CliError {
         #[source]
         source: MetadataError,
     },
-    /// Something given on the command line does not fit.
+    /// Something given on the command line does not fit (exit 2).
     #[error("{0}")]
     Usage(String),
+    /// The stores, sockets or devices refuse what was asked (exit 1).
+    #[error("{0}")]
+    Refused(String),
+    /// The daemon failed to start or to stop cleanly (exit 1).
+    #[error(transparent)]
+    Serve(#[from] serve::ServeError),
     /// Writing output failed.
     #[error("cannot write output")]
     Output(#[source] std::io::Error),
@@ -118,7 +124,7 @@ pub struct CreateArgs {
     #[command(flatten)]
     pub stores: Stores,
     /// Region size (power of two, 4K..1G), e.g. 64K.
-    #[arg(long, short = 'r', value_parser = parse_size, default_value = "64K")]
+    #[arg(long, short = 'r', value_parser = parse_region_size, default_value = "64K")]
     pub region_size: u64,
     /// Overwrite metadata that is already formatted (the clone restarts from scratch).
     #[arg(long)]
@@ -177,6 +183,19 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// Parses a region size: a size that is a power of two in 4K..=1G.
+pub fn parse_region_size(s: &str) -> std::result::Result<u64, String> {
+    let n = parse_size(s)?;
+    if !n.is_power_of_two()
+        || !(crate::metadata::MIN_REGION_SIZE..=crate::metadata::MAX_REGION_SIZE).contains(&n)
+    {
+        return Err(format!(
+            "region size {s} is not a power of two from 4K to 1G"
+        ));
+    }
+    Ok(n)
+}
+
 /// Opens a file device, read-only or not.
 pub fn open_device(path: &Path, read_only: bool) -> Result<Arc<FileDevice>> {
     Ok(Arc::new(FileDevice::open(
@@ -186,46 +205,6 @@ pub fn open_device(path: &Path, read_only: bool) -> Result<Arc<FileDevice>> {
             ..Default::default()
         },
     )?))
-}
-
-/// Opens (creating or growing if needed) the metadata file for `geo`.
-pub fn open_metadata_for(path: &Path, geo: &Geometry) -> Result<Arc<FileDevice>> {
-    let need = Layout::new(geo).required_size();
-    let dev = FileDevice::open(
-        path,
-        &OpenOptions {
-            create_size: Some(need),
-            ..Default::default()
-        },
-    )?;
-    if dev.size() < need && !dev.is_block_device() {
-        // A small (e.g. pre-created empty or truncated) file: grow it only if blank.
-        if !crate::metadata::is_blank(&dev).map_err(|source| CliError::Metadata {
-            path: path.display().to_string(),
-            source,
-        })? {
-            return Err(CliError::Metadata {
-                path: path.display().to_string(),
-                source: MetadataError::TooSmall {
-                    size: dev.size(),
-                    need,
-                },
-            });
-        }
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|source| StorageError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
-        f.set_len(need).map_err(|source| StorageError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
-        return Ok(Arc::new(FileDevice::open(path, &OpenOptions::default())?));
-    }
-    Ok(Arc::new(dev))
 }
 
 pub use crate::error_chain;

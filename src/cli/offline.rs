@@ -4,11 +4,10 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use super::{
-    error_chain, open_device, open_metadata_for, CheckArgs, CliError, CreateArgs, DumpArgs, Result,
-};
-use crate::metadata::{self, Geometry, Metadata};
-use crate::storage::{BlockDevice, FileDevice, OpenOptions};
+use super::stores::{MetadataState, StoreOptions, StorePaths, Stores};
+use super::{error_chain, open_device, CheckArgs, CliError, CreateArgs, DumpArgs, Result};
+use crate::metadata::{self, Geometry};
+use crate::storage::BlockDevice;
 
 fn md_err(path: &std::path::Path) -> impl Fn(metadata::MetadataError) -> CliError + '_ {
     move |source| CliError::Metadata {
@@ -21,44 +20,46 @@ fn out() -> std::io::StdoutLock<'static> {
     std::io::stdout().lock()
 }
 
-/// `vhost-clone create`: formats metadata for a new clone.
+/// `vhost-clone create`: formats metadata for a new clone. It takes the same
+/// locks as `serve` (a running clone is refused) and, without `--force`,
+/// refuses metadata that is not new (missing, empty or all zeroes).
 pub fn create(a: &CreateArgs) -> Result<()> {
     let (Some(src_path), Some(dst_path)) = (&a.stores.source, &a.stores.dest) else {
         return Err(CliError::Usage("create needs --source and --dest".into()));
     };
     let md_path = a.stores.metadata_path()?;
-    let src = open_device(src_path, true)?;
-    let geo = Geometry::new(src.size(), a.region_size).map_err(md_err(&md_path))?;
-    let dst = FileDevice::open(
-        dst_path,
-        &OpenOptions {
-            create_size: Some(geo.device_size()),
-            ..Default::default()
+    let mut stores = Stores::open(
+        &StorePaths {
+            source: Some(src_path.clone()),
+            dest: dst_path.clone(),
+            metadata: md_path.clone(),
+        },
+        StoreOptions {
+            region_size: Some(a.region_size),
+            direct: false,
+            reformat: a.force,
         },
     )?;
-    if dst.size() < geo.device_size() {
-        return Err(CliError::Usage(format!(
-            "the destination {} has {} bytes, smaller than the source's {}",
-            dst_path.display(),
-            dst.size(),
-            geo.device_size()
+    if let MetadataState::Existing(l) = &stores.state {
+        return Err(CliError::Refused(format!(
+            "{} already holds clone metadata (clone {}, {} regions hydrated); use --force to start the clone over",
+            md_path.display(),
+            uuid::Uuid::from_bytes(l.superblock.uuid),
+            l.superblock.hydrated
         )));
     }
-    let md_dev = open_metadata_for(&md_path, &geo)?;
-    let blank = metadata::is_blank(md_dev.as_ref()).map_err(md_err(&md_path))?;
-    if !blank && !a.force {
-        return Err(CliError::Usage(format!(
-            "{} already holds clone metadata; use --force to start the clone over",
-            md_path.display()
-        )));
-    }
-    let md = Metadata::format(md_dev, geo).map_err(md_err(&md_path))?;
+    stores.format_if_new()?;
+    stores.keep();
+    let MetadataState::Existing(l) = &stores.state else {
+        unreachable!("format_if_new leaves an existing store");
+    };
     writeln!(
         out(),
-        "created clone {}: {} -> {} ({geo}), metadata {}",
-        md.uuid(),
+        "created clone {}: {} -> {} ({}), metadata {}",
+        uuid::Uuid::from_bytes(l.superblock.uuid),
         src_path.display(),
         dst_path.display(),
+        stores.geometry,
         md_path.display()
     )
     .map_err(CliError::Output)?;

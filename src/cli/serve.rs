@@ -1,11 +1,28 @@
-//! `vhost-clone serve`: opens the three stores, builds the engine, starts the
-//! periodic committer, the background hydrator and the control socket, and
-//! serves the clone over vhost-user-blk until SIGTERM/SIGINT.
+//! `vhost-clone serve`: the daemon's composition root.
 //!
-//! Shutdown order: stop accepting and let in-flight requests finish (the
-//! vhost-user front returns), stop the hydrator (a copy in progress finishes),
-//! stop the committer, then one final commit, so everything acknowledged is
-//! durable and recorded before exit 0.
+//! Start-up runs in this order, and a refused start stops before the step that
+//! would change anything it must not: it leaves no file it created, changes no
+//! byte of a file that existed, starts no thread and prints no banner.
+//!
+//! 1. Signals (SIGTERM, SIGINT, SIGHUP) are blocked in every thread, so that
+//!    one arriving during start-up waits for the signal thread (a clean stop).
+//! 2. The stores are opened and locked ([`super::stores`]): one daemon per clone,
+//!    three different files, new metadata only when it is missing or zero.
+//! 3. The vhost-user and control sockets are bound ([`crate::socket`]): a live
+//!    socket is refused and left alone.
+//! 4. The metadata is formatted (a new clone) and opened with its live region
+//!    map ([`crate::metadata::live`]); bits a dead process of this boot left
+//!    uncommitted are adopted.
+//! 5. The recovery commit: the destination is flushed (it may hold writes the
+//!    dead process completed) and adopted bits are committed.
+//! 6. Services start: the signal thread, the periodic committer, the hydrator,
+//!    the control server; then the vhost-user front serves until a signal.
+//!
+//! Shutdown runs in reverse ([`Services`] drops in that order too): the front
+//! stops popping requests, retires the ones in flight and closes the
+//! connection; the hydrator and the committer stop; the control server stops;
+//! the final commit; the live map file is removed when everything is committed;
+//! the sockets are removed; the locks go with the files.
 
 use std::io;
 use std::path::PathBuf;
@@ -14,16 +31,20 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{open_metadata_for, parse_size, with_suffix, CliError, Result};
+use super::stores::{MetadataState, StoreOptions, StorePaths, Stores};
+use super::{parse_region_size, with_suffix, CliError, Result};
 use crate::control::ControlServer;
 use crate::disk::CloneDisk;
+use crate::engine::commit::Committer;
 use crate::engine::hydrator::{
-    HydrationControl, Hydrator, HydratorTiming, DEFAULT_BATCH_SIZE, DEFAULT_THRESHOLD,
+    self, HydrationControl, Hydrator, HydratorTiming, DEFAULT_BATCH_SIZE, DEFAULT_THRESHOLD,
 };
-use crate::engine::{Engine, EngineConfig};
-use crate::metadata::{self, Geometry, Metadata, DEFAULT_REGION_SIZE};
-use crate::storage::{BlockDevice, FileDevice, OpenOptions};
-use crate::virtio::{self, BlockBackend, IoEngine, ServeOptions, ShutdownSignal};
+use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::metadata::live::{Found, LiveError, LiveIdentity, LiveMap, DEFAULT_RUNTIME_DIR};
+use crate::metadata::{Metadata, MetadataError, Mode};
+use crate::socket::{BoundSocket, SocketError};
+use crate::storage::BlockDevice;
+use crate::virtio::{self, BlockBackend, IoEngine, ServeOptions, ShutdownSignal, VirtioError};
 
 /// `serve` arguments.
 #[derive(Debug, Args)]
@@ -55,7 +76,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1024)]
     pub queue_size: u16,
     /// Region size for a new clone (power of two, 4K..1G); must match an existing one.
-    #[arg(long, short = 'r', value_parser = parse_size)]
+    #[arg(long, short = 'r', value_parser = parse_region_size)]
     pub region_size: Option<u64>,
     /// Offer a read-only disk to the guest.
     #[arg(long)]
@@ -72,11 +93,11 @@ pub struct ServeArgs {
     /// Start with background hydration disabled (`message enable-hydration` starts it).
     #[arg(long)]
     pub no_hydration: bool,
-    /// Regions in flight at most for background hydration (0 pauses it).
-    #[arg(long, default_value_t = DEFAULT_THRESHOLD)]
+    /// Regions in flight at most for background hydration (0 pauses it; at most 65536).
+    #[arg(long, default_value_t = DEFAULT_THRESHOLD, value_parser = parse_threshold)]
     pub hydration_threshold: u64,
-    /// Adjacent regions copied together by background hydration.
-    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
+    /// Adjacent regions copied together by background hydration (at most 4096).
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = parse_batch_size)]
     pub hydration_batch_size: u64,
     /// Write all-zero source data as holes on the destination.
     #[arg(long)]
@@ -89,9 +110,22 @@ pub struct ServeArgs {
     /// `auto` picks `uring` with --direct and `sync` otherwise.
     #[arg(long, value_enum, default_value_t = IoEngineArg::Auto)]
     pub io_engine: IoEngineArg,
+    /// Where the live region map is kept: a RAM file system that outlives this
+    /// process but not a reboot, so that a restart after kill -9 keeps every
+    /// acknowledged write; `none` keeps it in process memory only.
+    #[arg(long, default_value = DEFAULT_RUNTIME_DIR)]
+    pub runtime_dir: PathBuf,
     /// Print QEMU's vhost-user capabilities JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+}
+
+fn parse_threshold(s: &str) -> std::result::Result<u64, String> {
+    hydrator::check_threshold(s.parse().map_err(|e| format!("{e}"))?)
+}
+
+fn parse_batch_size(s: &str) -> std::result::Result<u64, String> {
+    hydrator::check_batch_size(s.parse().map_err(|e| format!("{e}"))?)
 }
 
 /// `--io-engine` values.
@@ -116,25 +150,55 @@ impl IoEngineArg {
     }
 }
 
-fn open_file(
-    path: &std::path::Path,
-    read_only: bool,
-    direct: bool,
-    create: Option<u64>,
-) -> Result<Arc<FileDevice>> {
-    Ok(Arc::new(FileDevice::open(
-        path,
-        &OpenOptions {
-            read_only,
-            direct,
-            create_size: create,
-        },
-    )?))
+/// Errors of the daemon once its arguments and stores were accepted. All
+/// exit with status 1.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Binding or adopting a socket failed.
+    #[error("{which} socket")]
+    Socket {
+        /// Which socket.
+        which: &'static str,
+        /// The cause.
+        #[source]
+        source: SocketError,
+    },
+    /// The live region map could not be set up.
+    #[error("cannot set up the live region map (--runtime-dir)")]
+    Live(#[source] LiveError),
+    /// The metadata could not be opened.
+    #[error("metadata {path}")]
+    Metadata {
+        /// The metadata path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: MetadataError,
+    },
+    /// The devices do not fit together.
+    #[error("cannot serve this clone")]
+    Engine(#[source] EngineError),
+    /// The start-up flush and commit failed.
+    #[error("the start-up commit (destination flush, then metadata) failed")]
+    Recovery(#[source] EngineError),
+    /// Blocking signals or starting a thread failed.
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] io::Error),
+    /// The control server failed to start.
+    #[error("control socket")]
+    Control(#[source] crate::control::ControlError),
+    /// The vhost-user front failed.
+    #[error("vhost-user front")]
+    Virtio(#[source] VirtioError),
+    /// The final commit failed: what was acknowledged is in the live map, and
+    /// the next start on this boot commits it.
+    #[error("the final commit failed")]
+    FinalCommit(#[source] EngineError),
 }
 
-/// Blocks SIGTERM and SIGINT in every thread (call before spawning any) and
-/// turns them into `shutdown.trigger()` on a dedicated thread.
-fn install_signal_thread(shutdown: ShutdownSignal) -> io::Result<()> {
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread, and so in every
+/// thread it starts afterwards. Returns the set.
+fn block_signals() -> io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it fully.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.
@@ -142,12 +206,18 @@ fn install_signal_thread(shutdown: ShutdownSignal) -> io::Result<()> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
     }
     // SAFETY: `set` is initialised; the old mask is not needed (null).
     let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if r != 0 {
         return Err(io::Error::from_raw_os_error(r));
     }
+    Ok(set)
+}
+
+/// Turns the blocked signals of `set` into `shutdown.trigger()` on a thread.
+fn start_signal_thread(set: libc::sigset_t, shutdown: ShutdownSignal) -> io::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
@@ -156,12 +226,97 @@ fn install_signal_thread(shutdown: ShutdownSignal) -> io::Result<()> {
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
                 tracing::info!(
                     signal = sig,
-                    "stopping: finishing in-flight requests, then a final commit"
+                    "stopping: no new requests, finishing those in flight, then a final commit"
                 );
                 shutdown.trigger();
             }
         })?;
     Ok(())
+}
+
+/// The daemon's running services, declared in shutdown order (fields drop
+/// from the first to the last).
+struct Services {
+    hydrator: Option<Hydrator>,
+    committer: Option<Committer>,
+    control: ControlServer,
+}
+
+impl Services {
+    /// Stops the services, in order.
+    fn stop(self) {
+        let Services {
+            hydrator,
+            committer,
+            control,
+        } = self;
+        drop(hydrator);
+        drop(committer);
+        drop(control);
+    }
+}
+
+/// Resolved paths and settings.
+struct Plan {
+    stores: StorePaths,
+    socket_path: Option<PathBuf>,
+    control_path: PathBuf,
+    runtime_dir: Option<PathBuf>,
+    num_queues: u16,
+}
+
+impl Plan {
+    fn new(a: &ServeArgs) -> Result<Plan> {
+        let Some(dest) = &a.dest else {
+            return Err(CliError::Usage("serve needs --dest".into()));
+        };
+        let metadata = a
+            .metadata
+            .clone()
+            .unwrap_or_else(|| with_suffix(dest, ".meta"));
+        let socket_path = match (&a.socket_path, a.fd) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(_)) => None,
+            (None, None) => Some(with_suffix(dest, ".sock")),
+        };
+        let control_path = a
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| match &socket_path {
+                Some(s) => with_suffix(s, ".ctl"),
+                None => with_suffix(dest, ".ctl"),
+            });
+        if socket_path.as_ref() == Some(&control_path) {
+            return Err(CliError::Usage(
+                "the vhost-user socket and the control socket must differ".into(),
+            ));
+        }
+        if !(a.commit_interval.is_finite() && (0.0..=86_400.0).contains(&a.commit_interval)) {
+            return Err(CliError::Usage(format!(
+                "--commit-interval {} is not a number of seconds in 0..=86400",
+                a.commit_interval
+            )));
+        }
+        let runtime_dir = match a.runtime_dir.as_os_str().to_str() {
+            Some("none") => None,
+            _ => Some(a.runtime_dir.clone()),
+        };
+        Ok(Plan {
+            stores: StorePaths {
+                source: a.source.clone(),
+                dest: dest.clone(),
+                metadata,
+            },
+            socket_path,
+            control_path,
+            runtime_dir,
+            num_queues: a.num_queues.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get().min(16) as u16)
+                    .unwrap_or(1)
+            }),
+        })
+    }
 }
 
 /// Runs `serve`.
@@ -170,102 +325,110 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         println!("{}", virtio::print_capabilities());
         return Ok(());
     }
-    let Some(dest_path) = &a.dest else {
-        return Err(CliError::Usage("serve needs --dest".into()));
-    };
-    let md_path = a
-        .metadata
-        .clone()
-        .unwrap_or_else(|| with_suffix(dest_path, ".meta"));
-    let socket_path = match (&a.socket_path, a.fd) {
-        (Some(p), _) => Some(p.clone()),
-        (None, Some(_)) => None,
-        (None, None) => Some(with_suffix(dest_path, ".sock")),
-    };
-    let control_path = a
-        .control_socket
-        .clone()
-        .unwrap_or_else(|| match &socket_path {
-            Some(s) => with_suffix(s, ".ctl"),
-            None => with_suffix(dest_path, ".ctl"),
-        });
-    let md_err = |source| CliError::Metadata {
-        path: md_path.display().to_string(),
+    let plan = Plan::new(a)?;
+    let signals = block_signals().map_err(|e| ServeError::Thread("signals", e))?;
+
+    // 2. The stores, locked.
+    let mut stores = Stores::open(
+        &plan.stores,
+        StoreOptions {
+            region_size: a.region_size,
+            direct: a.direct,
+            reformat: false,
+        },
+    )?;
+    // 3. The sockets: the control socket first, so that it exists once the
+    // vhost-user socket (what QEMU and scripts wait for) appears.
+    let control_socket =
+        BoundSocket::bind(&plan.control_path).map_err(|source| ServeError::Socket {
+            which: "control",
+            source,
+        })?;
+    let vhost_socket = match (&plan.socket_path, a.fd) {
+        (Some(p), _) => BoundSocket::bind(p),
+        (None, Some(fd)) => BoundSocket::adopt_fd(fd),
+        (None, None) => unreachable!("Plan::new sets one of them"),
+    }
+    .map_err(|source| ServeError::Socket {
+        which: "vhost-user",
+        source,
+    })?;
+
+    // 4. The metadata and its live map.
+    let md_path = plan.stores.metadata.display().to_string();
+    let md_err = |source| ServeError::Metadata {
+        path: md_path.clone(),
         source,
     };
-
-    let source: Option<Arc<FileDevice>> = match &a.source {
-        Some(p) => Some(open_file(p, true, a.direct, None)?),
-        None => None,
+    if stores.format_if_new()? {
+        tracing::info!(geometry = %stores.geometry, "formatted new clone metadata");
+    }
+    let MetadataState::Existing(loaded) = std::mem::replace(&mut stores.state, MetadataState::New)
+    else {
+        unreachable!("format_if_new leaves an existing store");
     };
-    // The metadata: format on first start, validate afterwards.
-    let md_blank = match std::fs::metadata(&md_path) {
-        Err(_) => true,
-        Ok(_) => {
-            let dev = open_file(&md_path, true, false, None)?;
-            metadata::is_blank(dev.as_ref()).map_err(md_err)?
+    let geo = stores.geometry;
+    let live = match &plan.runtime_dir {
+        Some(dir) => {
+            let dest_id = stores.dest.id();
+            let id =
+                LiveIdentity::current(loaded.superblock.uuid, &geo, (dest_id.dev, dest_id.ino))
+                    .map_err(|source| {
+                        ServeError::Live(LiveError::Io {
+                            path: "/proc/sys/kernel/random/boot_id".into(),
+                            source,
+                        })
+                    })?;
+            let (live, found) = LiveMap::open(dir, &id).map_err(ServeError::Live)?;
+            if let Found::Replaced(why) = &found {
+                tracing::info!(path = ?live.path(), "replacing a live region map: {why}");
+            }
+            live
+        }
+        None => {
+            tracing::warn!(
+                "--runtime-dir none: bits set since the last commit die with the process; a restart after kill -9 may lose acknowledged writes"
+            );
+            LiveMap::anonymous(geo.nr_regions())
         }
     };
-    let md = if md_blank {
-        let Some(src) = &source else {
-            return Err(CliError::Usage(format!(
-                "{} is a new clone: --source is needed to create it",
-                md_path.display()
-            )));
-        };
-        let geo = Geometry::new(src.size(), a.region_size.unwrap_or(DEFAULT_REGION_SIZE))
-            .map_err(md_err)?;
-        let dev = open_metadata_for(&md_path, &geo)?;
-        let md = Metadata::format(dev, geo).map_err(md_err)?;
-        tracing::info!(uuid = %md.uuid(), geometry = %geo, "formatted new clone metadata");
-        md
-    } else {
-        let dev = open_file(&md_path, false, false, None)?;
-        let stored = metadata::load(dev.as_ref(), None)
-            .map_err(md_err)?
-            .superblock
-            .geometry;
-        let expected = match &source {
-            Some(s) => Geometry::new(
-                s.size() - s.size() % 512,
-                a.region_size.unwrap_or(stored.region_size()),
-            )
-            .map_err(md_err)?,
-            None => Geometry::new(
-                stored.device_size(),
-                a.region_size.unwrap_or(stored.region_size()),
-            )
-            .map_err(md_err)?,
-        };
-        Metadata::open(dev, Some(&expected)).map_err(md_err)?
-    };
-    let geo = *md.geometry();
-    let dest = open_file(dest_path, false, a.direct, Some(geo.device_size()))?;
-    let md = Arc::new(md);
+    let md_dev: Arc<dyn BlockDevice> = stores.metadata.clone();
+    let md = Arc::new(Metadata::from_loaded(md_dev, *loaded, live).map_err(md_err)?);
     let engine = Arc::new(
         Engine::new(
-            source.clone().map(|s| s as Arc<dyn BlockDevice>),
-            dest,
+            stores.source.clone().map(|s| s as Arc<dyn BlockDevice>),
+            stores.dest.clone(),
             md.clone(),
             EngineConfig {
                 discard_passdown: !a.no_discard_passdown,
             },
         )
-        .map_err(|e| CliError::Usage(crate::error_chain(&e)))?,
+        .map_err(|e| match e {
+            EngineError::Setup(m) if stores.source.is_none() => CliError::Usage(m),
+            e => ServeError::Engine(e).into(),
+        })?,
     );
+    // 5. Recovery: the destination flushed, adopted bits committed.
+    engine.commit(true).map_err(ServeError::Recovery)?;
+    if md.adopted() > 0 {
+        tracing::info!(
+            regions = md.adopted(),
+            "committed the regions a previous process hydrated"
+        );
+    }
     if md.all_hydrated() {
         tracing::info!("the clone is complete; the source is not needed");
     }
+    stores.keep();
 
-    let shutdown = ShutdownSignal::new().map_err(|e| CliError::Usage(format!("eventfd: {e}")))?;
-    install_signal_thread(shutdown.clone())
-        .map_err(|e| CliError::Usage(format!("signals: {e}")))?;
-
-    let mut committer = if a.commit_interval > 0.0 {
+    // 6. Services.
+    let shutdown = ShutdownSignal::new().map_err(|e| ServeError::Thread("signals", e))?;
+    start_signal_thread(signals, shutdown.clone()).map_err(|e| ServeError::Thread("signals", e))?;
+    let committer = if a.commit_interval > 0.0 {
         Some(
             engine
                 .start_committer(Duration::from_secs_f64(a.commit_interval))
-                .map_err(|e| CliError::Usage(format!("commit thread: {e}")))?,
+                .map_err(|e| ServeError::Thread("commit", e))?,
         )
     } else {
         None
@@ -276,28 +439,28 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         a.hydration_batch_size,
         a.detect_zeroes,
     );
-    let mut hydrator = Some(
+    let hydrator = Some(
         Hydrator::start(&engine, ctl.clone(), HydratorTiming::default())
-            .map_err(|e| CliError::Usage(format!("hydrator thread: {e}")))?,
+            .map_err(|e| ServeError::Thread("hydrator", e))?,
     );
     let control = ControlServer::start(
-        &control_path,
+        control_socket,
         engine.clone(),
         ctl,
-        source.is_some(),
+        stores.source.is_some(),
         !a.no_discard_passdown,
     )
-    .map_err(|e| CliError::Usage(crate::error_chain(&e)))?;
+    .map_err(ServeError::Control)?;
+    let services = Services {
+        hydrator,
+        committer,
+        control,
+    };
 
-    let num_queues = a.num_queues.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get().min(16) as u16)
-            .unwrap_or(1)
-    });
     let opts = ServeOptions {
-        socket_path: socket_path.clone(),
+        socket_path: plan.socket_path.clone(),
         listen_fd: a.fd,
-        num_queues,
+        num_queues: plan.num_queues,
         queue_size: a.queue_size,
         serial: a.serial.clone(),
         readonly: a.readonly,
@@ -306,45 +469,44 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         io_engine: a.io_engine.resolve(a.direct),
     };
     tracing::info!(
-        dest = %dest_path.display(),
+        dest = %plan.stores.dest.display(),
         geometry = %geo,
         hydrated = md.hydrated_count(),
-        queues = num_queues,
-        control = %control.path().display(),
+        queues = plan.num_queues,
+        control = %plan.control_path.display(),
         "serving"
     );
-    if let Some(p) = &socket_path {
+    if let Some(p) = &plan.socket_path {
         super::say(&format!(
             "vhost-clone: serving {} ({geo}, {}/{} regions hydrated) on {}\n  control: {}\n  attach: -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem -chardev socket,id=vc0,path={},reconnect-ms=1000 -device vhost-user-blk-pci,chardev=vc0,num-queues={}",
-            dest_path.display(),
+            plan.stores.dest.display(),
             md.hydrated_count(),
             geo.nr_regions(),
             p.display(),
-            control.path().display(),
+            plan.control_path.display(),
             p.display(),
-            num_queues
+            plan.num_queues
         ));
     }
     let backend: Arc<dyn BlockBackend> = Arc::new(CloneDisk::new(engine.clone(), a.readonly));
-    let served = virtio::serve(backend, &opts, &shutdown);
-    // Teardown: nothing may outlive the engine's last commit.
-    drop(hydrator.take());
-    drop(committer.take());
-    drop(control);
+    let served = virtio::serve_on(backend, &opts, &vhost_socket, &shutdown);
+
+    // Shutdown, in reverse.
+    services.stop();
     let last = engine.commit(true);
-    match (&served, &last) {
-        (Ok(()), Ok(_)) => {
-            tracing::info!(
-                hydrated = md.hydrated_count(),
-                regions = geo.nr_regions(),
-                "stopped cleanly"
-            );
-            Ok(())
+    if last.is_ok() && md.mode() == Mode::Rw && !md.changed() {
+        // Everything the live map holds is committed: nothing to adopt next time.
+        if let Err(e) = md.live_map().remove_file() {
+            tracing::warn!(error = %e, "cannot remove the live region map");
         }
-        (Err(e), _) => Err(CliError::Usage(crate::error_chain(e))),
-        (_, Err(e)) => Err(CliError::Usage(format!(
-            "final commit failed: {}",
-            crate::error_chain(e)
-        ))),
     }
+    drop(vhost_socket);
+    served.map_err(ServeError::Virtio)?;
+    last.map_err(ServeError::FinalCommit)?;
+    tracing::info!(
+        hydrated = md.hydrated_count(),
+        regions = geo.nr_regions(),
+        "stopped cleanly"
+    );
+    Ok(())
 }

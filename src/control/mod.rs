@@ -118,12 +118,12 @@ pub fn apply_message(ctl: &HydrationControl, args: &[String]) -> Result<String, 
             Ok("hydration disabled (copies in flight finish)".into())
         }
         "hydration-threshold" => {
-            let n = number(&verb)?;
+            let n = crate::engine::hydrator::check_threshold(number(&verb)?)?;
             ctl.set_threshold(n);
             Ok(format!("hydration threshold {n} regions"))
         }
         "hydration-batch-size" => {
-            let n = number(&verb)?;
+            let n = crate::engine::hydrator::check_batch_size(number(&verb)?)?;
             ctl.set_batch_size(n);
             Ok(format!("hydration batch size {n} regions"))
         }

@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::{apply_message, ControlError, Request, Response};
 use crate::engine::hydrator::HydrationControl;
 use crate::engine::{Counters, Engine};
+use crate::socket::BoundSocket;
 
 /// The daemon's status, as `vhost-clone status --json` prints it.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -190,6 +190,8 @@ impl Shared {
 /// The running control socket; removed and stopped on drop.
 pub struct ControlServer {
     path: PathBuf,
+    /// Removes the socket (if still ours) when dropped, after the thread stopped.
+    socket: BoundSocket,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -202,44 +204,23 @@ impl std::fmt::Debug for ControlServer {
     }
 }
 
-/// Binds a unix socket at `path` with mode 0600: removes a stale socket, refuses
-/// any other existing file.
-pub fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "the path exists and is not a socket; refusing to replace it",
-            ));
-        }
-    }
-    // Create with no permissions for others from the start (no window where it is open).
-    // SAFETY: umask only changes this process's file-creation mask; it is restored below.
-    let old = unsafe { libc::umask(0o177) };
-    let r = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let l = r?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
-}
-
 impl ControlServer {
-    /// Starts serving status and messages for `engine` at `path`.
+    /// Starts serving status and messages for `engine` on `socket` (bound by
+    /// [`BoundSocket::bind`], before any thread started); the socket is removed
+    /// when the server is dropped, if it is still ours.
     pub fn start(
-        path: &Path,
+        socket: BoundSocket,
         engine: Arc<Engine>,
         ctl: Arc<HydrationControl>,
         source_attached: bool,
         discard_passdown: bool,
     ) -> Result<ControlServer, ControlError> {
+        let path = socket.path().map(Path::to_path_buf).unwrap_or_default();
         let listen_err = |source| ControlError::Listen {
             path: path.display().to_string(),
             source,
         };
-        let listener = bind_private_socket(path).map_err(listen_err)?;
+        let listener = socket.listener().try_clone().map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let shared = Arc::new(Shared {
             engine,
@@ -258,7 +239,8 @@ impl ControlServer {
             .spawn(move || accept_loop(listener, shared, s))
             .map_err(listen_err)?;
         Ok(ControlServer {
-            path: path.to_path_buf(),
+            path,
+            socket,
             stop,
             thread: Some(thread),
         })
@@ -319,6 +301,7 @@ impl Drop for ControlServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        // `socket` is dropped next: it removes the path only if it is still ours.
+        let _ = &self.socket;
     }
 }

@@ -27,6 +27,31 @@ use crate::metadata::Mode;
 pub const DEFAULT_THRESHOLD: u64 = 64;
 /// Default `hydration_batch_size` (adjacent regions per copy).
 pub const DEFAULT_BATCH_SIZE: u64 = 16;
+/// Largest `hydration_threshold`: each region in flight holds a lock entry.
+pub const MAX_THRESHOLD: u64 = 65_536;
+/// Largest `hydration_batch_size`: a batch holds one lock guard per region (the
+/// copy itself goes through a bounded buffer, see `storage::copy_range`).
+pub const MAX_BATCH_SIZE: u64 = 4096;
+
+/// Checks a `hydration_threshold` from an operator (command line or message).
+pub fn check_threshold(n: u64) -> Result<u64, String> {
+    if n > MAX_THRESHOLD {
+        return Err(format!(
+            "hydration threshold {n} is more than {MAX_THRESHOLD} regions"
+        ));
+    }
+    Ok(n)
+}
+
+/// Checks a `hydration_batch_size` from an operator (command line or message).
+pub fn check_batch_size(n: u64) -> Result<u64, String> {
+    if n > MAX_BATCH_SIZE {
+        return Err(format!(
+            "hydration batch size {n} is more than {MAX_BATCH_SIZE} regions"
+        ));
+    }
+    Ok(n)
+}
 
 /// Run-time settings of the hydrator, shared with the control socket.
 #[derive(Debug)]
@@ -43,8 +68,8 @@ impl HydrationControl {
     pub fn new(enabled: bool, threshold: u64, batch_size: u64, detect_zeroes: bool) -> Arc<Self> {
         Arc::new(HydrationControl {
             enabled: AtomicBool::new(enabled),
-            threshold: AtomicU64::new(threshold),
-            batch_size: AtomicU64::new(batch_size),
+            threshold: AtomicU64::new(threshold.min(MAX_THRESHOLD)),
+            batch_size: AtomicU64::new(batch_size.min(MAX_BATCH_SIZE)),
             detect_zeroes: AtomicBool::new(detect_zeroes),
             wake: (Mutex::new(false), Condvar::new()),
         })
@@ -66,9 +91,10 @@ impl HydrationControl {
         self.threshold.load(Ordering::Acquire)
     }
 
-    /// Sets the threshold.
+    /// Sets the threshold (capped at [`MAX_THRESHOLD`]).
     pub fn set_threshold(&self, n: u64) {
-        self.threshold.store(n, Ordering::Release);
+        self.threshold
+            .store(n.min(MAX_THRESHOLD), Ordering::Release);
         self.wake();
     }
 
@@ -77,9 +103,10 @@ impl HydrationControl {
         self.batch_size.load(Ordering::Acquire)
     }
 
-    /// Sets the batch size.
+    /// Sets the batch size (capped at [`MAX_BATCH_SIZE`]).
     pub fn set_batch_size(&self, n: u64) {
-        self.batch_size.store(n, Ordering::Release);
+        self.batch_size
+            .store(n.min(MAX_BATCH_SIZE), Ordering::Release);
         self.wake();
     }
 

@@ -850,14 +850,20 @@ impl Engine {
                 self.dest_written();
                 bump(&self.hydration_bytes_read, b - a);
             } else if data {
-                buf.resize((b - a) as usize, 0);
-                src.read_at(&mut buf, a).map_err(EngineError::Source)?;
-                bump(&self.hydration_bytes_read, b - a);
-                if buf.iter().all(|&x| x == 0) {
-                    self.zero_dest(a, b - a)?;
-                } else {
-                    self.dest.write_at(&buf, a).map_err(EngineError::Dest)?;
-                    self.dest_written();
+                // In bounded chunks, whatever the batch size.
+                let mut pos = a;
+                while pos < b {
+                    let n = (b - pos).min(crate::storage::COPY_CHUNK);
+                    buf.resize(n as usize, 0);
+                    src.read_at(&mut buf, pos).map_err(EngineError::Source)?;
+                    bump(&self.hydration_bytes_read, n);
+                    if buf.iter().all(|&x| x == 0) {
+                        self.zero_dest(pos, n)?;
+                    } else {
+                        self.dest.write_at(&buf, pos).map_err(EngineError::Dest)?;
+                        self.dest_written();
+                    }
+                    pos += n;
                 }
             } else {
                 self.zero_dest(a, b - a)?;

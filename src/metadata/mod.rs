@@ -371,6 +371,25 @@ pub fn is_blank(dev: &dyn BlockDevice) -> Result<bool> {
     Ok(true)
 }
 
+/// Checks that a store of geometry `stored` is the one `given` describes.
+pub fn check_geometry(stored: &Geometry, given: &Geometry) -> Result<()> {
+    if given.device_size() != stored.device_size() {
+        return Err(MetadataError::Mismatch {
+            what: "device size",
+            stored: stored.device_size(),
+            given: given.device_size(),
+        });
+    }
+    if given.region_size() != stored.region_size() {
+        return Err(MetadataError::Mismatch {
+            what: "region size",
+            stored: stored.region_size(),
+            given: given.region_size(),
+        });
+    }
+    Ok(())
+}
+
 /// Loads and fully validates a store: both superblock slots, every bitmap block,
 /// the current journal record. `expected` (if given) must match the stored geometry.
 pub fn load(dev: &dyn BlockDevice, expected: Option<&Geometry>) -> Result<Loaded> {
@@ -429,20 +448,7 @@ pub fn load(dev: &dyn BlockDevice, expected: Option<&Geometry>) -> Result<Loaded
     };
     let geo = sb.geometry;
     if let Some(want) = expected {
-        if want.device_size() != geo.device_size() {
-            return Err(MetadataError::Mismatch {
-                what: "device size",
-                stored: geo.device_size(),
-                given: want.device_size(),
-            });
-        }
-        if want.region_size() != geo.region_size() {
-            return Err(MetadataError::Mismatch {
-                what: "region size",
-                stored: geo.region_size(),
-                given: want.region_size(),
-            });
-        }
+        check_geometry(&geo, want)?;
     }
     let layout = Layout::new(&geo);
     if dev.size() < layout.required_size() {

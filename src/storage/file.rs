@@ -8,6 +8,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::lock::{self, FileId, LockError, LockKind};
 use super::{check_range, iov_len, BlockDevice, IoFd, Result, StorageError};
 
 /// `BLKDISCARD` from `<linux/fs.h>`: `_IO(0x12, 119)`.
@@ -26,8 +27,10 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Open with `O_DIRECT` (bypass the page cache). Unaligned buffers are bounced.
     pub direct: bool,
-    /// Create the file if it is missing, with this size in bytes.
+    /// Create the file if it is missing (mode 0600), with this size in bytes.
     pub create_size: Option<u64>,
+    /// Lock the file before anything else touches it (see [`super::lock`]).
+    pub lock: Option<LockKind>,
 }
 
 /// A regular file or block device.
@@ -39,6 +42,9 @@ pub struct FileDevice {
     read_only: bool,
     direct: bool,
     block_device: bool,
+    /// The file was created by this open.
+    created: bool,
+    id: FileId,
     /// Cleared once `fallocate`/`BLKDISCARD` reported that discard is unsupported.
     discard_ok: AtomicBool,
 }
@@ -51,16 +57,38 @@ impl FileDevice {
             source,
         };
         let mut oo = std::fs::OpenOptions::new();
-        oo.read(true).write(!opts.read_only);
-        if opts.create_size.is_some() && !opts.read_only {
-            oo.create(true);
-        }
+        oo.read(true).write(!opts.read_only).mode(0o600);
         let mut flags = libc::O_CLOEXEC;
         if opts.direct {
             flags |= libc::O_DIRECT;
         }
         oo.custom_flags(flags);
-        let mut file = oo.open(path).map_err(open_err)?;
+        let creating = opts.create_size.is_some() && !opts.read_only;
+        let (mut file, created) = if creating {
+            match oo.clone().create_new(true).open(path) {
+                Ok(f) => (f, true),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    (oo.open(path).map_err(open_err)?, false)
+                }
+                Err(e) => return Err(open_err(e)),
+            }
+        } else {
+            (oo.open(path).map_err(open_err)?, false)
+        };
+        if let Some(kind) = opts.lock {
+            if let Err(e) = lock::lock_or_wait(&file, kind) {
+                if created {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(match e {
+                    LockError::Held(holder) => StorageError::Locked {
+                        path: path.display().to_string(),
+                        holder,
+                    },
+                    LockError::Io(e) => open_err(e),
+                });
+            }
+        }
         let meta = file.metadata().map_err(open_err)?;
         let block_device = meta.file_type().is_block_device();
         if !block_device && !meta.file_type().is_file() {
@@ -82,6 +110,8 @@ impl FileDevice {
             read_only: opts.read_only,
             direct: opts.direct,
             block_device,
+            created,
+            id: FileId::of(&meta),
             discard_ok: AtomicBool::new(true),
         })
     }
@@ -89,6 +119,28 @@ impl FileDevice {
     /// The path this device was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Grows a regular file to `len` bytes (the new bytes read as zeroes).
+    pub fn grow(&mut self, len: u64) -> Result<()> {
+        if self.block_device || self.read_only || len <= self.size {
+            return Ok(());
+        }
+        self.file
+            .set_len(len)
+            .map_err(|e| Self::io_err("grow", 0, len, e))?;
+        self.size = len;
+        Ok(())
+    }
+
+    /// True when this open created the file.
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// What identifies the file (two paths, one file: equal identities).
+    pub fn id(&self) -> FileId {
+        self.id
     }
 
     /// True for a block device (as opposed to a regular file).

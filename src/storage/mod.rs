@@ -7,6 +7,7 @@
 //! * [`FileDevice`] serves regular files and block devices with `pread`/`pwrite`,
 //!   `fdatasync` for flush, `fallocate`/`BLKDISCARD`/`BLKZEROOUT` for discard and
 //!   write-zeroes, and optionally `O_DIRECT` with aligned bounce buffers.
+//! * [`lock`]: whole-file OFD locks (one daemon per clone) and file identity.
 //! * [`SimDevice`] is an in-memory device with a **volatile write cache**: writes
 //!   become durable only at [`BlockDevice::flush`]; [`SimDevice::crash`] keeps a
 //!   random (seeded) subset of the unflushed writes, in any order, possibly torn
@@ -17,9 +18,11 @@
 //! before `flush()` was called is durable. Nothing else is promised.
 
 mod file;
+pub mod lock;
 mod sim;
 
 pub use file::{FileDevice, OpenOptions};
+pub use lock::{FileId, LockKind};
 pub use sim::{CrashLog, DeviceId, Fault, LogEvent, Replayer, SimDevice};
 
 use std::fmt;
@@ -81,6 +84,14 @@ pub enum StorageError {
     /// The device's parameters are unusable (e.g. O_DIRECT alignment).
     #[error("invalid device: {0}")]
     Invalid(String),
+    /// Another process (or another open in this one) holds a conflicting lock.
+    #[error("{path} is in use{}: another vhost-clone, QEMU or tool has it open; stop it first", holder.as_ref().map(|h| format!(" by {h}")).unwrap_or_default())]
+    Locked {
+        /// The path given.
+        path: String,
+        /// Who holds the lock, when it could be found.
+        holder: Option<String>,
+    },
 }
 
 impl StorageError {
@@ -91,6 +102,7 @@ impl StorageError {
             StorageError::OutOfRange { .. } | StorageError::Invalid(_) => {
                 io::ErrorKind::InvalidInput
             }
+            StorageError::Locked { .. } => io::ErrorKind::WouldBlock,
             StorageError::ReadOnly { .. } => io::ErrorKind::PermissionDenied,
             StorageError::Unsupported { .. } => io::ErrorKind::Unsupported,
         }
@@ -222,9 +234,43 @@ pub fn copy_range(
         // Not supported between these two (or failed): copy through memory, which
         // also tells a source error from a destination error.
     }
-    buf.resize(len as usize, 0);
-    src.read_at(buf, offset).map_err(|e| (true, e))?;
-    dst.write_at(buf, offset).map_err(|e| (false, e))
+    // Through a buffer of at most COPY_CHUNK bytes, whatever the range's size.
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let n = (end - pos).min(COPY_CHUNK);
+        buf.resize(n as usize, 0);
+        src.read_at(buf, pos).map_err(|e| (true, e))?;
+        dst.write_at(buf, pos).map_err(|e| (false, e))?;
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Largest buffer [`copy_range`] copies through (a multiple of every O_DIRECT alignment).
+pub const COPY_CHUNK: u64 = 8 << 20;
+
+/// True when every byte of the device is zero (holes are skipped, data is read
+/// in bounded chunks): a never-used metadata file or volume.
+pub fn is_all_zero(dev: &dyn BlockDevice) -> Result<bool> {
+    let size = dev.size();
+    let extents = dev
+        .data_extents(0, size)?
+        .unwrap_or_else(|| vec![(0, size)]);
+    let mut buf = Vec::new();
+    for (a, b) in extents {
+        let mut pos = a;
+        while pos < b {
+            let n = (b - pos).min(COPY_CHUNK);
+            buf.resize(n as usize, 0);
+            dev.read_at(&mut buf, pos)?;
+            if buf.iter().any(|&x| x != 0) {
+                return Ok(false);
+            }
+            pos += n;
+        }
+    }
+    Ok(true)
 }
 
 /// Checks that `[offset, offset + len)` lies within a device of `size` bytes.

@@ -36,7 +36,7 @@ pub mod request;
 pub mod server;
 pub mod uring;
 
-pub use server::{print_capabilities, serve, ShutdownSignal};
+pub use server::{print_capabilities, serve, serve_on, ShutdownSignal};
 
 /// What the virtio front needs from the disk it serves. Implemented by the clone engine elsewhere.
 pub trait BlockBackend: Send + Sync + 'static {

@@ -2,11 +2,10 @@
 
 //! The listening socket and the connection loop.
 //!
-//! [`serve`] owns the unix socket: it creates it with mode 0600 (bound inside a private
-//! 0700 directory, chmod-ed, then moved into place with `renameat2(RENAME_NOREPLACE)`, so it
-//! is never reachable with looser permissions), refuses a path that exists and is not a
-//! socket, replaces a stale socket (one nobody accepts on), and removes the socket it created
-//! when it returns. Alternatively it takes over an inherited listening fd (`--fd N`).
+//! [`serve`] binds the unix socket (or adopts an inherited listening fd, `--fd N`) through
+//! [`crate::socket::BoundSocket`], whose policy it follows (mode 0600, a live socket is
+//! refused, a stale one replaced, only our own socket removed), and removes it when it
+//! returns; [`serve_on`] serves on a socket the caller bound before starting any thread.
 //!
 //! vhost-user-backend 0.24 cannot serve a second connection with the same `VhostUserDaemon`
 //! (the second SET_OWNER fails), so every connection gets a fresh daemon, a fresh guest
@@ -18,13 +17,8 @@
 //! `serve` stop accepting, close the current connection, wait for each queue worker to finish
 //! the requests it already popped, and return `Ok(())`.
 
-use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -37,6 +31,18 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::config::{DeviceGeometry, MAX_QUEUES, SECTOR_SIZE, SERIAL_LEN};
 use super::device::BlkDevice;
 use super::{BlockBackend, Result, ServeOptions, VirtioError};
+use crate::socket::{BoundSocket, SocketError};
+
+impl From<SocketError> for VirtioError {
+    fn from(e: SocketError) -> VirtioError {
+        match e {
+            SocketError::NotASocket(p) => VirtioError::NotASocket(p),
+            SocketError::InUse(p) => VirtioError::SocketInUse(p),
+            SocketError::Bind { path, source } => VirtioError::Bind { path, source },
+            SocketError::BadListenFd(fd) => VirtioError::BadListenFd(fd),
+        }
+    }
+}
 
 /// A level-triggered stop request for [`serve`]: once triggered it stays triggered.
 ///
@@ -105,20 +111,30 @@ pub fn serve(
     opts: &ServeOptions,
     shutdown: &ShutdownSignal,
 ) -> Result<()> {
-    let geometry = validate(&*backend, opts)?;
-    let (unix_listener, created) = match (&opts.socket_path, opts.listen_fd) {
-        (Some(path), None) => {
-            let l = bind_socket(path)?;
-            let ino = fs::symlink_metadata(path).map(|m| m.ino()).ok();
-            (l, Some((path.clone(), ino)))
-        }
-        (None, Some(fd)) => (adopt_listen_fd(fd)?, None),
+    validate(&*backend, opts)?;
+    let socket = match (&opts.socket_path, opts.listen_fd) {
+        (Some(path), None) => BoundSocket::bind(path)?,
+        (None, Some(fd)) => BoundSocket::adopt_fd(fd)?,
         _ => {
             return Err(VirtioError::InvalidOptions(
                 "exactly one of socket_path and listen_fd must be set".into(),
             ))
         }
     };
+    serve_on(backend, opts, &socket, shutdown)
+}
+
+/// [`serve`] on a socket the caller bound already (`opts.socket_path` and
+/// `opts.listen_fd` are ignored). The socket stays the caller's: it is removed
+/// when the caller drops it.
+pub fn serve_on(
+    backend: Arc<dyn BlockBackend>,
+    opts: &ServeOptions,
+    socket: &BoundSocket,
+    shutdown: &ShutdownSignal,
+) -> Result<()> {
+    let geometry = validate(&*backend, opts)?;
+    let unix_listener = socket.listener().try_clone().map_err(VirtioError::Setup)?;
     info!(
         size = geometry.size,
         queues = geometry.num_queues,
@@ -127,15 +143,7 @@ pub fn serve(
         "vhost-user-blk listening"
     );
     let mut listener = Listener::from(unix_listener);
-    let result = accept_loop(&backend, opts, geometry, &mut listener, shutdown);
-    drop(listener);
-    if let Some((path, ino)) = created {
-        // Remove the socket only if it is still the one we created.
-        if fs::symlink_metadata(&path).map(|m| m.ino()).ok() == ino {
-            let _ = fs::remove_file(&path);
-        }
-    }
-    result
+    accept_loop(&backend, opts, geometry, &mut listener, shutdown)
 }
 
 fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceGeometry> {
@@ -309,101 +317,4 @@ fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Option<usize>> {
         };
     }
     Ok(pfds.iter().position(|p| p.revents != 0))
-}
-
-fn bind_err(path: &Path) -> impl FnOnce(io::Error) -> VirtioError + '_ {
-    move |source| VirtioError::Bind {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Create the listening socket at `path` with mode 0600.
-fn bind_socket(path: &Path) -> Result<UnixListener> {
-    match fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(VirtioError::SocketInUse(path.to_path_buf()));
-            }
-            info!(path = %path.display(), "removing stale socket");
-            fs::remove_file(path).map_err(bind_err(path))?;
-        }
-        Ok(_) => return Err(VirtioError::NotASocket(path.to_path_buf())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_err(path)(e)),
-    }
-
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    // A private directory next to the final path (same filesystem, so rename works).
-    let tmpdir = parent.join(format!(".vhost-clone.{}.tmp", std::process::id()));
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&tmpdir)
-        .map_err(bind_err(path))?;
-    let tmpsock = tmpdir.join("s");
-    let result = (|| {
-        let l = UnixListener::bind(&tmpsock)?;
-        fs::set_permissions(&tmpsock, fs::Permissions::from_mode(0o600))?;
-        rename_noreplace(&tmpsock, path)?;
-        Ok(l)
-    })();
-    let _ = fs::remove_file(&tmpsock);
-    let _ = fs::remove_dir(&tmpdir);
-    result.map_err(bind_err(path))
-}
-
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
-    };
-    let (from, to) = (c(from)?, c(to)?);
-    // SAFETY: both pointers are valid NUL-terminated strings that outlive the call;
-    // renameat2 does not retain them.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Take ownership of an inherited listening unix socket.
-fn adopt_listen_fd(fd: RawFd) -> Result<UnixListener> {
-    let get = |opt: libc::c_int| -> Option<libc::c_int> {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: `v` and `len` are valid for writes of the sizes passed; getsockopt on an
-        // fd that is not a socket fails with ENOTSOCK/EBADF and writes nothing.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        (r == 0).then_some(v)
-    };
-    if fd < 0 || get(libc::SO_DOMAIN) != Some(libc::AF_UNIX) || get(libc::SO_ACCEPTCONN) != Some(1)
-    {
-        return Err(VirtioError::BadListenFd(fd));
-    }
-    // SAFETY: the caller hands over `fd` (ServeOptions::listen_fd documents that serve takes
-    // ownership); it was just checked to be an open, listening AF_UNIX socket.
-    let l = unsafe { UnixListener::from_raw_fd(fd) };
-    l.set_nonblocking(false).map_err(VirtioError::Setup)?;
-    Ok(l)
 }

@@ -1,0 +1,329 @@
+//! Opening a clone's three stores for writing, for `serve` and `create`: the
+//! one place that decides who may touch them and what counts as a new clone.
+//!
+//! Invariants (design rule 7, issue 12):
+//! * Nothing is read for use or written before the stores are locked (OFD
+//!   locks, [`crate::storage::lock`]): the source shared, the destination and
+//!   the metadata exclusive. A clone in use by another process is refused with
+//!   that process named.
+//! * Two of the three paths naming one file (one inode, one block device) is
+//!   refused, before anything is opened for writing and again on the open files.
+//! * Metadata is new only when it is missing, empty or all zeroes; anything
+//!   else must validate (`serve`) or is overwritten only with `create --force`.
+//! * A metadata store that records hydrated regions is never served over a
+//!   missing destination (its data would read as zeroes).
+//! * Files this open created are removed again if the start is refused
+//!   ([`Stores::keep`] marks success); files that existed are left unchanged.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{CliError, Result};
+use crate::metadata::format::Layout;
+use crate::metadata::{self, Geometry, Loaded, MetadataError};
+use crate::storage::{is_all_zero, BlockDevice, FileDevice, FileId, LockKind, OpenOptions};
+
+/// The paths of a clone's stores.
+#[derive(Debug, Clone)]
+pub struct StorePaths {
+    /// The source, if given.
+    pub source: Option<PathBuf>,
+    /// The destination.
+    pub dest: PathBuf,
+    /// The metadata.
+    pub metadata: PathBuf,
+}
+
+/// What the metadata file holds.
+#[derive(Debug)]
+pub enum MetadataState {
+    /// Missing, empty or all zeroes (or `create --force`): to be formatted.
+    New,
+    /// A store that validated.
+    Existing(Box<Loaded>),
+}
+
+/// The opened, locked stores.
+#[derive(Debug)]
+pub struct Stores {
+    /// The source, opened read-only.
+    pub source: Option<Arc<FileDevice>>,
+    /// The destination.
+    pub dest: Arc<FileDevice>,
+    /// The metadata device.
+    pub metadata: Arc<FileDevice>,
+    /// What the metadata holds.
+    pub state: MetadataState,
+    /// The clone's geometry (stored, or for a new clone from the source).
+    pub geometry: Geometry,
+    /// Files this open created: removed on drop unless [`Stores::keep`] was called.
+    created: Vec<PathBuf>,
+}
+
+/// How to open the stores.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Region size asked for (a new clone's, or checked against the stored one).
+    pub region_size: Option<u64>,
+    /// Open source and destination with O_DIRECT.
+    pub direct: bool,
+    /// Treat existing metadata as new (`create --force`).
+    pub reformat: bool,
+}
+
+fn md_err(path: &Path) -> impl Fn(MetadataError) -> CliError + '_ {
+    move |source| CliError::Metadata {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The identity of what `p` names: the file's, or for a path that does not
+/// exist yet, its absolute, normalised form.
+#[derive(Debug, PartialEq, Eq)]
+enum Named {
+    File(FileId),
+    Missing(PathBuf),
+}
+
+fn named(p: &Path) -> Named {
+    match std::fs::metadata(p) {
+        Ok(m) => Named::File(FileId::of(&m)),
+        Err(_) => {
+            let parent = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            let dir = std::fs::canonicalize(&parent).unwrap_or(parent);
+            Named::Missing(dir.join(p.file_name().unwrap_or_default()))
+        }
+    }
+}
+
+/// Refuses two roles naming one file.
+fn check_distinct(roles: &[(&'static str, &Path, Named)]) -> Result<()> {
+    for (i, (a, pa, na)) in roles.iter().enumerate() {
+        for (b, pb, nb) in &roles[i + 1..] {
+            if na == nb {
+                return Err(CliError::Usage(format!(
+                    "--{a} {} and --{b} {} name the same file; a clone needs three different files",
+                    pa.display(),
+                    pb.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn open_locked(
+    path: &Path,
+    read_only: bool,
+    direct: bool,
+    create_size: Option<u64>,
+    lock: LockKind,
+) -> Result<FileDevice> {
+    Ok(FileDevice::open(
+        path,
+        &OpenOptions {
+            read_only,
+            direct,
+            create_size,
+            lock: Some(lock),
+        },
+    )?)
+}
+
+impl Stores {
+    /// Opens and locks the stores. The only writes it makes are to files it
+    /// creates (the destination at the clone's size, an empty metadata file).
+    pub fn open(paths: &StorePaths, opts: StoreOptions) -> Result<Stores> {
+        let mut roles = vec![
+            ("dest", paths.dest.as_path(), named(&paths.dest)),
+            ("metadata", paths.metadata.as_path(), named(&paths.metadata)),
+        ];
+        if let Some(s) = &paths.source {
+            roles.insert(0, ("source", s.as_path(), named(s)));
+        }
+        check_distinct(&roles)?;
+
+        let mut created = Vec::new();
+        let source = match &paths.source {
+            Some(p) => Some(open_locked(p, true, opts.direct, None, LockKind::Shared)?),
+            None => None,
+        };
+        let md_exists = paths.metadata.exists();
+        let dest_exists = paths.dest.exists();
+        let md = if md_exists {
+            Some(open_locked(
+                &paths.metadata,
+                false,
+                false,
+                None,
+                LockKind::Exclusive,
+            )?)
+        } else {
+            None
+        };
+        let dest = if dest_exists {
+            Some(open_locked(
+                &paths.dest,
+                false,
+                opts.direct,
+                None,
+                LockKind::Exclusive,
+            )?)
+        } else {
+            None
+        };
+
+        // What the metadata holds, and the geometry.
+        let mdp = &paths.metadata;
+        let state = match &md {
+            Some(dev) if !opts.reformat && dev.size() > 0 => {
+                if is_all_zero(dev)? {
+                    MetadataState::New
+                } else {
+                    let loaded = metadata::load(dev, None).map_err(md_err(mdp))?;
+                    MetadataState::Existing(Box::new(loaded))
+                }
+            }
+            _ => MetadataState::New,
+        };
+        let geometry = match &state {
+            MetadataState::New => {
+                let Some(src) = &source else {
+                    return Err(CliError::Usage(format!(
+                        "{} is a new clone: --source is needed to create it",
+                        mdp.display()
+                    )));
+                };
+                Geometry::new(
+                    src.size(),
+                    opts.region_size
+                        .unwrap_or(crate::metadata::DEFAULT_REGION_SIZE),
+                )
+                .map_err(md_err(mdp))?
+            }
+            MetadataState::Existing(l) => {
+                let stored = l.superblock.geometry;
+                let want = Geometry::new(
+                    source
+                        .as_ref()
+                        .map_or(stored.device_size(), |s| s.size() - s.size() % 512),
+                    opts.region_size.unwrap_or(stored.region_size()),
+                )
+                .map_err(md_err(mdp))?;
+                // The same checks `load` makes with an expected geometry.
+                metadata::check_geometry(&stored, &want).map_err(md_err(mdp))?;
+                stored
+            }
+        };
+        if let (MetadataState::Existing(l), None) = (&state, &dest) {
+            if l.superblock.hydrated > 0 {
+                return Err(CliError::Refused(format!(
+                    "{} records {} hydrated regions, but the destination {} is missing: the clone's data is gone (vhost-clone create --force starts over)",
+                    mdp.display(),
+                    l.superblock.hydrated,
+                    paths.dest.display()
+                )));
+            }
+        }
+
+        // Create what is missing (tracked, so a refused start removes it).
+        let mut stores_created = |p: &Path| created.push(p.to_path_buf());
+        let dest = match dest {
+            Some(d) => d,
+            None => {
+                let d = open_locked(
+                    &paths.dest,
+                    false,
+                    opts.direct,
+                    Some(geometry.device_size()),
+                    LockKind::Exclusive,
+                )?;
+                if d.created() {
+                    stores_created(&paths.dest);
+                }
+                d
+            }
+        };
+        let md = match md {
+            Some(m) => m,
+            None => {
+                let m = open_locked(&paths.metadata, false, false, Some(0), LockKind::Exclusive)?;
+                if m.created() {
+                    stores_created(&paths.metadata);
+                }
+                m
+            }
+        };
+        let stores = Stores {
+            source: source.map(Arc::new),
+            dest: Arc::new(dest),
+            metadata: Arc::new(md),
+            state,
+            geometry,
+            created,
+        };
+        // Again on the open files: a path may have been swapped meanwhile.
+        let mut ids = vec![
+            ("dest", stores.dest.id()),
+            ("metadata", stores.metadata.id()),
+        ];
+        if let Some(s) = &stores.source {
+            ids.push(("source", s.id()));
+        }
+        for (i, (a, x)) in ids.iter().enumerate() {
+            if let Some((b, _)) = ids[i + 1..].iter().find(|(_, y)| y == x) {
+                return Err(CliError::Usage(format!(
+                    "--{a} and --{b} name the same file; a clone needs three different files"
+                )));
+            }
+        }
+        if stores.dest.size() < geometry.device_size() {
+            return Err(CliError::Refused(format!(
+                "the destination {} has {} bytes, smaller than the clone's {}",
+                paths.dest.display(),
+                stores.dest.size(),
+                geometry.device_size()
+            )));
+        }
+        Ok(stores)
+    }
+
+    /// Formats the metadata if it is new (growing a small regular file to the
+    /// layout's size first). Returns true when it formatted.
+    pub fn format_if_new(&mut self) -> Result<bool> {
+        if !matches!(self.state, MetadataState::New) {
+            return Ok(false);
+        }
+        let path = self.metadata.path().to_path_buf();
+        let need = Layout::new(&self.geometry).required_size();
+        if self.metadata.size() < need {
+            let dev = Arc::get_mut(&mut self.metadata).ok_or_else(|| {
+                CliError::Refused("the metadata device is shared while formatting".into())
+            })?;
+            dev.grow(need)?;
+        }
+        metadata::Metadata::format_store(self.metadata.as_ref(), self.geometry)
+            .map_err(md_err(&path))?;
+        let loaded =
+            metadata::load(self.metadata.as_ref(), Some(&self.geometry)).map_err(md_err(&path))?;
+        self.state = MetadataState::Existing(Box::new(loaded));
+        Ok(true)
+    }
+
+    /// The start succeeded: keep the files this open created.
+    pub fn keep(&mut self) {
+        self.created.clear();
+    }
+}
+
+impl Drop for Stores {
+    fn drop(&mut self) {
+        for p in &self.created {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
