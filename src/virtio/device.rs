@@ -11,7 +11,9 @@
 //! shared between them but the backend and a few atomics. GET_VRING_BASE (`stop_vring`)
 //! takes the queue's lock too, so it returns only after the requests that worker popped have
 //! been completed (the worker runs them synchronously, or through the queue's io_uring,
-//! which it drains before it lets go of the lock; see [`super::uring`]).
+//! which it drains before it lets go of the lock; see [`super::uring`]). Shutdown uses the
+//! same barrier: [`BlkDevice::quiesce`] sets a flag every queue loop checks before each pop,
+//! then takes each queue's lock, before the server closes the connection.
 //!
 //! Completion rules: every popped chain with a valid head index is added to the used ring,
 //! with used length = bytes written into guest buffers including the status byte, or 0 when
@@ -80,6 +82,8 @@ pub struct BlkDevice {
     exit_fds: Mutex<Vec<RawFd>>,
     /// Backend errors seen (for rate-limited logging).
     errors_logged: AtomicU64,
+    /// Set by [`BlkDevice::quiesce`]: no queue pops another chain.
+    stopping: AtomicBool,
 }
 
 impl BlkDevice {
@@ -113,12 +117,33 @@ impl BlkDevice {
             exit_events: Mutex::new(exit_events),
             exit_fds: Mutex::new(Vec::new()),
             errors_logged: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         })
     }
 
     /// The fds to close once the daemon that used this device has been dropped.
     pub fn take_exit_fds(&self) -> Vec<RawFd> {
         std::mem::take(&mut *self.exit_fds.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Stops the device before its connection is closed: from now on no queue pops a new
+    /// chain (kicks still wake the workers, which find nothing to do), and this returns
+    /// once every queue worker has retired the chains it had popped.
+    ///
+    /// The order matters for a restart: QEMU reads the used index when the connection
+    /// drops and a restarted daemon resumes from it, so nothing may be popped or completed
+    /// after that point. The barrier is the queue's lock, which a worker holds from its
+    /// first pop until its last completion (as for GET_VRING_BASE, see `stop_vring`).
+    pub fn quiesce(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for q in &self.queues {
+            drop(q.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
+    /// Whether [`BlkDevice::quiesce`] was called.
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Completed / failed counts of queue `i`.
@@ -148,7 +173,7 @@ impl BlkDevice {
     fn process_queue(&self, vring: &Vring, q: &mut QueueState) {
         // Spurious calls (the crate calls once when a ring is enabled) and calls after
         // GET_VRING_BASE find nothing to do.
-        if !vring.get_ref().get_queue().ready() {
+        if self.stopping() || !vring.get_ref().get_queue().ready() {
             return;
         }
         let event_idx = self.event_idx.load(Ordering::Acquire);
@@ -164,7 +189,9 @@ impl BlkDevice {
             } else {
                 self.drain(vring, q);
             }
-            if !event_idx {
+            // Once stopping, the chains left in the ring belong to the next daemon: no
+            // second pass for them.
+            if !event_idx || self.stopping() {
                 break;
             }
             match vring.enable_notification() {
@@ -210,7 +237,10 @@ impl BlkDevice {
     fn drain(&self, vring: &Vring, q: &mut QueueState) {
         let mem = self.mem.memory();
         let mut retired = false;
-        while let Some(parsed) = self.pop(vring, &mem) {
+        while !self.stopping() {
+            let Some(parsed) = self.pop(vring, &mem) else {
+                break;
+            };
             let (status, written) = self.run(&mem, &parsed);
             retired |= self.complete(vring, q, &mem, parsed.head, parsed.status, status, written);
         }
@@ -230,7 +260,8 @@ impl BlkDevice {
         };
         loop {
             let mut retired = false;
-            while uq.has_room() {
+            // Once stopping, pop nothing more but retire what is in flight.
+            while uq.has_room() && !self.stopping() {
                 let Some(parsed) = self.pop(vring, &mem) else {
                     break;
                 };

@@ -15,8 +15,12 @@
 //! returning `Some`) and the exit-event fds the crate leaks are closed here.
 //!
 //! Shutdown: [`ShutdownSignal::trigger`] (from a SIGTERM/SIGINT handler in the binary) makes
-//! `serve` stop accepting, close the current connection, wait for each queue worker to finish
-//! the requests it already popped, and return `Ok(())`.
+//! `serve` stop accepting, stop every queue from popping new chains, wait for each queue
+//! worker to finish the requests it already popped ([`BlkDevice::quiesce`]), and only then
+//! close the current connection and return `Ok(())`. In that order because QEMU takes the
+//! used index as final when the connection drops: a request popped or completed after that
+//! would run again from descriptors the guest may have reused once QEMU reconnects to a
+//! restarted daemon.
 
 use std::fs;
 use std::io;
@@ -221,12 +225,16 @@ fn serve_connection(
     let result = match daemon.start(listener) {
         Ok(()) => {
             debug!("vhost-user frontend connected");
-            wait_connection(&mut daemon, shutdown)
+            wait_connection(&mut daemon, &device, shutdown)
         }
         Err(e) => Err(e),
     };
+    // The connection is gone (or was never up): the frontend took the used index as it
+    // was, so no queue may pop another chain.
+    device.quiesce();
     // Dropping the daemon sends the exit events and joins the queue workers; each finishes
-    // the requests it popped first.
+    // the requests it popped first (after a shutdown there are none left: see
+    // `wait_connection`).
     drop(daemon);
     for fd in device.take_exit_fds() {
         // SAFETY: `fd` is the consumer end of an exit eventfd this device created and handed
@@ -263,9 +271,12 @@ fn serve_connection(
     }
 }
 
-/// Wait for the connection to end, closing it early if `shutdown` is triggered.
+/// Wait for the connection to end, closing it early if `shutdown` is triggered: then the
+/// queues are quiesced first (nothing popped any more, everything popped retired), and the
+/// connection is closed after.
 fn wait_connection(
     daemon: &mut VhostUserDaemon<Arc<BlkDevice>>,
+    device: &BlkDevice,
     shutdown: &ShutdownSignal,
 ) -> std::result::Result<(), DaemonError> {
     let handle = daemon.shutdown_handle();
@@ -273,8 +284,10 @@ fn wait_connection(
     std::thread::scope(|s| {
         let watcher = s.spawn(|| {
             if let Ok(Some(0)) = poll_readable(&[shutdown.as_raw_fd(), done.as_raw_fd()], -1) {
+                info!("shutdown requested; stopping the queues");
+                device.quiesce();
                 if let Some(h) = &handle {
-                    info!("shutdown requested; closing the vhost-user connection");
+                    info!("queues stopped; closing the vhost-user connection");
                     h.shutdown();
                 }
             }
