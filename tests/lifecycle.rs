@@ -3,7 +3,10 @@
 //! Queue lifecycle at the vhost-user level, with the raw frontend of `tests/vu`:
 //! - shutdown (SIGTERM) stops every queue from popping new chains and lets each finish
 //!   what it popped *before* the connection is closed, so the used index QEMU reads when
-//!   the connection drops is final (a restarted daemon replays from it).
+//!   the connection drops is final (a restarted daemon replays from it);
+//! - a queue whose ring cannot make progress (a bogus avail index, or a queue stopped by
+//!   GET_VRING_BASE while requests are pending) with EVENT_IDX negotiated does not spin
+//!   holding its lock: GET_VRING_BASE answers and shutdown returns.
 //!
 //! Every wait has a timeout, so a regression fails instead of hanging the test run. When a
 //! wait times out the server is leaked on purpose: dropping it would join a worker that
@@ -15,10 +18,11 @@ mod common;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::*;
+use vhost::VhostBackend;
 use vhost_clone::virtio::{BlockBackend, IoEngine, ServeOptions};
 
 const F_EVENT_IDX: u32 = 29;
@@ -97,6 +101,27 @@ fn engine_opts(engine: IoEngine) -> ServeOptions {
     ServeOptions {
         io_engine: engine,
         ..opts(1)
+    }
+}
+
+/// Fails the test when `f` does not return within `limit`. The closure runs in its own
+/// thread; on a timeout that thread and `leak` are leaked (never joined or dropped).
+fn within<T: Send + 'static, L>(
+    limit: Duration,
+    what: &str,
+    leak: L,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (T, L) {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => (v, leak),
+        Err(_) => {
+            std::mem::forget(leak);
+            panic!("{what} did not finish within {limit:?}");
+        }
     }
 }
 
@@ -207,4 +232,77 @@ fn shutdown_stops_popping_before_closing_the_connection_uring() {
         eprintln!("io_uring is not available here ({e}): the queue falls back to sync");
     }
     shutdown_retires_popped_requests_first(IoEngine::Uring);
+}
+
+/// Makes the avail index of queue 0 claim more chains than the ring holds.
+fn bogus_avail_index(g: &mut Guest) {
+    let tq = &g.queues[0];
+    let bogus = tq.avail_idx.wrapping_add(tq.size + 5);
+    g.write_mem(tq.avail + 2, &bogus.to_le_bytes());
+    std::sync::atomic::fence(Ordering::SeqCst);
+    g.queues[0].kick.write(1).unwrap();
+}
+
+/// GET_VRING_BASE of queue 0, with a time limit. Returns the base and the guest back.
+fn get_vring_base(g: Guest, srv: Server, limit: Duration) -> (u32, Guest, Server) {
+    let fe = g.fe.clone();
+    let (base, (g, srv)) = within(limit, "GET_VRING_BASE", (g, srv), move || {
+        fe.get_vring_base(0).expect("GET_VRING_BASE failed")
+    });
+    (base, g, srv)
+}
+
+#[test]
+fn bogus_avail_index_does_not_block_get_vring_base() {
+    let disk = MemDisk::new(4 << 20);
+    let srv = Server::start(disk.clone(), opts(1));
+    let mut g = Guest::start(&srv.path, 1);
+    assert!(g.has(F_EVENT_IDX));
+    assert_eq!(g.read(0, 0, 4096).0, S_OK);
+    bogus_avail_index(&mut g);
+    // Give a spinning worker the time to take its lock and spin.
+    std::thread::sleep(Duration::from_millis(200));
+    let (base, g, srv) = get_vring_base(g, srv, Duration::from_secs(5));
+    assert_eq!(base, 1, "the queue popped nothing after the bogus index");
+    drop(g);
+    srv.stop();
+}
+
+#[test]
+fn stopped_queue_with_pending_chains_does_not_block_get_vring_base() {
+    let disk = SlowDisk::new(4 << 20, Duration::from_millis(1000));
+    let srv = Server::start(disk.clone(), opts(1));
+    let mut g = Guest::start(&srv.path, 1);
+    assert!(g.has(F_EVENT_IDX));
+    let (h0, s0, _) = g.prepare(0, 0, VIRTIO_BLK_T_IN, 0, &[], 4096);
+    g.publish_many(0, &[h0]);
+    disk.wait_started(1);
+    // While the first request is in the backend: more chains, then GET_VRING_BASE, which
+    // marks the queue not ready and waits for the worker's lock.
+    let (h1, _, _) = g.prepare(0, 1, VIRTIO_BLK_T_IN, 8, &[], 4096);
+    let (h2, _, _) = g.prepare(0, 2, VIRTIO_BLK_T_IN, 16, &[], 4096);
+    g.publish_many(0, &[h1, h2]);
+    let (base, mut g, srv) = get_vring_base(g, srv, Duration::from_secs(5));
+    assert_eq!(base, 1, "GET_VRING_BASE must report the one chain popped");
+    assert_eq!(g.wait_used(0), (u32::from(h0), 4097));
+    assert_eq!(g.read_mem(s0, 1)[0], S_OK);
+    g.assert_idle(0, 200);
+    assert_eq!(disk.started(), 1);
+    drop(g);
+    srv.stop();
+}
+
+#[test]
+fn shutdown_returns_with_a_bogus_ring_attached() {
+    let disk = MemDisk::new(4 << 20);
+    let mut srv = Server::start(disk.clone(), opts(1));
+    let mut g = Guest::start(&srv.path, 1);
+    assert!(g.has(F_EVENT_IDX));
+    assert_eq!(g.read(0, 0, 4096).0, S_OK);
+    bogus_avail_index(&mut g);
+    std::thread::sleep(Duration::from_millis(200));
+    srv.shutdown.trigger();
+    let took = wait_serve_returned(&mut srv, Duration::from_secs(5), "bogus ring");
+    assert!(took < Duration::from_secs(5));
+    drop(g);
 }
