@@ -38,7 +38,7 @@ use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::config::{DeviceGeometry, MAX_QUEUES, SECTOR_SIZE, SERIAL_LEN};
+use super::config::{DeviceGeometry, MAX_BLOCK_SIZE, MAX_QUEUES, SECTOR_SIZE, SERIAL_LEN};
 use super::device::BlkDevice;
 use super::{BlockBackend, Result, ServeOptions, VirtioError};
 
@@ -159,6 +159,18 @@ fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceGeo
             opts.queue_size
         )));
     }
+    let block_size = backend.logical_block_size();
+    if !block_size.is_power_of_two() || !(512..=MAX_BLOCK_SIZE).contains(&block_size) {
+        return Err(VirtioError::InvalidBlockSize(block_size));
+    }
+    if size % u64::from(block_size) != 0 {
+        warn!(
+            size,
+            block_size,
+            "the disk's last {} bytes are not a whole logical block: the guest cannot use them",
+            size % u64::from(block_size)
+        );
+    }
     if opts.serial.len() > SERIAL_LEN {
         return Err(VirtioError::InvalidOptions(format!(
             "serial is {} bytes, at most {SERIAL_LEN} are allowed",
@@ -172,6 +184,7 @@ fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceGeo
         read_only: opts.readonly || backend.read_only(),
         discard: opts.discard,
         optimal_io_size: backend.optimal_io_size(),
+        block_size,
     })
 }
 
