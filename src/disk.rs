@@ -46,6 +46,14 @@ impl BlockBackend for CloneDisk {
         u32::try_from(self.engine.geometry().region_size()).unwrap_or(u32::MAX)
     }
 
+    /// The destination's I/O alignment: 4096 with `O_DIRECT` (`--direct`), where a write
+    /// of less than a block would be a read-modify-write of the covering block that two
+    /// queues could interleave and lose; 512 otherwise.
+    fn logical_block_size(&self) -> u32 {
+        let align = self.engine.dest().io_fd().map_or(1, |f| f.align);
+        u32::try_from(align).map_or(512, |a| a.max(512))
+    }
+
     fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         Ok(self.engine.read(offset, bufs)?)
     }

@@ -319,12 +319,13 @@ fn request_parser_random_chains() {
         proptest::collection::vec(0u16..20, 1..4),
         any::<bool>(),
         any::<bool>(),
+        prop_oneof![Just(512u64), Just(4096u64)],
     );
     fuzz(
         "request parser (chains)",
         1024,
         strategy,
-        |(raw, head_type, sector, segs, heads, read_only, discard)| {
+        |(raw, head_type, sector, segs, heads, read_only, discard, block)| {
             let mut n = 0;
             let m = guest_mem();
             let mut h = [0u8; 16];
@@ -359,6 +360,7 @@ fn request_parser_random_chains() {
                 read_only,
                 discard,
                 max_descriptors: 1024,
+                block_size: block,
             };
             while let Some(chain) = q.pop_descriptor_chain(&m) {
                 let p = parse_chain(chain, &limits);
@@ -367,7 +369,7 @@ fn request_parser_random_chains() {
                 prop_assert!(p.status.is_some());
                 match req {
                     Request::Read { offset, len, data } | Request::Write { offset, len, data } => {
-                        prop_assert!(offset % 512 == 0 && len % 512 == 0);
+                        prop_assert!(offset % block == 0 && len % block == 0);
                         prop_assert!(offset.checked_add(*len).is_some_and(|e| e <= DEV_SIZE));
                         prop_assert_eq!(data.iter().map(|s| u64::from(s.len)).sum::<u64>(), *len);
                         if matches!(req, Request::Write { .. }) {
@@ -388,7 +390,7 @@ fn request_parser_random_chains() {
                     Request::Discard(r) | Request::WriteZeroes(r) => {
                         prop_assert!(!read_only && discard);
                         for br in r {
-                            prop_assert!(br.offset % 512 == 0 && br.len % 512 == 0);
+                            prop_assert!(br.offset % block == 0 && br.len % block == 0);
                             prop_assert!(br
                                 .offset
                                 .checked_add(br.len)

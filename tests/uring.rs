@@ -127,9 +127,15 @@ fn run_workload(direct: bool, seed: u64, ops_per_slot: usize) {
 
     let issue = |slot: usize, q: &mut Blkioq, rng: &mut ChaCha8Rng, next_tag: &mut u64| {
         let stripe = slot as u64 * STRIPE;
-        let n = rng.gen_range(1..=MAX_SECTORS);
-        // Mostly 4 KiB-aligned requests (what O_DIRECT can take straight), some not.
-        let first = if rng.gen_bool(0.8) {
+        // With --direct the disk has 4 KiB logical blocks (smaller requests are refused):
+        // whole blocks only. Otherwise mostly 4 KiB-aligned requests (what O_DIRECT can
+        // take straight), some not.
+        let n = if direct {
+            rng.gen_range(1..=MAX_SECTORS / 8) * 8
+        } else {
+            rng.gen_range(1..=MAX_SECTORS)
+        };
+        let first = if direct || rng.gen_bool(0.8) {
             stripe + rng.gen_range(0..(STRIPE - MAX_SECTORS) / 8) * 8
         } else {
             stripe + rng.gen_range(0..STRIPE - n)

@@ -45,7 +45,6 @@ fn feature_and_config_negotiation() {
         F_EVENT_IDX,
         F_INDIRECT_DESC,
         F_SEG_MAX,
-        F_BLK_SIZE,
         F_FLUSH,
         F_CONFIG_WCE,
         F_TOPOLOGY,
@@ -56,6 +55,9 @@ fn feature_and_config_negotiation() {
         assert_ne!(features & (1 << bit), 0, "feature bit {bit} missing");
     }
     assert_eq!(features & (1 << F_RO), 0);
+    // 512-byte logical blocks: BLK_SIZE is only offered for larger ones
+    // (tests/direct_blocks.rs).
+    assert_eq!(features & (1 << F_BLK_SIZE), 0);
     assert_ne!(features & PROTOCOL_FEATURES_BIT, 0);
     assert!(proto.contains(
         VhostUserProtocolFeatures::CONFIG

@@ -32,6 +32,9 @@ pub const MAX_QUEUES: u16 = 64;
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 /// Most sectors one discard / write-zeroes segment may cover (2 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Largest logical block size a backend may ask for (Linux accepts up to 64 KiB; kernels
+/// before 6.15 only up to the page size, i.e. 4 KiB on x86).
+pub const MAX_BLOCK_SIZE: u32 = 65536;
 /// Length of the serial returned by GET_ID.
 pub const SERIAL_LEN: usize = 20;
 
@@ -59,6 +62,9 @@ pub struct DeviceGeometry {
     pub discard: bool,
     /// Optimal I/O size in bytes.
     pub optimal_io_size: u32,
+    /// Logical block size in bytes (a power of two, 512..=[`MAX_BLOCK_SIZE`]); above 512 it
+    /// is advertised with VIRTIO_BLK_F_BLK_SIZE.
+    pub block_size: u32,
 }
 
 impl DeviceGeometry {
@@ -77,15 +83,33 @@ impl DeviceGeometry {
         self.optimal_io_size >> SECTOR_SHIFT
     }
 
+    /// Logical block size in bytes, at least 512.
+    pub fn logical_block_size(&self) -> u32 {
+        self.block_size.max(SECTOR_SIZE as u32)
+    }
+
+    /// Logical block size in 512-byte sectors.
+    pub fn block_sectors(&self) -> u32 {
+        self.logical_block_size() >> SECTOR_SHIFT
+    }
+
+    /// Optimal I/O size in logical blocks (the unit of `opt_io_size`; Linux multiplies it
+    /// by `blk_size`), 0 when unknown.
+    pub fn opt_io_blocks(&self) -> u32 {
+        self.optimal_io_size / self.logical_block_size()
+    }
+
     /// Discard alignment in sectors: the optimal I/O size (the clone's region size) when it is
-    /// a whole number of sectors, so guests send discards the engine can act on, else 1.
+    /// a whole number of sectors, so guests send discards the engine can act on, else one
+    /// logical block; never less than a logical block (smaller discards are refused).
     pub fn discard_alignment_sectors(&self) -> u32 {
         let s = self.opt_io_sectors();
-        if s == 0 || u64::from(self.optimal_io_size) % SECTOR_SIZE != 0 {
+        let align = if s == 0 || u64::from(self.optimal_io_size) % SECTOR_SIZE != 0 {
             1
         } else {
             s.min(MAX_DISCARD_SECTORS)
-        }
+        };
+        align.max(self.block_sectors())
     }
 
     /// Virtio feature bits offered to the frontend.
@@ -94,12 +118,15 @@ impl DeviceGeometry {
             | (1u64 << VIRTIO_RING_F_EVENT_IDX)
             | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1u64 << VIRTIO_BLK_F_SEG_MAX)
-            | (1u64 << VIRTIO_BLK_F_BLK_SIZE)
             | (1u64 << VIRTIO_BLK_F_FLUSH)
             | (1u64 << VIRTIO_BLK_F_CONFIG_WCE)
             | (1u64 << VIRTIO_BLK_F_TOPOLOGY)
             | (1u64 << VIRTIO_BLK_F_MQ)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        // Without BLK_SIZE, guests use 512-byte logical blocks.
+        if self.logical_block_size() > SECTOR_SIZE as u32 {
+            f |= 1u64 << VIRTIO_BLK_F_BLK_SIZE;
+        }
         if self.read_only {
             f |= 1u64 << VIRTIO_BLK_F_RO;
         } else if self.discard {
@@ -116,11 +143,11 @@ impl DeviceGeometry {
         put(8, &0u32.to_le_bytes()); // size_max (SIZE_MAX not offered)
         put(12, &self.seg_max().to_le_bytes()); // seg_max
                                                 // 16..20: geometry (not offered)
-        put(20, &512u32.to_le_bytes()); // blk_size
-        put(24, &[0]); // physical_block_exp
-        put(25, &[0]); // alignment_offset
-        put(26, &1u16.to_le_bytes()); // min_io_size (sectors)
-        put(28, &self.opt_io_sectors().to_le_bytes()); // opt_io_size (sectors)
+        put(20, &self.logical_block_size().to_le_bytes()); // blk_size
+        put(24, &[0]); // physical_block_exp (physical block = blk_size)
+        put(25, &[0]); // alignment_offset (blocks)
+        put(26, &1u16.to_le_bytes()); // min_io_size (blocks)
+        put(28, &self.opt_io_blocks().to_le_bytes()); // opt_io_size (blocks)
         put(32, &[u8::from(writeback)]); // wce
         put(34, &self.num_queues.to_le_bytes()); // num_queues
         if !self.read_only && self.discard {
@@ -184,6 +211,7 @@ mod tests {
             read_only: false,
             discard: true,
             optimal_io_size: 65536,
+            block_size: 512,
         }
     }
 
@@ -235,6 +263,30 @@ mod tests {
         assert_eq!(parse_set_config(0, &[0; 33]), Some(false));
         assert_eq!(parse_set_config(33, &[1]), None);
         assert_eq!(parse_set_config(0, &[1; 8]), None);
+    }
+
+    #[test]
+    fn block_size_is_advertised_above_512() {
+        let g = geo();
+        assert_eq!(g.features() & (1 << VIRTIO_BLK_F_BLK_SIZE), 0);
+        let c = g.config_bytes(true);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
+        let g = DeviceGeometry {
+            block_size: 4096,
+            ..geo()
+        };
+        assert_ne!(g.features() & (1 << VIRTIO_BLK_F_BLK_SIZE), 0);
+        let c = g.config_bytes(true);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
+        // opt_io_size in blocks, discard alignment in sectors.
+        assert_eq!(u32::from_le_bytes(c[28..32].try_into().unwrap()), 16);
+        assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 128);
+        let g = DeviceGeometry {
+            block_size: 4096,
+            optimal_io_size: 0,
+            ..geo()
+        };
+        assert_eq!(g.discard_alignment_sectors(), 8);
     }
 
     #[test]

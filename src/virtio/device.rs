@@ -11,7 +11,9 @@
 //! shared between them but the backend and a few atomics. GET_VRING_BASE (`stop_vring`)
 //! takes the queue's lock too, so it returns only after the requests that worker popped have
 //! been completed (the worker runs them synchronously, or through the queue's io_uring,
-//! which it drains before it lets go of the lock; see [`super::uring`]).
+//! which it drains before it lets go of the lock; see [`super::uring`]). Shutdown uses the
+//! same barrier: [`BlkDevice::quiesce`] sets a flag every queue loop checks before each pop,
+//! then takes each queue's lock, before the server closes the connection.
 //!
 //! Completion rules: every popped chain with a valid head index is added to the used ring,
 //! with used length = bytes written into guest buffers including the status byte, or 0 when
@@ -50,6 +52,11 @@ pub type Vring = VringRwLock<AtomicGuestMemory>;
 /// Per-queue state, locked only by the queue's worker (and by `stop_vring`).
 #[derive(Debug, Default)]
 pub struct QueueState {
+    /// The queue's index (for logs).
+    index: usize,
+    /// A ring that cannot be popped (bogus avail index) was logged since the queue
+    /// started (`stop_vring` clears it), so that a broken guest cannot flood the log.
+    ring_error_logged: bool,
     /// Requests completed with status OK.
     pub completed: u64,
     /// Requests completed with an error status or retired without one.
@@ -80,6 +87,8 @@ pub struct BlkDevice {
     exit_fds: Mutex<Vec<RawFd>>,
     /// Backend errors seen (for rate-limited logging).
     errors_logged: AtomicU64,
+    /// Set by [`BlkDevice::quiesce`]: no queue pops another chain.
+    stopping: AtomicBool,
 }
 
 impl BlkDevice {
@@ -107,18 +116,44 @@ impl BlkDevice {
             mem,
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
-            queues: (0..geometry.num_queues)
-                .map(|_| Mutex::new(QueueState::default()))
+            queues: (0..usize::from(geometry.num_queues))
+                .map(|index| {
+                    Mutex::new(QueueState {
+                        index,
+                        ..QueueState::default()
+                    })
+                })
                 .collect(),
             exit_events: Mutex::new(exit_events),
             exit_fds: Mutex::new(Vec::new()),
             errors_logged: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         })
     }
 
     /// The fds to close once the daemon that used this device has been dropped.
     pub fn take_exit_fds(&self) -> Vec<RawFd> {
         std::mem::take(&mut *self.exit_fds.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Stops the device before its connection is closed: from now on no queue pops a new
+    /// chain (kicks still wake the workers, which find nothing to do), and this returns
+    /// once every queue worker has retired the chains it had popped.
+    ///
+    /// The order matters for a restart: QEMU reads the used index when the connection
+    /// drops and a restarted daemon resumes from it, so nothing may be popped or completed
+    /// after that point. The barrier is the queue's lock, which a worker holds from its
+    /// first pop until its last completion (as for GET_VRING_BASE, see `stop_vring`).
+    pub fn quiesce(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for q in &self.queues {
+            drop(q.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
+    /// Whether [`BlkDevice::quiesce`] was called.
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Completed / failed counts of queue `i`.
@@ -145,31 +180,44 @@ impl BlkDevice {
         true
     }
 
+    /// Runs the queue until its avail ring is empty.
+    ///
+    /// With EVENT_IDX, re-enabling notifications may report more chains; another pass then
+    /// pops them. The loop ends when a pass after such a report popped nothing: the ring
+    /// claims chains that cannot be popped (the queue was stopped by GET_VRING_BASE, or
+    /// the guest set a bogus avail index) and another pass would find the same. Looping
+    /// on it would spin holding the queue's lock, so GET_VRING_BASE (which waits for the
+    /// lock) and shutdown would never finish. Notifications are enabled by then: the
+    /// guest's next kick brings the queue back here.
     fn process_queue(&self, vring: &Vring, q: &mut QueueState) {
-        // Spurious calls (the crate calls once when a ring is enabled) and calls after
-        // GET_VRING_BASE find nothing to do.
-        if !vring.get_ref().get_queue().ready() {
-            return;
-        }
         let event_idx = self.event_idx.load(Ordering::Acquire);
+        let mut more_reported = false;
         loop {
+            // Calls after GET_VRING_BASE (the queue is not ready) and after `quiesce` find
+            // nothing to do; a queue stopped while this loop runs ends it.
+            if self.stopping() || !vring.get_ref().get_queue().ready() {
+                break;
+            }
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
                     warn!("disable_notification failed: {e}");
                     return;
                 }
             }
-            if self.use_uring(q) {
-                self.drain_uring(vring, q);
+            let popped = if self.use_uring(q) {
+                self.drain_uring(vring, q)
             } else {
-                self.drain(vring, q);
-            }
-            if !event_idx {
+                self.drain(vring, q)
+            };
+            // Once stopping, the chains left in the ring belong to the next daemon: no
+            // second pass for them.
+            if !event_idx || self.stopping() || (more_reported && popped == 0) {
                 break;
             }
             match vring.enable_notification() {
-                // More buffers arrived while notifications were off.
-                Ok(true) => continue,
+                // More buffers arrived while notifications were off (or the ring
+                // claims some it cannot give: then the next pass pops nothing and ends).
+                Ok(true) => more_reported = true,
                 Ok(false) => break,
                 Err(e) => {
                     warn!("enable_notification failed: {e}");
@@ -197,43 +245,100 @@ impl BlkDevice {
         true
     }
 
-    /// The next available chain, parsed and validated.
-    fn pop(&self, vring: &Vring, mem: &GuestMemoryLoadGuard<GuestMemory>) -> Option<ParsedChain> {
-        let chain = vring
-            .get_mut()
-            .get_queue_mut()
-            .pop_descriptor_chain(mem.clone())?;
+    /// The next available chain, parsed and validated. `None` when the ring has none it
+    /// can give: empty, the queue not ready (stopped), or a bogus avail index.
+    ///
+    /// The checks are made here rather than left to `pop_descriptor_chain`, which logs an
+    /// error on every call that finds the queue not ready or the index bogus.
+    fn pop(
+        &self,
+        vring: &Vring,
+        q: &mut QueueState,
+        mem: &GuestMemoryLoadGuard<GuestMemory>,
+    ) -> Option<ParsedChain> {
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        if !queue.ready() {
+            return None;
+        }
+        let next = queue.next_avail();
+        let avail = match queue.avail_idx(&**mem, Ordering::Acquire) {
+            Ok(idx) => idx.0,
+            Err(e) => {
+                self.ring_error(q, format_args!("the avail index cannot be read: {e}"));
+                return None;
+            }
+        };
+        let pending = avail.wrapping_sub(next);
+        if pending == 0 {
+            return None;
+        }
+        if pending > queue.size() {
+            let size = queue.size();
+            self.ring_error(
+                q,
+                format_args!(
+                    "bogus avail index {avail}: {pending} chains after the next one \
+                     ({next}) in a ring of {size}"
+                ),
+            );
+            return None;
+        }
+        let chain = queue.pop_descriptor_chain(mem.clone())?;
+        drop(state);
         Some(request::parse_chain(chain, &self.limits))
     }
 
+    /// A ring nothing can be popped from: logged once per queue start.
+    fn ring_error(&self, q: &mut QueueState, what: std::fmt::Arguments<'_>) {
+        if !q.ring_error_logged {
+            q.ring_error_logged = true;
+            warn!(
+                queue = q.index,
+                "{what}; nothing is popped from this queue while it lasts \
+                 (logged once per queue start)"
+            );
+        }
+    }
+
     /// Synchronous queue loop: each request runs to completion before the next is popped.
-    fn drain(&self, vring: &Vring, q: &mut QueueState) {
+    /// Returns the number of chains popped.
+    fn drain(&self, vring: &Vring, q: &mut QueueState) -> usize {
         let mem = self.mem.memory();
         let mut retired = false;
-        while let Some(parsed) = self.pop(vring, &mem) {
+        let mut popped = 0;
+        while !self.stopping() {
+            let Some(parsed) = self.pop(vring, q, &mem) else {
+                break;
+            };
+            popped += 1;
             let (status, written) = self.run(&mem, &parsed);
             retired |= self.complete(vring, q, &mem, parsed.head, parsed.status, status, written);
         }
         if retired {
             notify(vring);
         }
+        popped
     }
 
     /// io_uring queue loop (see [`super::uring`]): direct reads and writes are started
     /// as they are popped, up to the ring's depth, and retired in order; any other
     /// request waits for the queue to be idle and runs synchronously. Returns only when
-    /// the queue is idle and the avail ring empty.
-    fn drain_uring(&self, vring: &Vring, q: &mut QueueState) {
+    /// the queue is idle and the avail ring empty, with the number of chains popped.
+    fn drain_uring(&self, vring: &Vring, q: &mut QueueState) -> usize {
         let mem = self.mem.memory();
         let Some(mut uq) = q.uring.take() else {
-            return;
+            return 0;
         };
+        let mut popped = 0;
         loop {
             let mut retired = false;
-            while uq.has_room() {
-                let Some(parsed) = self.pop(vring, &mem) else {
+            // Once stopping, pop nothing more but retire what is in flight.
+            while uq.has_room() && !self.stopping() {
+                let Some(parsed) = self.pop(vring, q, &mem) else {
                     break;
                 };
+                popped += 1;
                 let head = parsed.head;
                 if let Some((status_addr, write, offset, len, fd)) =
                     self.direct_plan(&mem, &parsed, uq.next_iov())
@@ -272,6 +377,7 @@ impl BlkDevice {
             uq.wait();
         }
         q.uring = Some(uq);
+        popped
     }
 
     /// Whether `parsed` can go to the io_uring, and with what: fills `iov` and returns
@@ -585,7 +691,9 @@ impl VhostUserBackend for BlkDevice {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // Wait for the worker to finish what it popped: it holds this lock while it works.
         if let Some(q) = self.queues.get(queue_index as usize) {
-            drop(q.lock().unwrap_or_else(PoisonError::into_inner));
+            let mut q = q.lock().unwrap_or_else(PoisonError::into_inner);
+            // The next start of the queue may log a broken ring again.
+            q.ring_error_logged = false;
         }
         Ok(())
     }

@@ -24,7 +24,8 @@
 //!   touch memory outside the buffers the guest offered for that request.
 //! - Every popped chain whose head index is inside the ring is retired (added to the used
 //!   ring), with an error status when a status byte can be written and used length 0 otherwise.
-//! - Offsets and lengths reach the backend only after they were checked: multiples of 512,
+//! - Offsets and lengths reach the backend only after they were checked: multiples of the
+//!   logical block size (512, or the backend's [`BlockBackend::logical_block_size`]),
 //!   inside the device, computed with overflow-checked arithmetic.
 
 use std::io;
@@ -46,6 +47,15 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn read_only(&self) -> bool;
     /// Optimal I/O size in bytes (the clone's region size), for VIRTIO_BLK_F_TOPOLOGY.
     fn optimal_io_size(&self) -> u32;
+    /// Logical block size in bytes: a power of two, 512 (the default) to 65536. Above 512
+    /// it is advertised to the guest (VIRTIO_BLK_F_BLK_SIZE; Linux uses it as the disk's
+    /// logical block size) and every read, write, discard and write-zeroes whose offset
+    /// or length is not a multiple of it is refused with `VIRTIO_BLK_S_IOERR` before it
+    /// reaches the backend. A backend that cannot write less than a block atomically
+    /// (an `O_DIRECT` file, which would need a read-modify-write) says so here.
+    fn logical_block_size(&self) -> u32 {
+        512
+    }
     /// Reads `bufs`' total length at `offset` into guest memory.
     fn read(&self, offset: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()>;
     /// Writes `bufs` (guest memory) at `offset`.
@@ -153,6 +163,9 @@ pub enum VirtioError {
     /// The backend reports a size that is not a multiple of 512.
     #[error("Backend size {0} is not a multiple of 512")]
     InvalidBackendSize(u64),
+    /// The backend's logical block size is not a power of two in 512..=65536.
+    #[error("Backend logical block size {0} is not a power of two between 512 and 65536")]
+    InvalidBlockSize(u32),
     /// The socket path exists and is not a socket.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),

@@ -13,8 +13,10 @@
 //!   descriptor and a status byte sharing the data buffer);
 //! - takes the 16-byte `virtio_blk_outhdr` from the first readable bytes (it may span
 //!   descriptors);
-//! - checks directions, 512-byte multiples, sector ranges (overflow-checked), discard and
-//!   write-zeroes segments (count, size, flags) against the device.
+//! - checks directions, 512-byte multiples, sector ranges (overflow-checked), whole
+//!   logical blocks when the device's block size is larger than 512 (`ParseLimits::
+//!   block_size`), discard and write-zeroes segments (count, size, flags) against the
+//!   device.
 //!
 //! The result is a [`ParsedChain`]: the head, where the status byte goes (if anywhere), and
 //! either a [`Request`] or a [`RequestError`] that maps to `VIRTIO_BLK_S_IOERR` or
@@ -161,6 +163,16 @@ pub enum RequestError {
     /// Data length not a multiple of 512.
     #[error("Data length {0} is not a multiple of 512")]
     Unaligned(u64),
+    /// Offset or length not a multiple of the device's logical block size.
+    #[error("{len} bytes at offset {offset} are not whole {block}-byte logical blocks")]
+    Misaligned {
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The logical block size.
+        block: u64,
+    },
     /// Sector range outside the device or overflowing.
     #[error("Sector range {sector}+{bytes} bytes outside the device")]
     OutOfRange {
@@ -222,6 +234,9 @@ pub struct ParseLimits {
     pub discard: bool,
     /// Most descriptors in one chain.
     pub max_descriptors: usize,
+    /// Logical block size in bytes (a power of two >= 512): offsets and lengths of reads,
+    /// writes, discards and write-zeroes must be multiples of it.
+    pub block_size: u64,
 }
 
 impl From<&DeviceGeometry> for ParseLimits {
@@ -231,6 +246,7 @@ impl From<&DeviceGeometry> for ParseLimits {
             read_only: g.read_only,
             discard: g.discard && !g.read_only,
             max_descriptors: usize::from(g.queue_size).max(MIN_DESCRIPTOR_LIMIT),
+            block_size: u64::from(g.block_size),
         }
     }
 }
@@ -363,6 +379,7 @@ fn parse_descriptors(
                 return Err(RequestError::NoData(req_type));
             }
             let offset = check_range(sector, in_len, limits.size)?;
+            check_blocks(offset, in_len, limits.block_size)?;
             Ok(Request::Read {
                 offset,
                 len: in_len,
@@ -380,6 +397,7 @@ fn parse_descriptors(
                 return Err(RequestError::NoData(req_type));
             }
             let offset = check_range(sector, out_len, limits.size)?;
+            check_blocks(offset, out_len, limits.block_size)?;
             Ok(Request::Write {
                 offset,
                 len: out_len,
@@ -405,7 +423,7 @@ fn parse_descriptors(
                 return Err(RequestError::ReadOnly);
             }
             let wz = req_type == VIRTIO_BLK_T_WRITE_ZEROES;
-            let ranges = parse_segments(mem, &data_out, out_len, wz, limits.size)?;
+            let ranges = parse_segments(mem, &data_out, out_len, wz, limits)?;
             Ok(if wz {
                 Request::WriteZeroes(ranges)
             } else {
@@ -421,7 +439,7 @@ fn parse_segments(
     data: &[GuestSegment],
     len: u64,
     write_zeroes: bool,
-    size: u64,
+    limits: &ParseLimits,
 ) -> Result<Vec<ByteRange>, RequestError> {
     let max = u64::from(MAX_DISCARD_SEGMENTS) * DISCARD_SEGMENT_LEN as u64;
     if len == 0 || len > max || len % DISCARD_SEGMENT_LEN as u64 != 0 {
@@ -449,10 +467,11 @@ fn parse_segments(
             return Err(RequestError::SegmentTooLarge(num_sectors));
         }
         let bytes = u64::from(num_sectors) * SECTOR_SIZE;
-        let offset = check_range(sector, bytes, size)?;
+        let offset = check_range(sector, bytes, limits.size)?;
         if bytes == 0 {
             continue;
         }
+        check_blocks(offset, bytes, limits.block_size)?;
         ranges.push(ByteRange {
             offset,
             len: bytes,
@@ -474,6 +493,15 @@ pub fn check_range(sector: u64, bytes: u64, size: u64) -> Result<u64, RequestErr
         return Err(out);
     }
     Ok(offset)
+}
+
+/// Check that `[offset, offset + len)` is made of whole logical blocks of `block` bytes
+/// (512 always passes after [`check_range`]; 0 and 1 check nothing).
+pub fn check_blocks(offset: u64, len: u64, block: u64) -> Result<(), RequestError> {
+    if block > 1 && (offset % block != 0 || len % block != 0) {
+        return Err(RequestError::Misaligned { offset, len, block });
+    }
+    Ok(())
 }
 
 fn total_len(segs: &[GuestSegment]) -> u64 {
@@ -668,6 +696,7 @@ mod tests {
             read_only: false,
             discard: true,
             max_descriptors: MIN_DESCRIPTOR_LIMIT,
+            block_size: 512,
         }
     }
 
@@ -892,6 +921,73 @@ mod tests {
         let p = parse(&m, &c, &limits());
         assert_eq!(p.status, None);
         assert_eq!(p.request, Err(RequestError::EmptyChain));
+    }
+
+    #[test]
+    fn requests_not_in_whole_logical_blocks_are_refused() {
+        let m = mem();
+        let l4k = ParseLimits {
+            block_size: 4096,
+            ..limits()
+        };
+        let (h, buf, s) = (0x10000u64, 0x20000u64, 0x30000u64);
+        let rw = |t: u32, sector: u64, len: u32| {
+            hdr(&m, h, t, sector);
+            let data = d(buf, len, t == VIRTIO_BLK_T_IN);
+            parse(&m, &[d(h, 16, false), data, d(s, 1, true)], &l4k)
+        };
+        for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+            // Whole blocks pass.
+            assert!(rw(t, 8, 8192).request.is_ok(), "type {t}");
+            // Sector-aligned but not block-aligned offset or length: IOERR.
+            for (sector, len) in [(1, 4096), (8, 512), (4, 4096), (8, 4096 + 512)] {
+                let p = rw(t, sector, len);
+                assert_eq!(
+                    p.request,
+                    Err(RequestError::Misaligned {
+                        offset: sector * 512,
+                        len: u64::from(len),
+                        block: 4096
+                    }),
+                    "type {t}, sector {sector}, {len} bytes"
+                );
+                assert_eq!(p.request.unwrap_err().status(), STATUS_IOERR);
+            }
+            // With 512-byte blocks the same requests are fine.
+            hdr(&m, h, t, 1);
+            let data = d(buf, 512, t == VIRTIO_BLK_T_IN);
+            let p = parse(&m, &[d(h, 16, false), data, d(s, 1, true)], &limits());
+            assert!(p.request.is_ok());
+        }
+        // Discard and write-zeroes segments.
+        for t in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            hdr(&m, h, t, 0);
+            let c = [d(h, 16, false), d(buf, 32, false), d(s, 1, true)];
+            let seg = |i: u64, sector: u64, n: u32| {
+                let mut b = [0u8; 16];
+                b[0..8].copy_from_slice(&sector.to_le_bytes());
+                b[8..12].copy_from_slice(&n.to_le_bytes());
+                m.write_slice(&b, GuestAddress(buf + 16 * i)).unwrap();
+            };
+            seg(0, 8, 16);
+            seg(1, 64, 8);
+            assert!(parse(&m, &c, &l4k).request.is_ok(), "type {t}");
+            seg(1, 65, 8);
+            assert_eq!(
+                parse(&m, &c, &l4k).request,
+                Err(RequestError::Misaligned {
+                    offset: 65 * 512,
+                    len: 4096,
+                    block: 4096
+                })
+            );
+            seg(1, 64, 1);
+            assert!(matches!(
+                parse(&m, &c, &l4k).request,
+                Err(RequestError::Misaligned { .. })
+            ));
+            assert!(parse(&m, &c, &limits()).request.is_ok());
+        }
     }
 
     #[test]

@@ -14,8 +14,12 @@
 //! returning `Some`) and the exit-event fds the crate leaks are closed here.
 //!
 //! Shutdown: [`ShutdownSignal::trigger`] (from a SIGTERM/SIGINT handler in the binary) makes
-//! `serve` stop accepting, close the current connection, wait for each queue worker to finish
-//! the requests it already popped, and return `Ok(())`.
+//! `serve` stop accepting, stop every queue from popping new chains, wait for each queue
+//! worker to finish the requests it already popped ([`BlkDevice::quiesce`]), and only then
+//! close the current connection and return `Ok(())`. In that order because QEMU takes the
+//! used index as final when the connection drops: a request popped or completed after that
+//! would run again from descriptors the guest may have reused once QEMU reconnects to a
+//! restarted daemon.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -28,7 +32,7 @@ use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::config::{DeviceGeometry, MAX_QUEUES, SECTOR_SIZE, SERIAL_LEN};
+use super::config::{DeviceGeometry, MAX_BLOCK_SIZE, MAX_QUEUES, SECTOR_SIZE, SERIAL_LEN};
 use super::device::BlkDevice;
 use super::{BlockBackend, Result, ServeOptions, VirtioError};
 use crate::socket::{BoundSocket, SocketError};
@@ -163,6 +167,18 @@ fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceGeo
             opts.queue_size
         )));
     }
+    let block_size = backend.logical_block_size();
+    if !block_size.is_power_of_two() || !(512..=MAX_BLOCK_SIZE).contains(&block_size) {
+        return Err(VirtioError::InvalidBlockSize(block_size));
+    }
+    if size % u64::from(block_size) != 0 {
+        warn!(
+            size,
+            block_size,
+            "the disk's last {} bytes are not a whole logical block: the guest cannot use them",
+            size % u64::from(block_size)
+        );
+    }
     if opts.serial.len() > SERIAL_LEN {
         return Err(VirtioError::InvalidOptions(format!(
             "serial is {} bytes, at most {SERIAL_LEN} are allowed",
@@ -176,6 +192,7 @@ fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceGeo
         read_only: opts.readonly || backend.read_only(),
         discard: opts.discard,
         optimal_io_size: backend.optimal_io_size(),
+        block_size,
     })
 }
 
@@ -229,12 +246,16 @@ fn serve_connection(
     let result = match daemon.start(listener) {
         Ok(()) => {
             debug!("vhost-user frontend connected");
-            wait_connection(&mut daemon, shutdown)
+            wait_connection(&mut daemon, &device, shutdown)
         }
         Err(e) => Err(e),
     };
+    // The connection is gone (or was never up): the frontend took the used index as it
+    // was, so no queue may pop another chain.
+    device.quiesce();
     // Dropping the daemon sends the exit events and joins the queue workers; each finishes
-    // the requests it popped first.
+    // the requests it popped first (after a shutdown there are none left: see
+    // `wait_connection`).
     drop(daemon);
     for fd in device.take_exit_fds() {
         // SAFETY: `fd` is the consumer end of an exit eventfd this device created and handed
@@ -271,9 +292,12 @@ fn serve_connection(
     }
 }
 
-/// Wait for the connection to end, closing it early if `shutdown` is triggered.
+/// Wait for the connection to end, closing it early if `shutdown` is triggered: then the
+/// queues are quiesced first (nothing popped any more, everything popped retired), and the
+/// connection is closed after.
 fn wait_connection(
     daemon: &mut VhostUserDaemon<Arc<BlkDevice>>,
+    device: &BlkDevice,
     shutdown: &ShutdownSignal,
 ) -> std::result::Result<(), DaemonError> {
     let handle = daemon.shutdown_handle();
@@ -281,8 +305,10 @@ fn wait_connection(
     std::thread::scope(|s| {
         let watcher = s.spawn(|| {
             if let Ok(Some(0)) = poll_readable(&[shutdown.as_raw_fd(), done.as_raw_fd()], -1) {
+                info!("shutdown requested; stopping the queues");
+                device.quiesce();
                 if let Some(h) = &handle {
-                    info!("shutdown requested; closing the vhost-user connection");
+                    info!("queues stopped; closing the vhost-user connection");
                     h.shutdown();
                 }
             }
