@@ -53,14 +53,25 @@ impl Clone {
     /// checking it exited promptly.
     fn refused(&self, args: &[&str]) -> (i32, String) {
         let t = Instant::now();
-        let mut all = vec!["serve"];
-        all.extend_from_slice(args);
-        let o = run(&all);
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "refusal took {:?}",
-            t.elapsed()
-        );
+        let mut child = std::process::Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        while child.try_wait().unwrap().is_none() {
+            if t.elapsed() > Duration::from_secs(15) {
+                let _ = child.kill();
+                let o = child.wait_with_output().unwrap();
+                panic!(
+                    "serve {args:?} was accepted (still serving after 15 s): {}",
+                    text(&o)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let o = child.wait_with_output().unwrap();
         assert!(!o.status.success(), "serve {args:?} was accepted");
         (o.status.code().unwrap_or(-1), text(&o))
     }

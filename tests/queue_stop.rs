@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 
-//! Queue queue_stop at the vhost-user level, with the raw frontend of `tests/vu`:
+//! Stopping queues at the vhost-user level, with the raw frontend of `tests/vu`:
 //! - shutdown (SIGTERM) stops every queue from popping new chains and lets each finish
 //!   what it popped *before* the connection is closed, so the used index QEMU reads when
 //!   the connection drops is final (a restarted daemon replays from it);
