@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::Geometry;
+use crate::storage::lock::{lock_or_wait, LockError, LockKind};
 
 /// Default directory of live map files: a RAM file system that outlives a
 /// process and not a reboot.
@@ -207,12 +208,18 @@ impl LiveMap {
     }
 
     /// Opens (or creates) the live map of the clone `id` in `dir`: the file
-    /// `vhost-clone-UUID.live`, mode 0600. A file left by a dead process of this
-    /// clone on this boot keeps its bits; any other content is cleared.
+    /// `vhost-clone-UUID-DEV-INO.live` (the destination's device and inode),
+    /// mode 0600, locked exclusively while the map lives. A file left by a dead
+    /// process of this clone on this boot keeps its bits; any other content is
+    /// cleared.
     pub fn open(dir: &Path, id: &LiveIdentity) -> Result<(LiveMap, Found), LiveError> {
+        // Named by clone and destination: a copy of a clone's metadata used with
+        // another destination gets a map of its own.
         let path = dir.join(format!(
-            "vhost-clone-{}.live",
-            uuid::Uuid::from_bytes(id.uuid).hyphenated()
+            "vhost-clone-{}-{:x}-{:x}.live",
+            uuid::Uuid::from_bytes(id.uuid).hyphenated(),
+            id.dest.0,
+            id.dest.1
         ));
         let err = |source: io::Error| LiveError::Io {
             path: path.clone(),
@@ -241,6 +248,20 @@ impl LiveMap {
             ),
             Err(e) => return Err(err(e)),
         };
+        // One owner: the map of a running daemon is never cleared under it.
+        match lock_or_wait(&file, LockKind::Exclusive) {
+            Ok(()) => {}
+            Err(LockError::Held(holder)) => {
+                return Err(LiveError::Untrusted {
+                    path: path.clone(),
+                    why: format!(
+                        "in use by {}",
+                        holder.unwrap_or_else(|| "another process".into())
+                    ),
+                })
+            }
+            Err(LockError::Io(e)) => return Err(err(e)),
+        }
         let meta = file.metadata().map_err(err)?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let euid = unsafe { libc::geteuid() };
@@ -461,6 +482,16 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", &path).unwrap();
         assert!(LiveMap::open(dir.path(), &id((1, 2))).is_err());
+    }
+
+    #[test]
+    fn a_map_in_use_is_refused_not_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = LiveMap::open(dir.path(), &id((1, 2))).unwrap();
+        m.words()[0].fetch_or(1, Ordering::AcqRel);
+        let e = LiveMap::open(dir.path(), &id((1, 2))).unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        assert_eq!(m.snapshot(), vec![1, 0, 0]);
     }
 
     #[test]
