@@ -20,7 +20,11 @@ check_spans "$SPANS"
 GUEST
 	daemon_stop
 	if [ "$BACKEND" = vhost-clone ]; then
-		"$VHOST_CLONE" dump --metadata "$META" --json | grep -q '"hydrated": 0,' ||
+		# Captured first: `grep -q` would close the pipe early, and under
+		# pipefail dump's EPIPE would fail the check.
+		local dumped
+		dumped=$("$VHOST_CLONE" dump --metadata "$META" --json) || die "dump failed"
+		grep -q '"hydrated": 0,' <<< "$dumped" ||
 			die "reads hydrated regions: $("$VHOST_CLONE" dump --metadata "$META" | head -2)"
 	fi
 	offline_check

@@ -32,6 +32,9 @@ check_device
 [ "$(cat /sys/block/vda/queue/write_zeroes_max_bytes)" -gt 0 ] || fail "no write-zeroes support"
 for op in $OPS; do
 	kind=${op%%:*}; rest=${op#*:}; off=${rest%%:*}; len=${rest#*:}
+	# With 4 KiB logical blocks (--direct) only whole blocks can be asked for.
+	r=$(lbs_inward $off $len); off=${r% *} len=${r#* }
+	[ "$len" -gt 0 ] || { log "$op: no whole $LBS-byte block, skipped"; continue; }
 	woff=$((off - 64 * K)); wlen=$((len + 128 * K))
 	win() { dd if=$DEV of=$1 bs=64k iflag=skip_bytes,count_bytes,direct skip=$woff count=$wlen 2>/dev/null || fail "read $op"; }
 	win /tmp/before
@@ -45,7 +48,8 @@ done
 GUEST
 	local wins
 	wins=$(event_values ops win)
-	[ "$(echo $wins | wc -w)" = "$(echo $OPS | wc -w)" ] || die "missing window sums from guest ops"
+	[ "$(echo $wins | wc -w)" -gt 0 ] && [ "$(echo $wins | wc -w)" -le "$(echo $OPS | wc -w)" ] ||
+		die "missing window sums from guest ops"
 	daemon_stop
 	offline_check
 	sabotage "overwrite 512 bytes inside the zeroed range at 16 MiB" corrupt $((17 * M))

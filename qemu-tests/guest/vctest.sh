@@ -5,6 +5,10 @@
 DEV=/dev/vda
 SEED=${SEED:-4242}
 
+# The disk's logical block size: 512, or 4096 when the daemon runs with
+# --direct (it then refuses I/O that is not whole 4 KiB blocks).
+LBS=$(blockdev --getss $DEV 2>/dev/null || echo 512)
+
 log() { echo "vctest: $*"; }
 # fail REASON: record the reason (the init prints it in the result line) and stop
 fail() { echo "$*" > /tmp/fail-reason; echo "vctest: FAIL: $*"; exit 1; }
@@ -17,7 +21,7 @@ check_device() {
 	[ "$size" = "$DISK_BYTES" ] || fail "disk size $size, expected $DISK_BYTES"
 	nq=$(ls /sys/block/vda/mq | wc -l)
 	[ "$nq" = 2 ] || fail "$nq virtqueues, expected 2"
-	log "vda: $size bytes, $nq queues, cache $(cat /sys/block/vda/queue/write_cache)," \
+	log "vda: $size bytes, $nq queues, $LBS-byte blocks, cache $(cat /sys/block/vda/queue/write_cache)," \
 		"discard_max $(cat /sys/block/vda/queue/discard_max_bytes)," \
 		"write_zeroes_max $(cat /sys/block/vda/queue/write_zeroes_max_bytes)"
 }
@@ -29,15 +33,30 @@ vq_irqs() {
 	echo $(awk '/virtio[0-9]+-req\.[01]$/ { s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; print s }' /proc/interrupts)
 }
 
-# span_sum OFF LEN: md5 of LEN bytes at OFF, read with O_DIRECT. The span is
-# copied to tmpfs first: a pipe into md5sum is 2x slower under TCG. md5 is the
-# fastest busybox hash here (~40 MB/s); this is a corruption check, not crypto.
+# span_sum OFF LEN: md5 of LEN bytes at OFF, read with O_DIRECT (the covering
+# logical blocks, then cut to the span). The span is copied to tmpfs first: a
+# pipe into md5sum is 2x slower under TCG. md5 is the fastest busybox hash here
+# (~40 MB/s); this is a corruption check, not crypto.
 span_sum() {
 	f=/tmp/span-data.$1
-	dd if=$DEV of=$f bs=1M iflag=skip_bytes,count_bytes,direct skip=$1 count=$2 2>/dev/null ||
-		{ echo "read-error"; rm -f $f; return; }
+	a=$(($1 / LBS * LBS)); e=$((($1 + $2 + LBS - 1) / LBS * LBS))
+	dd if=$DEV of=$f.raw bs=1M iflag=skip_bytes,count_bytes,direct skip=$a count=$((e - a)) 2>/dev/null ||
+		{ echo "read-error"; rm -f $f.raw; return; }
+	if [ $a = $1 ] && [ $e = $(($1 + $2)) ]; then
+		mv $f.raw $f
+	else
+		dd if=$f.raw of=$f bs=1M iflag=skip_bytes,count_bytes skip=$(($1 - a)) count=$2 2>/dev/null
+		rm -f $f.raw
+	fi
 	md5sum $f | cut -d' ' -f1
 	rm -f $f
+}
+
+# lbs_inward OFF LEN: "OFF LEN" shrunk to whole logical blocks (LEN 0 if none)
+lbs_inward() {
+	a=$((($1 + LBS - 1) / LBS * LBS)); e=$((($1 + $2) / LBS * LBS))
+	[ $e -gt $a ] || e=$a
+	echo "$a $((e - a))"
 }
 
 # check_spans "OFF:LEN:MD5 ...": each span must have the given md5. The spans
@@ -67,6 +86,9 @@ check_spans() {
 # verify = only read back and check (same seed, so the same blocks and data).
 fio_std() {
 	mode=$1; shift
+	# Zone C is 512-byte aligned on purpose (odd sectors); with 4 KiB logical
+	# blocks it shrinks to the whole blocks inside it.
+	zc=$(lbs_inward $ZC_OFF $ZC_LEN); zc_off=${zc% *} zc_len=${zc#* }
 	cat > /tmp/std.fio <<JOB
 [global]
 filename=$DEV
@@ -91,10 +113,10 @@ size=$ZB_LEN
 bs=64k
 cpus_allowed=1
 [cvar]
-offset=$ZC_OFF
-size=$ZC_LEN
-bsrange=512-132k
-blockalign=512
+offset=$zc_off
+size=$zc_len
+bsrange=$LBS-132k
+blockalign=$LBS
 cpus_allowed=1
 JOB
 	[ "$mode" = verify ] && set -- --verify_only=1 "$@"
