@@ -373,15 +373,19 @@ fn check_death(
                 .iter()
                 .any(|&(x, v)| x as usize == s && Some(v) == t)
     };
-    let tags = read_tags(&eng, 0, SECTORS)?;
-    if let Some(s) = (0..SECTORS as usize).find(|&s| !allowed(s, tags[s])) {
-        return Err(format!(
-            "after the restart sector {s} (region {}) reads {:?}; the completed writes left {}",
-            s as u64 / RSEC,
-            tags[s],
-            done_vals[s]
-        ));
-    }
+    let check = |eng: &Engine, when: &str| -> Result<(), String> {
+        let tags = read_tags(eng, 0, SECTORS)?;
+        match (0..SECTORS as usize).find(|&s| !allowed(s, tags[s])) {
+            Some(s) => Err(format!(
+                "{when}, sector {s} (region {}) reads {:?}; the completed writes left {}",
+                s as u64 / RSEC,
+                tags[s],
+                done_vals[s]
+            )),
+            None => Ok(()),
+        }
+    };
+    check(&eng, "after the restart")?;
     // The guest's first flush after the restart, then a power cut.
     eng.flush()
         .map_err(|e| format!("first flush after the restart failed: {e}"))?;
@@ -390,16 +394,7 @@ fn check_death(
     let m2: Arc<dyn BlockDevice> = Arc::new(SimDevice::from_image(m.crash(rng)));
     let eng = engine(w.src.clone(), d2, m2, &w.geo)
         .map_err(|e| format!("restart after the first flush and a power cut failed: {e}"))?;
-    let tags = read_tags(&eng, 0, SECTORS)?;
-    if let Some(s) = (0..SECTORS as usize).find(|&s| !allowed(s, tags[s])) {
-        return Err(format!(
-            "after the restart, its first flush and a power cut, sector {s} (region {}) reads {:?}; the completed writes left {}",
-            s as u64 / RSEC,
-            tags[s],
-            done_vals[s]
-        ));
-    }
-    Ok(())
+    check(&eng, "after the restart, its first flush and a power cut")
 }
 
 /// Crashes at every boundary of the run (plus extra draws at random ones) and checks.

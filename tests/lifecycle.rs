@@ -76,6 +76,16 @@ impl Clone {
         (o.status.code().unwrap_or(-1), text(&o))
     }
 
+    /// Serves the clone, writes `data` at `off`, flushes, and stops cleanly.
+    fn write_and_stop(&self, off: u64, data: &[u8]) {
+        let d = self.serve(&["--no-hydration"]);
+        let mut cl = Client::connect(&self.sock);
+        assert_eq!(cl.write(off, data), 0);
+        assert_eq!(cl.flush(), 0);
+        drop(cl);
+        assert!(d.terminate().success());
+    }
+
     fn files(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.dir.path())
             .unwrap()
@@ -215,12 +225,7 @@ fn paths_naming_one_file_are_refused() {
 #[test]
 fn damaged_metadata_is_refused_and_only_create_force_reformats_it() {
     let c = clone();
-    let d = c.serve(&["--no-hydration"]);
-    let mut cl = Client::connect(&c.sock);
-    assert_eq!(cl.write(0, &[9u8; 4096]), 0);
-    assert_eq!(cl.flush(), 0);
-    drop(cl);
-    assert!(d.terminate().success());
+    c.write_and_stop(0, &[9u8; 4096]);
     // Zero both superblock slots (the first 8 KiB).
     let mut md = bytes(&c.md);
     md[..8192].fill(0);
@@ -266,12 +271,7 @@ fn a_refused_start_leaves_no_new_file() {
     std::fs::remove_file(&c.ctl).unwrap();
 
     // Metadata records hydrated regions, the destination is gone.
-    let d = c.serve(&["--no-hydration"]);
-    let mut cl = Client::connect(&c.sock);
-    assert_eq!(cl.write(0, &[1u8; 65536]), 0);
-    assert_eq!(cl.flush(), 0);
-    drop(cl);
-    assert!(d.terminate().success());
+    c.write_and_stop(0, &[1u8; 65536]);
     std::fs::remove_file(&c.dst).unwrap();
     let md = bytes(&c.md);
     let (code, msg) = c.refused(&["--source", s(&c.src), "--dest", s(&c.dst)]);
