@@ -64,7 +64,10 @@ GUEST
 	EXTRA_PID=$!
 	local i
 	for ((i = 0; i < 100; i++)); do [ -S "$D/raw.sock" ] && break; sleep 0.1; done
-	SOCK=$D/raw.sock boot dest-only <<'GUEST'
+	# The same workload shape the writing guest used (4 KiB blocks with --direct).
+	local lbs
+	lbs=$(grep -ao '[0-9]*-byte blocks' "$D/write.serial" | head -1 | grep -o '^[0-9]*')
+	SOCK=$D/raw.sock boot dest-only FIO_LBS="${lbs:-512}" <<'GUEST'
 check_device
 fio_std verify
 GUEST

@@ -8,6 +8,9 @@ SEED=${SEED:-4242}
 # The disk's logical block size: 512, or 4096 when the daemon runs with
 # --direct (it then refuses I/O that is not whole 4 KiB blocks).
 LBS=$(blockdev --getss $DEV 2>/dev/null || echo 512)
+# The block size the standard workload is shaped for: this disk's, unless the
+# host asks for the shape an earlier boot wrote with (FIO_LBS).
+FIO_LBS=${FIO_LBS:-$LBS}
 
 log() { echo "vctest: $*"; }
 # fail REASON: record the reason (the init prints it in the result line) and stop
@@ -88,7 +91,7 @@ fio_std() {
 	mode=$1; shift
 	# Zone C is 512-byte aligned on purpose (odd sectors); with 4 KiB logical
 	# blocks it shrinks to the whole blocks inside it.
-	zc=$(lbs_inward $ZC_OFF $ZC_LEN); zc_off=${zc% *} zc_len=${zc#* }
+	zc=$(LBS=$FIO_LBS lbs_inward $ZC_OFF $ZC_LEN); zc_off=${zc% *} zc_len=${zc#* }
 	cat > /tmp/std.fio <<JOB
 [global]
 filename=$DEV
@@ -115,8 +118,8 @@ cpus_allowed=1
 [cvar]
 offset=$zc_off
 size=$zc_len
-bsrange=$LBS-132k
-blockalign=$LBS
+bsrange=$FIO_LBS-132k
+blockalign=$FIO_LBS
 cpus_allowed=1
 JOB
 	[ "$mode" = verify ] && set -- --verify_only=1 "$@"
