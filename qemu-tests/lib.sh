@@ -62,9 +62,11 @@ DAEMON_PID='' DAEMON_N=0
 # and so with the io_uring queue engine.
 DAEMON_ARGS=${DAEMON_ARGS:-}
 VHOST_CLONE_EXTRA_ARGS=${VHOST_CLONE_EXTRA_ARGS:-}
+DAEMON_LAST_ARGS=''
 daemon_start() {
 	DAEMON_N=$((DAEMON_N + 1))
 	local log=$D/daemon.$DAEMON_N.log
+	DAEMON_LAST_ARGS=$DAEMON_ARGS
 	rm -f "$SOCK"
 	case $BACKEND in
 	vhost-clone)
@@ -127,6 +129,32 @@ daemon_kill() {
 	DAEMON_PID=
 }
 
+# daemon_restart: start the daemon again with the arguments of the last
+# daemon_start (same files, same socket, same DAEMON_ARGS), e.g. after
+# daemon_kill or daemon_stop. A guest booted with --reconnect reconnects.
+daemon_restart() { DAEMON_ARGS=$DAEMON_LAST_ARGS daemon_start; }
+
+# wait_reconnect [TIMEOUT]: wait (default 30 s) until a frontend (QEMU) is
+# connected to the daemon: one of the daemon's sockets is an accepted unix
+# stream (state 03 in /proc/net/unix, with the listener's name, which may be
+# the name it was bound under before a rename) other than a control-socket
+# client ($SOCK.ctl).
+wait_reconnect() {
+	local t=${1:-30} t0=$SECONDS inodes
+	[ -n "$DAEMON_PID" ] || die "wait_reconnect: no daemon"
+	while :; do
+		kill -0 "$DAEMON_PID" 2> /dev/null || die "daemon $DAEMON_N died before QEMU connected"
+		inodes=$(find /proc/"$DAEMON_PID"/fd -lname 'socket:*' -printf '%l\n' 2> /dev/null | tr -dc '0-9\n')
+		awk -v ino="$inodes" -v ctl="$SOCK.ctl" '
+			BEGIN { n = split(ino, a, "\n"); for (i = 1; i <= n; i++) mine[a[i]] = 1 }
+			$6 == "03" && ($7 in mine) && NF >= 8 && $8 != ctl { f = 1 }
+			END { exit !f }' /proc/net/unix && break
+		((SECONDS - t0 > t)) && die "QEMU did not connect to daemon $DAEMON_N within $t s"
+		sleep 0.05
+	done
+	note "QEMU connected to daemon $DAEMON_N after $((SECONDS - t0)) s"
+}
+
 # offline_check: the on-disk state is consistent (daemon stopped)
 offline_check() {
 	local rc
@@ -156,16 +184,33 @@ corrupt() {
 }
 
 # ---- guests -----------------------------------------------------------------
-# boot_start NAME [--reboot] [KEY=VALUE...] < SCRIPT
+# boot_start NAME [--reboot] [--reconnect] [--control] [KEY=VALUE...] < SCRIPT
 #   Start a guest in the background running SCRIPT (busybox sh, with
 #   /lib/vctest.sh loaded and KEY=VALUE in its environment). Its serial
 #   console goes to $D/NAME.serial. --reboot lets a guest reboot in place.
+#   --reconnect: QEMU reconnects (every 100 ms) to a daemon that died or
+#   stopped, instead of losing the disk (restart it with daemon_restart).
+#   --control: a second serial port (the guest's /dev/ttyS1) carries lines
+#   from the host (guest_send) to the guest (ctl_open/ctl_wait in vctest.sh).
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-240}
 declare -A QEMU_PID BOOT_T0
 boot_start() {
-	local name=$1 noreboot=-no-reboot kv v
+	local name=$1 noreboot=-no-reboot reconnect='' kv v
+	local -a ctl=()
 	shift
-	[ "${1:-}" = --reboot ] && { noreboot=; shift; }
+	while :; do
+		case ${1:-} in
+		--reboot) noreboot='' ;;
+		--reconnect) reconnect=,reconnect-ms=100 ;;
+		--control)
+			rm -f "$D/$name.ctl.in" "$D/$name.ctl.out"
+			mkfifo "$D/$name.ctl.in" "$D/$name.ctl.out"
+			# shellcheck disable=SC2054 # the commas belong to QEMU's option
+			ctl=(-chardev pipe,id=ctl,path="$D/$name.ctl" -serial chardev:ctl) ;;
+		*) break ;;
+		esac
+		shift
+	done
 	local b=$D/$name.boot
 	rm -rf "$b" && mkdir -p "$b/case"
 	cat > "$b/case/script.sh"
@@ -183,10 +228,10 @@ boot_start() {
 	"$QEMU" -M pc -accel tcg -cpu max -smp 2 -m 1G \
 		-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
 		-nodefaults -no-user-config -display none $noreboot \
-		-serial file:"$D/$name.serial" \
+		-serial file:"$D/$name.serial" "${ctl[@]}" \
 		-kernel "$KERNEL" -initrd "$b/initrd" \
 		-append "console=ttyS0 quiet tsc=reliable panic=-1" \
-		-chardev socket,id=vub0,path="$SOCK" \
+		-chardev socket,id=vub0,path="$SOCK"$reconnect \
 		-device vhost-user-blk-pci,chardev=vub0,num-queues=2 \
 		> "$D/$name.qemu.log" 2>&1 &
 	QEMU_PID[$name]=$!
@@ -256,6 +301,16 @@ wait_event() {
 
 # event_values NAME EVENT: the values of all "VCTEST-EVENT: EVENT VALUE" lines
 event_values() { grep -a "^VCTEST-EVENT: $2 " "$D/$1.serial" | cut -d' ' -f3- | tr -d '\r' | tr '\n' ' '; }
+
+# guest_send NAME LINE: send LINE to a guest booted with --control (it reads
+# it with ctl_wait). Waits first until the guest has opened its end (ctl_open
+# says "ctl-open"): a serial port drops what arrives while it is closed. The
+# FIFO is opened read-write, so the write never blocks.
+guest_send() {
+	[ -p "$D/$1.ctl.in" ] || die "guest $1 has no control channel"
+	wait_event "$1" ctl-open
+	echo "$2" 1<> "$D/$1.ctl.in"
+}
 
 # qemu_kill NAME: SIGKILL a running guest's QEMU
 qemu_kill() {

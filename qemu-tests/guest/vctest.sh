@@ -160,3 +160,20 @@ set_cache() {
 	got=$(cat /sys/block/vda/cache_type)
 	[ "$got" = "$1" ] || fail "cache_type is '$got' after setting '$1'"
 }
+
+# ctl_open / ctl_wait WORD: lines from the host (guest_send in lib.sh) on the
+# second serial port, for guests booted with --control. ctl_wait skips lines
+# until one starts with WORD and sets CTL_ARGS to the rest of it.
+ctl_open() {
+	stty -F /dev/ttyS1 raw -echo clocal || fail "no control port"
+	exec 3< /dev/ttyS1
+	event ctl-open
+}
+ctl_wait() {
+	while read -r line <&3; do
+		case $line in
+		"$1"*) CTL_ARGS=${line#"$1"}; CTL_ARGS=${CTL_ARGS# }; return 0 ;;
+		esac
+	done
+	fail "control channel closed while waiting for '$1'"
+}

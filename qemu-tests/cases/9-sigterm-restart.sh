@@ -1,0 +1,157 @@
+# shellcheck shell=bash disable=SC2034  # BACKENDS is read by run.sh
+# Case 9 (vhost-clone only): SIGTERM while the guest writes, then a restart,
+# 5 rounds (QT_LONG=1: 50) under one running guest (one QEMU process,
+# reconnect-ms).
+# The guest runs fio write+verify in a loop until the host says stop: two jobs
+# (one per vCPU, so both virtqueues), iodepth 16 each, 4k random writes in
+# zone A and 64k writes straddling region boundaries in zone B, crc32c
+# verify of recent writes while writing (verify_backlog) and of everything at
+# the end of each run; every run a new seed and another 8 MiB of each zone.
+# The host, 1-3 s into the workload and once the daemon is seen serving I/O
+# (its request counters move), sends SIGTERM: the daemon must exit by itself
+# within 30 s with status 0 (daemon_stop). It is restarted on the same files
+# and socket (without background hydration for the first 3/5 of the rounds,
+# with it after) and QEMU reconnects. After the last round the guest finishes
+# its current fio run; no fio run may report an error, the guest's kernel log
+# must have no "I/O error", and the spans never written must still hold the
+# source's data. Then: SIGTERM (exit 0), offline check, source unchanged.
+# A daemon that serves no request for 6 s while the guest runs fails the case
+# at once, with what the guest has in flight per virtqueue (a request lost
+# across a restart is never completed: virtio-blk has no timeout).
+# Sabotage: in round 3 the daemon gets kill -9 instead, and the restart is on
+# a fresh destination and metadata, so the written blocks read as the source.
+BACKENDS="vhost-clone"
+
+# stuck ROUND: the guest's I/O stopped: ask the guest what it has in flight, fail
+stuck() {
+	local t
+	guest_send rw diag
+	for ((t = 0; t < 100; t++)); do
+		grep -aq '^VCTEST-EVENT: diag' "$D/rw.serial" && break
+		sleep 0.1
+	done
+	die "$1: the guest's I/O is stuck: daemon $DAEMON_N (started after round $((DAEMON_N - 1)))" \
+		"served no request for 6 s; guest: $(event_values rw diag)"
+}
+
+# io_active: the daemon completes requests: its read+write counters (status
+# over the control socket) move within 0.3 s. True if status has no counters.
+io_active() {
+	local a b
+	a=$("$VHOST_CLONE" status --socket-path "$SOCK" --json 2> /dev/null | tr -d ' \n' |
+		grep -o '"\(reads\|writes\)":[0-9]*' | awk -F: '{ s += $2 } END { print s + 0 }')
+	sleep 0.3
+	b=$("$VHOST_CLONE" status --socket-path "$SOCK" --json 2> /dev/null | tr -d ' \n' |
+		grep -o '"\(reads\|writes\)":[0-9]*' | awk -F: '{ s += $2 } END { print s + 0 }')
+	[ "$a" = 0 ] || [ "$b" -gt "$a" ]
+}
+
+run_case() {
+	local rounds=5
+	[ -n "${QT_LONG:-}" ] && rounds=50
+	fresh_files
+	local spans
+	spans=$(src_sums "$UNTOUCHED_SPANS")
+	BOOT_TIMEOUT=$((BOOT_TIMEOUT + rounds * 20))
+	DAEMON_ARGS="--no-hydration" daemon_start
+	boot_start rw --reconnect --control SPANS="$spans" <<'GUEST'
+ctl_open
+check_device
+# commands from the host: "stop" ends the workload after the current fio run;
+# "diag" prints the requests the kernel has in flight on vda
+(
+	while ctl_wait ""; do
+		case $CTL_ARGS in
+		stop) touch /tmp/stop ;;
+		diag)
+			# requests the driver has in flight, per blk-mq hw queue (= virtqueue)
+			mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2> /dev/null || true
+			busy=$(for h in /sys/kernel/debug/block/vda/hctx*; do
+				if [ -e "$h/busy" ]; then printf '%s:%s ' "${h##*/}" "$(wc -l < "$h/busy")"; fi
+			done)
+			event diag "in flight (reads writes): $(tr -s ' ' < /sys/block/vda/inflight);" \
+				"busy per hw queue: ${busy:-unknown}; vq interrupts: $(vq_irqs)" ;;
+		esac
+	done
+) &
+event running
+k=0
+while [ ! -e /tmp/stop ]; do
+	k=$((k + 1))
+	cat > /tmp/rw.fio <<JOB
+[global]
+filename=$DEV
+direct=1
+ioengine=io_uring
+iodepth=16
+rw=randwrite
+verify=crc32c
+verify_fatal=1
+verify_backlog=256
+verify_state_save=0
+randrepeat=1
+randseed=$((4242 + k))
+exitall_on_error=1
+[a4k]
+offset=$((ZA_OFF + (k % 4) * 8 * M))
+size=8M
+bs=4k
+cpus_allowed=0
+[b64k]
+offset=$((ZB_OFF + (k % 4) * 8 * M))
+size=8M
+bs=64k
+cpus_allowed=1
+JOB
+	if ! fio --eta=never --output=/tmp/rw.out /tmp/rw.fio; then
+		grep -vE '^ *(lat|clat|slat|bw|iops|cpu|IO depths|submit|complete|issued|latency|  *[0-9]+\.[0-9]+th|  *\|) ' /tmp/rw.out | head -40
+		fail "fio run $k failed"
+	fi
+	e=$(grep -o 'err= *[0-9]*' /tmp/rw.out | grep -v 'err= *0$' || true)
+	[ -z "$e" ] || fail "fio run $k: $e"
+	log "fio run $k ok: $(grep -E '^ *(write|read):' /tmp/rw.out | sed 's/,.*//' | tr -s ' ' | tr '\n' ';')"
+done
+if dmesg | grep -i 'I/O error'; then fail "I/O errors in the kernel log"; fi
+log "$k fio runs (write + verify), no error; kernel log: no I/O error"
+# in a subshell: its "wait" must not wait for the command reader above
+(check_spans "$SPANS")
+GUEST
+	wait_event rw running
+	local r t args i
+	for ((r = 1; r <= rounds; r++)); do
+		t=$((1000 + RANDOM % 2000))
+		sleep "$((t / 1000)).$(printf %03d $((t % 1000)))"
+		for ((i = 0; i < 20; i++)); do
+			kill -0 "${QEMU_PID[rw]}" 2> /dev/null || { boot_wait rw; die "guest rw ended before round $r"; }
+			io_active && break
+		done
+		((i < 20)) || stuck "round $r"
+		if ((r == 3)) && sabotaging; then
+			note "SABOTAGE: kill -9 instead of SIGTERM, and a fresh destination and metadata"
+			daemon_kill
+			rm -f "$DST" "$META"
+		else
+			note "round $r: SIGTERM, $t ms into the round"
+			daemon_stop
+		fi
+		args=--no-hydration
+		((r >= rounds * 3 / 5)) && args=
+		DAEMON_ARGS=$args daemon_start
+		wait_reconnect
+	done
+	sleep 2
+	guest_send rw stop
+	# the guest ends its fio run, checks the spans and powers off; it never
+	# stays 6 s without I/O unless a request is stuck
+	i=0
+	while kill -0 "${QEMU_PID[rw]}" 2> /dev/null; do
+		if io_active; then i=0; else i=$((i + 1)); fi
+		((i < 20)) || stuck "after round $rounds"
+	done
+	boot_wait rw
+	echo "sigterm-restart: $rounds rounds of SIGTERM + restart, every exit status 0;" \
+		"$(grep -a 'fio runs' "$D/rw.serial" | sed 's/^vctest: //' | tr -d '\r')"
+	daemon_stop
+	offline_check
+	source_unchanged
+}
