@@ -99,6 +99,8 @@ for c in "${cases[@]}"; do
 		ok='' line=$(printf 'FAIL  %-22s %4ds  sabotage NOT detected' "$c" "$dt")
 	fi
 	echo "$line"
+	# a case's figures (e.g. "kill-restart: 20 loops, ..."), also when it passed
+	grep -aE '^(kill|sigterm)-restart: ' "$D/case.log" | sed 's/^/      /'
 	if [ -n "$ok" ]; then
 		passed=$((passed + 1))
 		[ -n "$KEEP" ] || rm -rf "$D"
