@@ -86,6 +86,15 @@ impl Clone {
         assert!(d.terminate().success());
     }
 
+    /// `vhost-clone create` of this clone, with `--force` or not.
+    fn create(&self, force: bool) -> std::process::Output {
+        let mut args = vec!["create", "--source", s(&self.src), "--dest", s(&self.dst)];
+        if force {
+            args.push("--force");
+        }
+        run(&args)
+    }
+
     fn files(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.dir.path())
             .unwrap()
@@ -147,14 +156,7 @@ fn a_second_daemon_on_one_clone_is_refused_and_changes_nothing() {
     assert_eq!(code, 1, "{msg}");
     assert!(!c.dir.path().join("elsewhere.img").exists());
     // create --force must not reformat a running clone.
-    let o = run(&[
-        "create",
-        "--force",
-        "--source",
-        s(&c.src),
-        "--dest",
-        s(&c.dst),
-    ]);
+    let o = c.create(true);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains(&pid), "{}", text(&o));
     assert_eq!(
@@ -234,17 +236,10 @@ fn damaged_metadata_is_refused_and_only_create_force_reformats_it() {
     assert_eq!(code, 1, "{msg}");
     assert!(msg.contains("metadata"), "{msg}");
     assert_eq!(bytes(&c.md), md, "a refused start changed the metadata");
-    let o = run(&["create", "--source", s(&c.src), "--dest", s(&c.dst)]);
+    let o = c.create(false);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_eq!(bytes(&c.md), md);
-    let o = run(&[
-        "create",
-        "--force",
-        "--source",
-        s(&c.src),
-        "--dest",
-        s(&c.dst),
-    ]);
+    let o = c.create(true);
     assert!(o.status.success(), "{}", text(&o));
     // An all-zero metadata file is a new clone.
     let len = std::fs::metadata(&c.md).unwrap().len();
