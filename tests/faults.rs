@@ -188,13 +188,20 @@ fn assert_read_only_mode(r: &Rig, what: &str) -> u64 {
     let m = e.metadata();
     assert_eq!(m.mode(), Mode::Ro, "{what}: mode after the failed commit");
     assert_eq!(m.stats().failures, 1, "{what}: commit failures counted");
-    // The uncommitted bit was dropped: region 1 reads from the source again.
+    // No bit is dropped (design rule 7): region 1's write completed and reads
+    // back; ro mode never commits its bit (a restart adopts it).
     assert!(
-        m.is_hydrated(0) && !m.is_hydrated(1),
-        "{what}: bits after reload"
+        m.is_hydrated(0) && m.is_hydrated(1),
+        "{what}: bits after the failed commit"
     );
     assert_eq!(region_tag(e, 0), 20);
-    assert_eq!(region_tag(e, 1), SOURCE);
+    let mut sec = [0u8; SECTOR];
+    e.read_at(&mut sec, (SPR + 4) * 512).unwrap();
+    assert_eq!(
+        decode(&sec, SPR + 4),
+        Some(21),
+        "{what}: an acknowledged write was dropped"
+    );
     assert_eq!(region_tag(e, 7), SOURCE);
     // Writes to hydrated regions work; writes needing hydration fail.
     write_region(e, 0, 22).unwrap();
@@ -210,7 +217,7 @@ fn assert_read_only_mode(r: &Rig, what: &str) -> u64 {
     assert!(e.hydrate_region(5).is_err());
     assert!(!m.is_hydrated(3) && !m.is_hydrated(4) && !m.is_hydrated(5));
     // Every flush fails, even with healthy devices (an ok flush would claim the
-    // dropped region-1 write durable).
+    // region-1 write durable, whose bit is not committed).
     r.dst.set_fault(Fault::Flush, None);
     r.md.set_fault(Fault::Write, None);
     r.md.set_fault(Fault::Flush, None);
@@ -219,7 +226,8 @@ fn assert_read_only_mode(r: &Rig, what: &str) -> u64 {
     let s = status(&r.eng);
     assert_eq!(s.mode, "ro", "{what}: status mode");
     assert_eq!(s.commit_failures, 1, "{what}: status commit_failures");
-    // Restart on healthy devices: the committed state, region 0 as acknowledged.
+    // Restart after a power cut on healthy devices: the committed state, region 0
+    // as acknowledged; region 1 was never flushed.
     let e2 = r.restart();
     assert_eq!(e2.metadata().mode(), Mode::Rw);
     assert_eq!(region_tag(&e2, 0), 20, "{what}: acknowledged write lost");

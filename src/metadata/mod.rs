@@ -19,8 +19,9 @@
 //!
 //! * Metadata modes (rw / ro / fail) as dm-clone has them: a failed commit aborts
 //!   the transaction, reloads the last committed state and drops to read-only; if
-//!   the reload fails too, fail mode, for good. Bits set while the failed commit
-//!   ran belong to the next transaction and stay set: their writes completed.
+//!   the reload fails too, fail mode, for good. No bit set in core is dropped
+//!   (their writes completed); read-only mode never commits them, a restart
+//!   adopts them after flushing the destination.
 //! * The in-core map lives in a [`live::LiveMap`], memory that survives a process
 //!   death on the same boot. Bits a dead process set but never committed are
 //!   adopted when the store is opened ([`Metadata::from_loaded`]): they join the
@@ -907,13 +908,16 @@ impl Metadata {
             disk.spare = txn.dirty;
             if flush_dest_always {
                 if let Err(e) = dest.flush() {
-                    self.failed(&mut disk, "destination flush");
+                    self.failed(&mut disk, "destination flush", None);
                     return Err(e.into());
                 }
             }
             return Ok(CommitOutcome::Nothing);
         }
         let result = self.write_txn(&mut disk, dest, &txn);
+        if let Err((step, _)) = &result {
+            self.failed(&mut disk, step, Some(&txn));
+        }
         // Recycle the dirty set as the next spare (clearing only non-zero words).
         for w in txn.dirty.as_raw_mut_slice() {
             if *w != 0 {
@@ -921,18 +925,11 @@ impl Metadata {
             }
         }
         disk.spare = txn.dirty;
-        match result {
-            Ok(outcome) => {
-                self.commits.fetch_add(1, Ordering::Relaxed);
-                self.last_commit_us
-                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                Ok(outcome)
-            }
-            Err((step, e)) => {
-                self.failed(&mut disk, step);
-                Err(e)
-            }
-        }
+        let outcome = result.map_err(|(_, e)| e)?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.last_commit_us
+            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(outcome)
     }
 
     fn write_txn(
@@ -1044,31 +1041,38 @@ impl Metadata {
     }
 
     /// A commit step failed: abort the transaction, reload the last committed
-    /// state, and go read-only (or fail, if the reload fails too).
+    /// state from disk, and go read-only (or fail, if the reload fails too).
     ///
-    /// The aborted transaction's bits are dropped (design rule 6). Bits set
-    /// since its pre-commit belong to the next transaction: their writes
-    /// completed and may have been acknowledged, so they stay set in core (and
-    /// in the live map, for a restart to adopt). The mode switches under the
-    /// transaction lock, so no bit is set after the reload.
-    fn failed(&self, disk: &mut DiskState, step: &str) {
+    /// No bit set in core is dropped. The aborted transaction's bits (`aborted`)
+    /// and those set while it ran were set after their data writes completed,
+    /// and the guest may have seen those writes completed: dropping the bits
+    /// would serve the source's data over them, and the live map (the same
+    /// memory) would forget them, so a restart could not adopt them either
+    /// (design rule 7). They go back into the current transaction, which read-only
+    /// mode never commits; a restart adopts them after flushing the destination
+    /// (rule 1). The mode switches under the transaction lock, so no bit is set
+    /// after it.
+    fn failed(&self, disk: &mut DiskState, step: &str, aborted: Option<&Txn>) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         tracing::error!(step, "metadata commit failed; aborting the transaction");
-        let t = lock(&self.txn);
+        let mut t = lock(&self.txn);
         self.set_mode(Mode::Ro);
+        if let Some(a) = aborted {
+            for (d, x) in t
+                .dirty
+                .as_raw_mut_slice()
+                .iter_mut()
+                .zip(a.dirty.as_raw_slice())
+            {
+                *d |= *x;
+            }
+            t.count += a.count;
+            if t.wce.is_none() {
+                t.wce = a.wce;
+            }
+        }
         match load(self.dev.as_ref(), Some(&self.geo)) {
             Ok(loaded) if loaded.superblock.uuid == self.uuid => {
-                let next = t.dirty.as_raw_slice();
-                for ((w, v), d) in self.map().iter().zip(loaded.bits.as_raw_slice()).zip(next) {
-                    w.store(*v | *d, Ordering::Release);
-                }
-                self.hydrated.store(
-                    self.map()
-                        .iter()
-                        .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-                        .sum(),
-                    Ordering::Release,
-                );
                 disk.sb = loaded.superblock;
                 disk.committed = loaded.bits;
                 disk.unsynced.clear();

@@ -177,8 +177,9 @@ fn failed_destination_flush_aborts_and_goes_read_only() {
     dest.set_fault(Fault::Flush, Some(libc::EIO));
     assert!(md.commit(&dest, false).is_err());
     assert_eq!(md.mode(), Mode::Ro);
-    // The uncommitted bit was dropped; the committed one kept.
-    assert!(md.is_hydrated(1) && !md.is_hydrated(2));
+    // No bit is dropped: region 2's data write completed (rule 7); ro mode
+    // never commits it.
+    assert!(md.is_hydrated(1) && md.is_hydrated(2));
     assert!(matches!(md.set_hydrated(3), Err(MetadataError::ReadOnly)));
     dest.set_fault(Fault::Flush, None);
     assert!(matches!(
@@ -336,9 +337,9 @@ impl BlockDevice for Hooked {
     }
 }
 
-/// A bit set while a commit runs belongs to the next transaction: when that
-/// commit fails, the bit stays set (its write completed and may have been
-/// acknowledged); only the aborted transaction's bits are dropped.
+/// A failing commit drops no bit set in core: neither the aborted
+/// transaction's nor one set while it ran (a guest write completing meanwhile).
+/// Their writes completed and may have been acknowledged.
 #[test]
 fn bits_set_during_a_failed_commit_are_kept() {
     let g = geo(64);
@@ -362,14 +363,18 @@ fn bits_set_during_a_failed_commit_are_kept() {
     assert_eq!(md.mode(), Mode::Ro);
     assert!(md.is_hydrated(1), "committed bit kept");
     assert!(
-        !md.is_hydrated(2),
-        "the aborted transaction's bit is dropped"
+        md.is_hydrated(2),
+        "the aborted transaction's bit was dropped"
     );
     assert!(
         md.is_hydrated(3),
         "a bit of the next transaction was dropped"
     );
-    assert_eq!(md.hydrated_count(), 2);
+    assert_eq!(md.hydrated_count(), 3);
+    assert!(
+        md.changed(),
+        "the uncommitted bits are still to be committed"
+    );
     assert!(matches!(md.set_hydrated(4), Err(MetadataError::ReadOnly)));
 }
 
@@ -407,4 +412,29 @@ fn a_failed_in_place_write_after_a_durable_commit_is_not_a_failure() {
     .unwrap();
     assert!(reopened.is_hydrated(5), "block 0's bit was lost");
     assert!(reopened.is_hydrated(40_000));
+}
+
+/// Bits a dead process left (adopted) stay in the live map when the commit that
+/// should record them fails: the next start adopts them again (rule 7).
+#[test]
+fn a_failed_recovery_commit_keeps_the_adopted_bits_in_the_live_map() {
+    let g = geo(64);
+    let dev = md_dev(&g);
+    let md = Metadata::format(dev.clone(), g).unwrap();
+    md.set_hydrated(7).unwrap();
+    let survivor = md.live_map().survivor().unwrap();
+    drop(md);
+    let loaded = load(dev.as_ref(), None).unwrap();
+    let md = Metadata::from_loaded(dev.clone(), loaded, survivor).unwrap();
+    assert_eq!(md.adopted(), 1);
+    let left = md.live_map().survivor().unwrap();
+    dev.set_fault(Fault::Write, Some(libc::EIO));
+    assert!(md.commit(&SimDevice::new(4096), true).is_err());
+    assert_eq!(md.mode(), Mode::Ro);
+    assert_eq!(
+        left.snapshot(),
+        vec![1 << 7],
+        "the live map forgot the adopted bit"
+    );
+    assert!(md.is_hydrated(7));
 }
