@@ -64,8 +64,11 @@ impl BoundSocket {
         };
         match fs::symlink_metadata(path) {
             Ok(md) if md.file_type().is_socket() => {
-                if UnixStream::connect(path).is_ok() {
-                    return Err(SocketError::InUse(path.to_path_buf()));
+                // Stale only when nobody listens (ECONNREFUSED); any other
+                // answer (accepted, EACCES, a full backlog) may be a live daemon.
+                match UnixStream::connect(path) {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                    _ => return Err(SocketError::InUse(path.to_path_buf())),
                 }
                 tracing::info!(path = %path.display(), "removing stale socket");
                 fs::remove_file(path).map_err(bind_err)?;
@@ -78,14 +81,12 @@ impl BoundSocket {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        // A private directory next to the final path (same file system, so rename works).
-        let tmpdir = parent.join(format!(
-            ".vhost-clone.{}.{}.tmp",
-            std::process::id(),
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        ));
+        // A private directory next to the final path (same file system, so
+        // rename works), named short: the temporary socket path must fit the
+        // 108 bytes of a unix socket address wherever the final one does.
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmpdir = parent.join(format!(".vc{}.{n}", std::process::id()));
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&tmpdir)

@@ -394,6 +394,13 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     };
     let md_dev: Arc<dyn BlockDevice> = stores.metadata.clone();
     let md = Arc::new(Metadata::from_loaded(md_dev, *loaded, live).map_err(md_err)?);
+    if stores.source.is_none() && !md.all_hydrated() {
+        return Err(CliError::Usage(format!(
+            "no --source given, but only {} of {} regions are hydrated; the source is needed until hydration completes",
+            md.hydrated_count(),
+            geo.nr_regions()
+        )));
+    }
     let engine = Arc::new(
         Engine::new(
             stores.source.clone().map(|s| s as Arc<dyn BlockDevice>),
@@ -403,10 +410,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
                 discard_passdown: !a.no_discard_passdown,
             },
         )
-        .map_err(|e| match e {
-            EngineError::Setup(m) if stores.source.is_none() => CliError::Usage(m),
-            e => ServeError::Engine(e).into(),
-        })?,
+        .map_err(ServeError::Engine)?,
     );
     // 5. Recovery: the destination flushed, adopted bits committed.
     engine.commit(true).map_err(ServeError::Recovery)?;

@@ -302,6 +302,21 @@ impl LiveMap {
             file.set_len(len as u64).map_err(err)?;
             file.write_all_at_start(&header).map_err(err)?;
         }
+        // Allocate every page now: a store into a hole of a full tmpfs would
+        // raise SIGBUS inside set_hydrated; here it is an error at start-up.
+        // SAFETY: fallocate on an open descriptor with a valid range; mode 0
+        // only allocates (the file is already this long, nothing changes size).
+        if unsafe {
+            libc::fallocate(
+                std::os::unix::io::AsRawFd::as_raw_fd(&file),
+                0,
+                0,
+                len as libc::off_t,
+            )
+        } != 0
+        {
+            return Err(err(io::Error::last_os_error()));
+        }
         // SAFETY: a new shared, read-write mapping of `len` bytes of an open file
         // of exactly that size; the kernel picks the address. Nothing else in
         // this process maps or truncates the file while the LiveMap lives.

@@ -77,9 +77,8 @@ impl FileDevice {
         };
         if let Some(kind) = opts.lock {
             if let Err(e) = lock::lock_or_wait(&file, kind) {
-                if created {
-                    let _ = std::fs::remove_file(path);
-                }
+                // Never unlinked here, even if this open created it: the process
+                // holding the lock may be serving that very file.
                 return Err(match e {
                     LockError::Held(holder) => StorageError::Locked {
                         path: path.display().to_string(),
