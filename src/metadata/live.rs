@@ -28,8 +28,8 @@
 //! cleared only when a failed commit aborts its transaction (design rule 6).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -300,7 +300,7 @@ impl LiveMap {
             // Clear everything (a fresh map), then write the header.
             file.set_len(0).map_err(err)?;
             file.set_len(len as u64).map_err(err)?;
-            file.write_all_at_start(&header).map_err(err)?;
+            file.write_all_at(&header, 0).map_err(err)?;
         }
         // Allocate every page now: a store into a hole of a full tmpfs would
         // raise SIGBUS inside set_hydrated; here it is an error at start-up.
@@ -422,17 +422,6 @@ fn describe_mismatch(old: &[u8; 96], id: &LiveIdentity, have: u64, want: u64) ->
         return format!("it has {have} bytes, expected {want}");
     }
     "its header is damaged".into()
-}
-
-trait WriteAtStart {
-    fn write_all_at_start(&mut self, buf: &[u8]) -> io::Result<()>;
-}
-
-impl WriteAtStart for File {
-    fn write_all_at_start(&mut self, buf: &[u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(self, buf, 0)?;
-        self.flush()
-    }
 }
 
 #[cfg(test)]
