@@ -482,7 +482,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     );
     if let Some(p) = &plan.socket_path {
         super::say(&format!(
-            "vhost-clone: serving {} ({geo}, {}/{} regions hydrated) on {}\n  control: {}\n  attach: -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem -chardev socket,id=vc0,path={},reconnect-ms=1000 -device vhost-user-blk-pci,chardev=vc0,num-queues={}",
+            "vhost-clone: serving {} ({geo}, {}/{} regions hydrated) on {}\n  watch:  vhost-clone status --control-socket {} --watch\n  attach: -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem -chardev socket,id=vc0,path={},reconnect-ms=1000 -device vhost-user-blk-pci,chardev=vc0,num-queues={}\n          (<RAM> is the guest's memory size, QEMU's -m: vhost-user needs all guest memory shared with this daemon)",
             plan.stores.dest.display(),
             md.hydrated_count(),
             geo.nr_regions(),
