@@ -42,8 +42,8 @@ pub enum SocketError {
         #[source]
         source: io::Error,
     },
-    /// An inherited fd is not a listening unix socket.
-    #[error("inherited fd {0} is not a listening unix socket")]
+    /// An inherited fd is not a listening unix stream socket.
+    #[error("inherited fd {0} is not a listening unix stream socket")]
     BadListenFd(RawFd),
 }
 
@@ -108,7 +108,8 @@ impl BoundSocket {
         })
     }
 
-    /// Takes ownership of an inherited listening unix socket (`--fd N`).
+    /// Takes ownership of an inherited listening unix stream socket (`--fd N`,
+    /// socket activation); the socket file, if any, stays its creator's.
     pub fn adopt_fd(fd: RawFd) -> Result<BoundSocket, SocketError> {
         let get = |opt: libc::c_int| -> Option<libc::c_int> {
             let mut v: libc::c_int = 0;
@@ -128,6 +129,7 @@ impl BoundSocket {
         };
         if fd < 0
             || get(libc::SO_DOMAIN) != Some(libc::AF_UNIX)
+            || get(libc::SO_TYPE) != Some(libc::SOCK_STREAM)
             || get(libc::SO_ACCEPTCONN) != Some(1)
         {
             return Err(SocketError::BadListenFd(fd));

@@ -10,6 +10,7 @@ mod offline;
 mod serve;
 mod status;
 pub mod stores;
+mod systemd;
 
 pub use serve::ServeArgs;
 pub use status::{MessageArgs, StatusArgs};

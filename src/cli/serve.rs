@@ -32,6 +32,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::stores::{MetadataState, StoreOptions, StorePaths, Stores};
+use super::systemd::{self, Notifier, Watched};
 use super::{parse_region_size, with_suffix, CliError, Result};
 use crate::control::ControlServer;
 use crate::disk::CloneDisk;
@@ -266,7 +267,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(a: &ServeArgs) -> Result<Plan> {
+    fn new(a: &ServeArgs, activated: Option<&systemd::Activated>) -> Result<Plan> {
         let Some(dest) = &a.dest else {
             return Err(CliError::Usage("serve needs --dest".into()));
         };
@@ -274,14 +275,14 @@ impl Plan {
             .metadata
             .clone()
             .unwrap_or_else(|| with_suffix(dest, ".meta"));
-        let socket_path = match (&a.socket_path, a.fd) {
+        let socket_path = match (&a.socket_path, a.fd.is_some() || activated.is_some()) {
             (Some(p), _) => Some(p.clone()),
-            (None, Some(_)) => None,
-            (None, None) => Some(with_suffix(dest, ".sock")),
+            (None, true) => None,
+            (None, false) => Some(with_suffix(dest, ".sock")),
         };
-        let control_path = a
-            .control_socket
-            .clone()
+        let control_path = activated
+            .and_then(systemd::Activated::control_path)
+            .or_else(|| a.control_socket.clone())
             .unwrap_or_else(|| match &socket_path {
                 Some(s) => with_suffix(s, ".ctl"),
                 None => with_suffix(dest, ".ctl"),
@@ -325,7 +326,9 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         println!("{}", virtio::print_capabilities());
         return Ok(());
     }
-    let plan = Plan::new(a)?;
+    // Socket activation: read (and removed from the environment) before any thread starts.
+    let mut activated = systemd::take_activation(a)?;
+    let plan = Plan::new(a, activated.as_ref())?;
     let signals = block_signals().map_err(|e| ServeError::Thread("signals", e))?;
 
     // 2. The stores, locked.
@@ -339,15 +342,18 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     )?;
     // 3. The sockets: the control socket first, so that it exists once the
     // vhost-user socket (what QEMU and scripts wait for) appears.
-    let control_socket =
-        BoundSocket::bind(&plan.control_path).map_err(|source| ServeError::Socket {
+    let control_socket = match activated.as_mut().and_then(|s| s.control.take()) {
+        Some(s) => s,
+        None => BoundSocket::bind(&plan.control_path).map_err(|source| ServeError::Socket {
             which: "control",
             source,
-        })?;
-    let vhost_socket = match (&plan.socket_path, a.fd) {
-        (Some(p), _) => BoundSocket::bind(p),
-        (None, Some(fd)) => BoundSocket::adopt_fd(fd),
-        (None, None) => unreachable!("Plan::new sets one of them"),
+        })?,
+    };
+    let vhost_socket = match (activated, &plan.socket_path, a.fd) {
+        (Some(s), _, _) => Ok(s.vhost_user),
+        (None, Some(p), _) => BoundSocket::bind(p),
+        (None, None, Some(fd)) => BoundSocket::adopt_fd(fd),
+        (None, None, None) => unreachable!("Plan::new sets one of them"),
     }
     .map_err(|source| ServeError::Socket {
         which: "vhost-user",
@@ -450,7 +456,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     let control = ControlServer::start(
         control_socket,
         engine.clone(),
-        ctl,
+        ctl.clone(),
         stores.source.is_some(),
         !a.no_discard_passdown,
     )
@@ -493,7 +499,18 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         ));
     }
     let backend: Arc<dyn BlockBackend> = Arc::new(CloneDisk::new(engine.clone(), a.readonly));
+    // READY=1: the socket listens, the metadata is recovered, the services run.
+    let notifier = Notifier::start(
+        Watched {
+            engine: engine.clone(),
+            hydration: ctl,
+            commit_interval: (a.commit_interval > 0.0)
+                .then(|| Duration::from_secs_f64(a.commit_interval)),
+        },
+        &shutdown,
+    );
     let served = virtio::serve_on(backend, &opts, &vhost_socket, &shutdown);
+    notifier.stopping("final commit");
 
     // Shutdown, in reverse.
     services.stop();

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::metadata::{CommitOutcome, MetadataError};
 
@@ -22,6 +22,19 @@ struct GateState {
     last: Option<Result<CommitOutcome, Arc<MetadataError>>>,
     /// A waiter needs the next commit to flush the destination even if nothing changed.
     want_dest_flush: bool,
+    /// When the running commit started, and when the last one finished (for
+    /// the service manager's watchdog: a commit that never ends is a hang).
+    running_since: Option<Instant>,
+    last_done_at: Option<Instant>,
+}
+
+/// What the commit gate is doing, for health checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitActivity {
+    /// How long the commit in progress has been running (None: none runs).
+    pub running_for: Option<Duration>,
+    /// How long ago the last commit finished, successfully or not (None: none did yet).
+    pub since_last: Option<Duration>,
 }
 
 /// Serialises commits and lets concurrent callers share them.
@@ -58,10 +71,13 @@ impl CommitGate {
                 s.started += 1;
                 let me = s.started;
                 let force = std::mem::take(&mut s.want_dest_flush);
+                s.running_since = Some(Instant::now());
                 drop(s);
                 let r = run(force).map_err(Arc::new);
                 s = self.lock();
                 s.running = false;
+                s.running_since = None;
+                s.last_done_at = Some(Instant::now());
                 s.done = me;
                 s.last = Some(r.clone());
                 self.cv.notify_all();
@@ -77,6 +93,17 @@ impl CommitGate {
     /// Number of commits run so far (shared ones count once).
     pub fn commits_run(&self) -> u64 {
         self.lock().done
+    }
+
+    /// What the gate is doing now. Blocks while the gate's lock is held, which
+    /// is never for long unless the daemon is deadlocked (and then a caller
+    /// that stops too is the right answer for a watchdog).
+    pub fn activity(&self) -> CommitActivity {
+        let s = self.lock();
+        CommitActivity {
+            running_for: s.running_since.map(|t| t.elapsed()),
+            since_last: s.last_done_at.map(|t| t.elapsed()),
+        }
     }
 }
 
@@ -142,6 +169,32 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Instant;
+
+    #[test]
+    fn activity_shows_a_running_commit_and_the_last_finished_one() {
+        let gate = Arc::new(CommitGate::default());
+        let idle = gate.activity();
+        assert_eq!((idle.running_for, idle.since_last), (None, None));
+        let g2 = gate.clone();
+        let t = std::thread::spawn(move || {
+            g2.commit(false, |_| {
+                std::thread::sleep(Duration::from_millis(200));
+                Ok(CommitOutcome::Nothing)
+            })
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let running = gate.activity();
+        assert!(
+            running
+                .running_for
+                .is_some_and(|d| d >= Duration::from_millis(50)),
+            "{running:?}"
+        );
+        t.join().unwrap().unwrap();
+        let done = gate.activity();
+        assert_eq!(done.running_for, None);
+        assert!(done.since_last.is_some_and(|d| d < Duration::from_secs(5)));
+    }
 
     #[test]
     fn concurrent_callers_share_commits() {

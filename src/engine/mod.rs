@@ -357,6 +357,12 @@ impl Engine {
         self.gate.commits_run()
     }
 
+    /// Whether a commit is running and for how long, and when the last one
+    /// finished (the systemd watchdog's health check).
+    pub fn commit_activity(&self) -> commit::CommitActivity {
+        self.gate.activity()
+    }
+
     /// A snapshot of the I/O counters.
     pub fn counters(&self) -> Counters {
         Counters {
