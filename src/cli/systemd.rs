@@ -253,7 +253,7 @@ impl Notifier {
     /// what it is doing (`STATUS=stopping: WHAT`).
     pub fn stopping(&self, what: &str) {
         if let Some(s) = &self.shared {
-            s.stopping(what);
+            s.stopping(what, false);
         }
     }
 }
@@ -284,12 +284,19 @@ impl Shared {
         }
     }
 
-    fn stopping(&self, what: &str) {
+    /// `STOPPING=1` (the first time) and `STATUS=stopping: WHAT`. With
+    /// `first_only`, nothing once stopping was announced: the shutdown signal
+    /// seen late must not overwrite a later phase ("final commit").
+    fn stopping(&self, what: &str, first_only: bool) {
         let status = format!("stopping: {what}");
-        *self.lock_status() = status.clone();
+        let mut last = self.lock_status();
         if self.stopping.swap(true, Ordering::AcqRel) {
-            self.send(&[NotifyState::Status(&status)]);
+            if !first_only {
+                *last = status.clone();
+                self.send(&[NotifyState::Status(&status)]);
+            }
         } else {
+            *last = status.clone();
             self.send(&[NotifyState::Stopping, NotifyState::Status(&status)]);
         }
     }
@@ -344,7 +351,7 @@ impl Shared {
             }
             if ready.get(1) == Some(&true) {
                 watch_shutdown = false;
-                self.stopping("no new requests, finishing those in flight");
+                self.stopping("no new requests, finishing those in flight", true);
             }
             let now = Instant::now();
             if let (Some(at), Some(every), Some(limit)) = (next_ping, ping_every, watchdog) {
@@ -371,14 +378,13 @@ impl Shared {
             }
             if now >= next_status {
                 next_status = now + STATUS_PERIOD;
-                if !self.stopping.load(Ordering::Acquire) {
-                    let text = self.status_text();
-                    let mut last = self.lock_status();
-                    if *last != text {
-                        *last = text.clone();
-                        drop(last);
-                        self.send(&[NotifyState::Status(&text)]);
-                    }
+                let text = self.status_text();
+                let mut last = self.lock_status();
+                // Checked under the lock that stopping() takes: no progress
+                // line overwrites a stopping one.
+                if !self.stopping.load(Ordering::Acquire) && *last != text {
+                    *last = text.clone();
+                    self.send(&[NotifyState::Status(&text)]);
                 }
             }
         }
