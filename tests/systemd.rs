@@ -512,3 +512,216 @@ fn sighup_stops_gracefully_with_a_final_commit() {
     let left: Vec<_> = std::fs::read_dir(&c.run).unwrap().collect();
     assert!(left.is_empty(), "the live map outlived a clean stop");
 }
+
+const UNITS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/systemd");
+
+/// `KEY=value` lines of `section` of a unit file (comments skipped), in order.
+fn unit_keys(unit: &str, section: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(Path::new(UNITS).join(unit)).unwrap();
+    let mut cur = String::new();
+    let mut v = Vec::new();
+    for l in text.lines().map(str::trim) {
+        if l.starts_with('[') {
+            cur = l.to_string();
+        } else if cur == format!("[{section}]") && !l.starts_with('#') {
+            if let Some((k, val)) = l.split_once('=') {
+                v.push((k.to_string(), val.to_string()));
+            }
+        }
+    }
+    v
+}
+
+fn unit_key(unit: &str, section: &str, key: &str) -> Option<String> {
+    unit_keys(unit, section)
+        .into_iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+/// Copies the template pair into `dir` as instance `t`, with ExecStart's
+/// binary replaced by the one under test (verify checks it is executable) and
+/// `edit` applied to the service; runs `systemd-analyze verify` on both.
+/// Returns its success and everything it said (it warns about unknown keys
+/// and bad values but still exits 0, so any output counts as a failure).
+fn verify_units(dir: &Path, edit: impl Fn(String) -> String) -> (bool, String) {
+    let service = std::fs::read_to_string(Path::new(UNITS).join("vhost-clone@.service")).unwrap();
+    let service = edit(service.replace("/usr/bin/vhost-clone", BIN));
+    std::fs::write(dir.join("vhost-clone@t.service"), service).unwrap();
+    std::fs::copy(
+        Path::new(UNITS).join("vhost-clone@.socket"),
+        dir.join("vhost-clone@t.socket"),
+    )
+    .unwrap();
+    let o = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .args(["./vhost-clone@t.service", "./vhost-clone@t.socket"])
+        .current_dir(dir)
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    let said = text(&o);
+    (o.status.success() && said.trim().is_empty(), said)
+}
+
+/// The shipped units pass `systemd-analyze verify` without a word, and the
+/// check is real: a misspelt key, a bad value or a missing binary fails it.
+#[test]
+fn shipped_units_pass_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, said) = verify_units(dir.path(), |s| s);
+    assert!(ok, "systemd-analyze verify: {said}");
+    for (what, from, to) in [
+        (
+            "a misspelt key",
+            "ProtectSystem=strict",
+            "ProtectSystm=strict",
+        ),
+        ("a bad value", "Type=notify", "Type=notifyy"),
+        ("a missing binary", BIN, "/nonexistent/vhost-clone"),
+    ] {
+        let (ok, _) = verify_units(dir.path(), |s| s.replace(from, to));
+        assert!(!ok, "verify accepted {what}");
+    }
+}
+
+/// The restart rule: the live region map must outlive every stop and restart
+/// of the unit (same boot), or a crash loses acknowledged writes. So
+/// --runtime-dir is the unit's RuntimeDirectory, preserved; no private /dev
+/// (a fresh /dev/shm) or /tmp holds it; no DynamicUser/RemoveIPC wipes it.
+#[test]
+fn the_service_keeps_the_live_map_across_restarts() {
+    let svc = "vhost-clone@.service";
+    let get = |k| unit_key(svc, "Service", k);
+    let exec = get("ExecStart").unwrap();
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    let rt = words
+        .iter()
+        .position(|w| *w == "--runtime-dir")
+        .map(|i| words[i + 1])
+        .expect("ExecStart sets --runtime-dir");
+    let dirs = get("RuntimeDirectory").expect("RuntimeDirectory=");
+    assert!(
+        dirs.split_whitespace().any(|d| format!("/run/{d}") == rt),
+        "--runtime-dir {rt} is not the unit's RuntimeDirectory={dirs}"
+    );
+    assert_eq!(get("RuntimeDirectoryPreserve").as_deref(), Some("yes"));
+    for (k, bad) in [
+        ("PrivateDevices", "yes"),
+        ("DynamicUser", "yes"),
+        ("RemoveIPC", "yes"),
+    ] {
+        assert_ne!(get(k).as_deref(), Some(bad), "{k}={bad}");
+    }
+    for k in [
+        "Type",
+        "NotifyAccess",
+        "WatchdogSec",
+        "Restart",
+        "TimeoutStopSec",
+    ] {
+        assert!(get(k).is_some(), "{k}= missing");
+    }
+    assert_eq!(get("Type").as_deref(), Some("notify"));
+    assert_eq!(get("NotifyAccess").as_deref(), Some("main"));
+}
+
+/// systemd's ExecStart expansion, as far as the shipped unit uses it:
+/// `${VAR}` is one word, a word `$VAR` splits the value on white space, `%i`
+/// is the instance.
+fn expand_exec_start(line: &str, env: &[(String, String)], instance: &str) -> Vec<String> {
+    let var = |k: &str| {
+        env.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("${k} is not set by the example configuration"))
+    };
+    let mut out = Vec::new();
+    for w in line.replace("%i", instance).split_whitespace() {
+        if let Some(k) = w.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
+            out.push(var(k));
+        } else if let Some(k) = w.strip_prefix('$') {
+            out.extend(var(k).split_whitespace().map(String::from));
+        } else {
+            assert!(!w.contains('$') && !w.contains('%'), "unhandled: {w}");
+            out.push(w.to_string());
+        }
+    }
+    out
+}
+
+/// The documented unit, run: the service's ExecStart with the example
+/// configuration (its paths moved under a temporary root), on the socket of
+/// the socket unit passed by systemd-socket-activate, with a fake notify
+/// socket; a vhost-user client writes and reads, `status` answers on the
+/// unit's control socket, SIGTERM stops it cleanly.
+#[test]
+fn the_units_exec_start_serves_with_the_example_configuration() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let moved = |p: &str| {
+        p.replace("/var/lib/vhost-clone", &format!("{}/state", r.display()))
+            .replace("/run/vhost-clone", &format!("{}/run", r.display()))
+            .replace("/usr/bin/vhost-clone", BIN)
+    };
+    let instance = "vm1";
+    let conf = std::fs::read_to_string(Path::new(UNITS).join("example.conf")).unwrap();
+    let env: Vec<(String, String)> = conf
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), moved(&v.replace("NAME", instance))))
+        .collect();
+    let get = |k: &str| env.iter().find(|(n, _)| n == k).unwrap().1.clone();
+    let (src, dst) = (PathBuf::from(get("SOURCE")), PathBuf::from(get("DEST")));
+    std::fs::create_dir_all(src.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+    let data: Vec<u8> = (0..SIZE).map(|i| (i % 241) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    // What systemd does for the units: the RuntimeDirectory, the socket.
+    let rt = unit_key("vhost-clone@.service", "Service", "RuntimeDirectory").unwrap();
+    let rt = PathBuf::from(moved(&format!("/run/{}", rt.replace("%i", instance))));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&rt)
+        .unwrap();
+    let listen = unit_key("vhost-clone@.socket", "Socket", "ListenStream").unwrap();
+    let sock = PathBuf::from(moved(&listen.replace("%i", instance)));
+    let fdname = unit_key("vhost-clone@.socket", "Socket", "FileDescriptorName").unwrap();
+    let exec = unit_key("vhost-clone@.service", "Service", "ExecStart").unwrap();
+    let argv: Vec<String> = expand_exec_start(&exec, &env, instance)
+        .iter()
+        .map(|w| moved(w))
+        .collect();
+    let ctl = argv
+        .iter()
+        .position(|w| w == "--control-socket")
+        .map(|i| PathBuf::from(&argv[i + 1]))
+        .expect("the unit names the control socket");
+
+    let n = Notify::bind(&r.join("notify"));
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.args(["-l", s(&sock), &format!("--fdname={fdname}")])
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", s(&n.path)))
+        .arg("--")
+        .args(&argv);
+    let (child, log) = spawn(cmd);
+    let d = Daemon::adopt(child, &sock);
+    let mut cl = Client::connect(&sock);
+    n.wait_line("READY=1");
+    let w: Vec<u8> = vec![0xc3; REGION];
+    assert_eq!(cl.write(3 * REGION as u64, &w), 0);
+    assert_eq!(cl.flush(), 0);
+    assert_eq!(cl.read(0, REGION), (0, data[..REGION].to_vec()));
+    assert_eq!(cl.read(3 * REGION as u64, REGION), (0, w));
+    drop(cl);
+    let st = status_json(&ctl);
+    assert_eq!(st["regions"], 128, "{st}");
+    assert!(d.terminate().success(), "{}", log_text(&log));
+    let left: Vec<_> = std::fs::read_dir(&rt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left in the runtime directory: {left:?}");
+}
