@@ -451,13 +451,14 @@ fn listen_fds_are_checked_and_obeyed_only_for_our_pid() {
         assert!(m.contains(msg), "{env} {extra}: {m}");
     }
     // A listening SOCK_SEQPACKET socket passed by systemd-socket-activate: exit 1.
-    let (mut child, log) = spawn({
+    let (child, log) = spawn({
         let mut cmd = Command::new("systemd-socket-activate");
         cmd.args(["--seqpacket", "-l", s(&seq), "--", BIN, "serve"])
             .args(["--source", s(&c.src), "--dest", s(&c.dst)])
             .args(["--runtime-dir", s(&c.run)]);
         cmd
     });
+    let mut d = Daemon(child);
     let t = Instant::now();
     while !seq.exists() {
         assert!(t.elapsed() < Duration::from_secs(20));
@@ -481,7 +482,7 @@ fn listen_fds_are_checked_and_obeyed_only_for_our_pid() {
             fd
         }
     };
-    let st = wait_exit(&mut child);
+    let st = wait_exit(&mut d.0);
     // SAFETY: `fd` is the socket opened above, closed once.
     unsafe { libc::close(fd) };
     let m = log_text(&log);
