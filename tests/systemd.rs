@@ -281,16 +281,16 @@ fn watchdog_pings_at_half_the_timeout_and_only_for_its_own_pid() {
         .filter(|m| m.text.lines().any(|l| l == "WATCHDOG=1"))
         .map(|m| m.at)
         .collect();
-    // 3 s at one ping per 200 ms: about 15.
+    // 3 s at one ping per 200 ms: about 15 (pinging every 400 ms gives 7 or 8).
     assert!(
-        (11..=19).contains(&pings.len()),
+        (10..=20).contains(&pings.len()),
         "{} pings in 3 s, want about 15",
         pings.len()
     );
     let gaps: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
     let mean = gaps.iter().sum::<Duration>() / gaps.len() as u32;
     assert!(
-        (Duration::from_millis(150)..Duration::from_millis(260)).contains(&mean),
+        (Duration::from_millis(150)..Duration::from_millis(300)).contains(&mean),
         "mean gap {mean:?}, want 200 ms"
     );
     assert!(d.terminate().success());
