@@ -9,6 +9,7 @@
 //! * [`metadata`]: the on-disk bitmap format and the crash-safe two-phase commit.
 //! * [`storage`]: block devices (files, block devices, a simulated volatile cache).
 //! * [`socket`]: the daemon's private unix sockets (one binder, one policy).
+//! * [`metrics`]: Prometheus exposition of the status over HTTP.
 
 #![deny(missing_docs)]
 
@@ -17,6 +18,7 @@ pub mod control;
 pub mod disk;
 pub mod engine;
 pub mod metadata;
+pub mod metrics;
 pub mod socket;
 pub mod storage;
 pub mod virtio;
