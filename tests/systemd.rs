@@ -242,7 +242,7 @@ fn ready_status_and_stopping_reach_the_notify_socket() {
 
 /// With WATCHDOG_USEC the daemon pings every WATCHDOG_USEC/2; with a
 /// WATCHDOG_PID that is not its own it does not ping. STATUS= says
-/// "hydrating: N/M regions (P%)" while background hydration runs.
+/// "hydrating: N/M regions (P%), R MiB/s" while background hydration runs.
 #[test]
 fn watchdog_pings_at_half_the_timeout_and_only_for_its_own_pid() {
     let c = clone();
@@ -272,7 +272,9 @@ fn watchdog_pings_at_half_the_timeout_and_only_for_its_own_pid() {
         .find(|l| l.starts_with("STATUS="))
         .unwrap();
     assert!(
-        status.starts_with("STATUS=hydrating: ") && status.contains("/65536 regions ("),
+        status.starts_with("STATUS=hydrating: ")
+            && status.contains("/65536 regions (")
+            && status.ends_with(" MiB/s"),
         "{status}"
     );
     let pings: Vec<Instant> = n

@@ -61,7 +61,7 @@ pub type Result<T> = std::result::Result<T, CliError>;
 /// vhost-clone: serve a disk to a VM over vhost-user-blk while it is copied
 /// ("hydrated") from a read-only source, with Linux dm-clone's semantics.
 #[derive(Debug, Parser)]
-#[command(name = "vhost-clone", version, about, long_about = None)]
+#[command(name = "vhost-clone", version = crate::LONG_VERSION, about, long_about = None)]
 pub struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]

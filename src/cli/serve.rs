@@ -9,22 +9,25 @@
 //! 2. The stores are opened and locked ([`super::stores`]): one daemon per clone,
 //!    three different files, new metadata only when it is missing or zero.
 //! 3. The vhost-user and control sockets are bound ([`crate::socket`]): a live
-//!    socket is refused and left alone.
+//!    socket is refused and left alone; then the metrics address, if any.
 //! 4. The metadata is formatted (a new clone) and opened with its live region
 //!    map ([`crate::metadata::live`]); bits a dead process of this boot left
 //!    uncommitted are adopted.
 //! 5. The recovery commit: the destination is flushed (it may hold writes the
 //!    dead process completed) and adopted bits are committed.
 //! 6. Services start: the signal thread, the periodic committer, the hydrator,
-//!    the control server; then the vhost-user front serves until a signal.
+//!    the hydration-rate sampler, the control server, the metrics endpoint;
+//!    then the vhost-user front serves until a signal.
 //!
 //! Shutdown runs in reverse ([`Services`] drops in that order too): the front
 //! stops popping requests, retires the ones in flight and closes the
-//! connection; the hydrator and the committer stop; the control server stops;
+//! connection; the metrics endpoint, the hydrator, the committer and the rate
+//! sampler stop; the control server stops;
 //! the final commit; the live map file is removed when everything is committed;
 //! the sockets are removed; the locks go with the files.
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +37,7 @@ use clap::Args;
 use super::stores::{MetadataState, StoreOptions, StorePaths, Stores};
 use super::systemd::{self, Notifier, Watched};
 use super::{parse_region_size, with_suffix, CliError, Result};
-use crate::control::ControlServer;
+use crate::control::{ControlServer, Identity, StatusReporter};
 use crate::disk::CloneDisk;
 use crate::engine::commit::Committer;
 use crate::engine::hydrator::{
@@ -43,6 +46,7 @@ use crate::engine::hydrator::{
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::metadata::live::{Found, LiveError, LiveIdentity, LiveMap, DEFAULT_RUNTIME_DIR};
 use crate::metadata::{Metadata, MetadataError, Mode};
+use crate::metrics::{MetricsError, MetricsServer};
 use crate::socket::{BoundSocket, SocketError};
 use crate::storage::BlockDevice;
 use crate::virtio::{self, BlockBackend, IoEngine, ServeOptions, ShutdownSignal, VirtioError};
@@ -116,6 +120,10 @@ pub struct ServeArgs {
     /// acknowledged write; `none` keeps it in process memory only.
     #[arg(long, default_value = DEFAULT_RUNTIME_DIR)]
     pub runtime_dir: PathBuf,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (an IP address and
+    /// a port; port 0 picks a free one, which `status` shows).
+    #[arg(long, value_name = "HOST:PORT", value_parser = crate::metrics::parse_address)]
+    pub metrics_address: Option<SocketAddr>,
     /// Print QEMU's vhost-user capabilities JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -188,6 +196,9 @@ pub enum ServeError {
     /// The control server failed to start.
     #[error("control socket")]
     Control(#[source] crate::control::ControlError),
+    /// The metrics endpoint could not be bound or started.
+    #[error("metrics endpoint (--metrics-address)")]
+    Metrics(#[source] MetricsError),
     /// The vhost-user front failed.
     #[error("vhost-user front")]
     Virtio(#[source] VirtioError),
@@ -238,8 +249,10 @@ fn start_signal_thread(set: libc::sigset_t, shutdown: ShutdownSignal) -> io::Res
 /// The daemon's running services, declared in shutdown order (fields drop
 /// from the first to the last).
 struct Services {
+    metrics: Option<MetricsServer>,
     hydrator: Option<Hydrator>,
     committer: Option<Committer>,
+    rate_sampler: Committer,
     control: ControlServer,
 }
 
@@ -247,12 +260,16 @@ impl Services {
     /// Stops the services, in order.
     fn stop(self) {
         let Services {
+            metrics,
             hydrator,
             committer,
+            rate_sampler,
             control,
         } = self;
+        drop(metrics);
         drop(hydrator);
         drop(committer);
+        drop(rate_sampler);
         drop(control);
     }
 }
@@ -359,6 +376,11 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         which: "vhost-user",
         source,
     })?;
+    let metrics_listener = a
+        .metrics_address
+        .map(crate::metrics::bind)
+        .transpose()
+        .map_err(ServeError::Metrics)?;
 
     // 4. The metadata and its live map.
     let md_path = plan.stores.metadata.display().to_string();
@@ -453,17 +475,38 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         Hydrator::start(&engine, ctl.clone(), HydratorTiming::default())
             .map_err(|e| ServeError::Thread("hydrator", e))?,
     );
-    let control = ControlServer::start(
-        control_socket,
+    let rate_sampler = engine
+        .start_rate_sampler()
+        .map_err(|e| ServeError::Thread("hydration-rate", e))?;
+    let identity = Identity {
+        source: plan.stores.source.clone(),
+        dest: plan.stores.dest.clone(),
+        metadata: plan.stores.metadata.clone(),
+        socket: plan.socket_path.clone(),
+        control_socket: plan.control_path.clone(),
+        metrics_address: metrics_listener.as_ref().map(|(_, addr)| *addr),
+    };
+    let reporter = Arc::new(StatusReporter::new(
         engine.clone(),
         ctl.clone(),
+        identity,
         stores.source.is_some(),
         !a.no_discard_passdown,
-    )
-    .map_err(ServeError::Control)?;
+    ));
+    let control =
+        ControlServer::start_with(control_socket, reporter.clone()).map_err(ServeError::Control)?;
+    let metrics = match metrics_listener {
+        Some((l, _)) => Some(
+            MetricsServer::start(l, crate::metrics::registry(reporter))
+                .map_err(ServeError::Metrics)?,
+        ),
+        None => None,
+    };
     let services = Services {
+        metrics,
         hydrator,
         committer,
+        rate_sampler,
         control,
     };
 

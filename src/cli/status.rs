@@ -46,6 +46,9 @@ pub struct StatusArgs {
     /// Print the status as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Print one line in the form `dmsetup status` gives a dm-clone target.
+    #[arg(long, conflicts_with = "json")]
+    pub dmsetup: bool,
     /// Keep printing (a progress bar in a terminal) until hydration completes.
     #[arg(long, short = 'w')]
     pub watch: bool,
@@ -107,6 +110,27 @@ fn line(s: &Status) -> String {
 
 fn full_report(s: &Status) -> String {
     let mut r = String::new();
+    // A daemon older than these fields sends them empty.
+    if !s.version.is_empty() {
+        r += &format!(
+            "vhost-clone {} (commit {}), pid {}, started {} (up {:.0} s)\n",
+            s.version, s.commit, s.pid, s.started_at, s.uptime_seconds
+        );
+        r += &format!(
+            "source: {}\ndestination: {}\nmetadata: {}\n",
+            s.source.as_deref().unwrap_or("none"),
+            s.dest,
+            s.metadata
+        );
+        r += &format!(
+            "sockets: vhost-user {}, control {}\n",
+            s.socket.as_deref().unwrap_or("(inherited descriptor)"),
+            s.control_socket
+        );
+        if let Some(m) = &s.metrics_address {
+            r += &format!("metrics: http://{m}/metrics\n");
+        }
+    }
     r += &format!(
         "clone {}: {} bytes, {} regions of {} bytes\n",
         s.uuid, s.device_size, s.regions, s.region_size
@@ -170,13 +194,15 @@ pub fn status(a: &StatusArgs) -> Result<()> {
         let s = fetch(&path)?;
         let text = if a.json {
             serde_json::to_string_pretty(&s).map_err(|e| CliError::Output(e.into()))?
+        } else if a.dmsetup {
+            s.dm_line()
         } else {
             full_report(&s).trim_end().to_string()
         };
         return w(&mut out, text);
     }
     let interval = Duration::from_secs_f64(a.interval.max(0.05));
-    if std::io::stderr().is_terminal() && !a.json {
+    if std::io::stderr().is_terminal() && !a.json && !a.dmsetup {
         let first = fetch(&path)?;
         let bar = indicatif::ProgressBar::new(first.device_size);
         bar.set_style(
@@ -205,6 +231,8 @@ pub fn status(a: &StatusArgs) -> Result<()> {
         let s = fetch(&path)?;
         let text = if a.json {
             serde_json::to_string(&s).map_err(|e| CliError::Output(e.into()))?
+        } else if a.dmsetup {
+            s.dm_line()
         } else {
             line(&s)
         };

@@ -15,7 +15,7 @@
 
 mod server;
 
-pub use server::{ControlServer, Status};
+pub use server::{ControlServer, Identity, Status, StatusReporter};
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

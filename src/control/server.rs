@@ -1,20 +1,21 @@
 //! The control socket server: a thread accepting connections, one short-lived
 //! thread per connection, stopped on drop.
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use super::{apply_message, ControlError, Request, Response};
 use crate::engine::hydrator::HydrationControl;
 use crate::engine::{Counters, Engine};
+use crate::metadata::format::BLOCK_SIZE;
 use crate::socket::BoundSocket;
 
 /// The daemon's status, as `vhost-clone status --json` prints it.
@@ -36,7 +37,8 @@ pub struct Status {
     pub complete: bool,
     /// Regions being hydrated or marked right now.
     pub hydrating_regions: u64,
-    /// Hydration rate over the last seconds, bytes per second.
+    /// Hydration rate over the last 10 s as the daemon measures it (sampled
+    /// every second), bytes per second.
     pub hydration_rate: f64,
     /// Estimated seconds to completion at that rate (None when unknown).
     pub eta_seconds: Option<f64>,
@@ -64,72 +66,161 @@ pub struct Status {
     pub io: Counters,
     /// Seconds since the daemon started.
     pub uptime_seconds: f64,
+    /// The daemon's version.
+    #[serde(default)]
+    pub version: String,
+    /// The git commit it was built from (`unknown` outside a checkout).
+    #[serde(default)]
+    pub commit: String,
+    /// The daemon's process id.
+    #[serde(default)]
+    pub pid: u32,
+    /// When it started, RFC 3339 UTC.
+    #[serde(default)]
+    pub started_at: String,
+    /// The source image (None when serving without one).
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The destination.
+    #[serde(default)]
+    pub dest: String,
+    /// The metadata file.
+    #[serde(default)]
+    pub metadata: String,
+    /// The vhost-user socket (None when serving on an inherited descriptor).
+    #[serde(default)]
+    pub socket: Option<String>,
+    /// The control socket.
+    #[serde(default)]
+    pub control_socket: String,
+    /// The metrics endpoint's address (HOST:PORT as bound), if serving metrics.
+    #[serde(default)]
+    pub metrics_address: Option<String>,
+    /// Metadata block size in bytes.
+    #[serde(default)]
+    pub metadata_block_size: u64,
+    /// Metadata blocks the format uses.
+    #[serde(default)]
+    pub metadata_blocks_used: u64,
+    /// Metadata blocks the metadata store holds.
+    #[serde(default)]
+    pub metadata_blocks_total: u64,
 }
 
-struct Rate {
-    samples: VecDeque<(Instant, u64)>,
-}
-
-impl Rate {
-    /// Records a sample and returns the rate in regions/s over the last ~10 s.
-    fn sample(&mut self, now: Instant, hydrated: u64) -> f64 {
-        if self
-            .samples
-            .back()
-            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_millis(250))
-        {
-            self.samples.push_back((now, hydrated));
+impl Status {
+    /// The status in the form `dmsetup status` prints for a dm-clone target,
+    /// on one line (sizes in 512-byte sectors):
+    ///
+    /// ```text
+    /// 0 <sectors> clone <md block size> <used>/<total md blocks> <region size>
+    ///   <hydrated>/<total regions> <hydrating> <#features> [no_hydration]
+    ///   [no_discard_passdown] 4 hydration_threshold <t> hydration_batch_size <b> <rw|ro>
+    /// ```
+    ///
+    /// In fail mode, as dm-clone: `0 <sectors> clone Fail`.
+    pub fn dm_line(&self) -> String {
+        let sectors = self.device_size.div_ceil(512);
+        if self.mode == "fail" {
+            return format!("0 {sectors} clone Fail");
         }
-        while self.samples.len() > 2
-            && now.duration_since(self.samples[0].0) > Duration::from_secs(10)
-        {
-            self.samples.pop_front();
+        let mut features = Vec::new();
+        if !self.hydration_enabled {
+            features.push(" no_hydration");
         }
-        let (t0, h0) = self.samples[0];
-        let dt = now.duration_since(t0).as_secs_f64();
-        if dt < 0.2 {
-            return 0.0;
+        if !self.discard_passdown {
+            features.push(" no_discard_passdown");
         }
-        hydrated.saturating_sub(h0) as f64 / dt
+        format!(
+            "0 {sectors} clone {} {}/{} {} {}/{} {} {}{} 4 hydration_threshold {} hydration_batch_size {} {}",
+            self.metadata_block_size / 512,
+            self.metadata_blocks_used,
+            self.metadata_blocks_total,
+            self.region_size / 512,
+            self.hydrated_regions,
+            self.regions,
+            self.hydrating_regions,
+            features.len(),
+            features.concat(),
+            self.hydration_threshold,
+            self.hydration_batch_size,
+            self.mode
+        )
     }
 }
 
-struct Shared {
+/// What a running daemon is: fixed at start-up, shown by `status`.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// The source image, if attached.
+    pub source: Option<PathBuf>,
+    /// The destination.
+    pub dest: PathBuf,
+    /// The metadata file.
+    pub metadata: PathBuf,
+    /// The vhost-user socket (None when serving on an inherited descriptor).
+    pub socket: Option<PathBuf>,
+    /// The control socket.
+    pub control_socket: PathBuf,
+    /// Where metrics are served, as bound (a port 0 resolved).
+    pub metrics_address: Option<SocketAddr>,
+}
+
+/// Builds [`Status`] reports of a running daemon: the one source of truth for
+/// the control socket, the metrics endpoint and the service manager.
+#[derive(Debug)]
+pub struct StatusReporter {
     engine: Arc<Engine>,
     ctl: Arc<HydrationControl>,
+    identity: Identity,
     source_attached: bool,
     discard_passdown: bool,
     started: Instant,
-    rate: Mutex<Rate>,
+    started_at: SystemTime,
 }
 
-impl Shared {
-    fn status(&self) -> Status {
+impl StatusReporter {
+    /// A reporter for a daemon that starts now.
+    pub fn new(
+        engine: Arc<Engine>,
+        ctl: Arc<HydrationControl>,
+        identity: Identity,
+        source_attached: bool,
+        discard_passdown: bool,
+    ) -> StatusReporter {
+        StatusReporter {
+            engine,
+            ctl,
+            identity,
+            source_attached,
+            discard_passdown,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+        }
+    }
+
+    /// The engine reported on.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// When the daemon started (wall clock).
+    pub fn started_at(&self) -> SystemTime {
+        self.started_at
+    }
+
+    /// The daemon's status now.
+    pub fn status(&self) -> Status {
         let e = &self.engine;
         let md = e.metadata();
         let g = e.geometry();
         let hydrated = md.hydrated_count();
-        let now = Instant::now();
-        let rate = self
-            .rate
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sample(now, hydrated);
-        let remaining = g.nr_regions() - hydrated;
+        let hydrated_bytes = e.hydrated_bytes();
+        let rate = e.hydration_rate();
+        let remaining = g.device_size().saturating_sub(hydrated_bytes);
         let stats = md.stats();
-        let hydrated_bytes = if hydrated == g.nr_regions() {
-            g.device_size()
-        } else {
-            // The short last region counts in full only when hydrated.
-            let last_short = md.is_hydrated(g.nr_regions() - 1)
-                && g.region_len(g.nr_regions() - 1) < g.region_size();
-            hydrated * g.region_size()
-                - if last_short {
-                    g.region_size() - g.region_len(g.nr_regions() - 1)
-                } else {
-                    0
-                }
-        };
+        let (blocks_used, blocks_total) = md.blocks();
+        let id = &self.identity;
+        let path = |p: &PathBuf| p.display().to_string();
         Status {
             uuid: md.uuid().to_string(),
             device_size: g.device_size(),
@@ -137,9 +228,9 @@ impl Shared {
             regions: g.nr_regions(),
             hydrated_regions: hydrated,
             hydrated_bytes,
-            complete: remaining == 0,
+            complete: hydrated == g.nr_regions(),
             hydrating_regions: e.regions_in_flight(),
-            hydration_rate: rate * g.region_size() as f64,
+            hydration_rate: rate,
             eta_seconds: (rate > 0.0 && remaining > 0).then(|| remaining as f64 / rate),
             mode: md.mode().to_string(),
             commits: stats.commits,
@@ -153,9 +244,23 @@ impl Shared {
             source_attached: self.source_attached,
             io: e.counters(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
+            version: crate::VERSION.into(),
+            commit: crate::GIT_COMMIT.into(),
+            pid: std::process::id(),
+            started_at: humantime::format_rfc3339_seconds(self.started_at).to_string(),
+            source: id.source.as_ref().map(path),
+            dest: path(&id.dest),
+            metadata: path(&id.metadata),
+            socket: id.socket.as_ref().map(path),
+            control_socket: path(&id.control_socket),
+            metrics_address: id.metrics_address.map(|a| a.to_string()),
+            metadata_block_size: BLOCK_SIZE,
+            metadata_blocks_used: blocks_used,
+            metadata_blocks_total: blocks_total,
         }
     }
 
+    /// Answers one request line.
     fn handle(&self, line: &str) -> Response {
         match serde_json::from_str::<Request>(line) {
             Err(e) => Response {
@@ -207,13 +312,30 @@ impl std::fmt::Debug for ControlServer {
 impl ControlServer {
     /// Starts serving status and messages for `engine` on `socket` (bound by
     /// [`BoundSocket::bind`], before any thread started); the socket is removed
-    /// when the server is dropped, if it is still ours.
+    /// when the server is dropped, if it is still ours. Status reports carry
+    /// no identity (paths); [`ControlServer::start_with`] gives them one.
     pub fn start(
         socket: BoundSocket,
         engine: Arc<Engine>,
         ctl: Arc<HydrationControl>,
         source_attached: bool,
         discard_passdown: bool,
+    ) -> Result<ControlServer, ControlError> {
+        let reporter = StatusReporter::new(
+            engine,
+            ctl,
+            Identity::default(),
+            source_attached,
+            discard_passdown,
+        );
+        Self::start_with(socket, Arc::new(reporter))
+    }
+
+    /// Starts serving the reports of `reporter` (and messages to its
+    /// hydration controls) on `socket`.
+    pub fn start_with(
+        socket: BoundSocket,
+        reporter: Arc<StatusReporter>,
     ) -> Result<ControlServer, ControlError> {
         let path = socket.path().map(Path::to_path_buf).unwrap_or_default();
         let listen_err = |source| ControlError::Listen {
@@ -222,21 +344,11 @@ impl ControlServer {
         };
         let listener = socket.listener().try_clone().map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
-        let shared = Arc::new(Shared {
-            engine,
-            ctl,
-            source_attached,
-            discard_passdown,
-            started: Instant::now(),
-            rate: Mutex::new(Rate {
-                samples: VecDeque::new(),
-            }),
-        });
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(listener, shared, s))
+            .spawn(move || accept_loop(listener, reporter, s))
             .map_err(listen_err)?;
         Ok(ControlServer {
             path,
@@ -252,7 +364,7 @@ impl ControlServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
+fn accept_loop(listener: UnixListener, shared: Arc<StatusReporter>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Acquire) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -272,7 +384,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>, stop: Arc<AtomicBool
     }
 }
 
-fn serve_conn(stream: UnixStream, shared: &Shared) {
+fn serve_conn(stream: UnixStream, shared: &StatusReporter) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let Ok(mut w) = stream.try_clone() else {
@@ -303,5 +415,43 @@ impl Drop for ControlServer {
         }
         // `socket` is dropped next: it removes the path only if it is still ours.
         let _ = &self.socket;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dm_line_has_dm_clone_fields() {
+        let mut s = Status {
+            device_size: 1 << 30,
+            region_size: 64 << 10,
+            regions: 16384,
+            hydrated_regions: 1000,
+            hydrating_regions: 3,
+            mode: "rw".into(),
+            hydration_enabled: true,
+            hydration_threshold: 64,
+            hydration_batch_size: 16,
+            discard_passdown: true,
+            metadata_block_size: 4096,
+            metadata_blocks_used: 5,
+            metadata_blocks_total: 256,
+            ..Status::default()
+        };
+        assert_eq!(
+            s.dm_line(),
+            "0 2097152 clone 8 5/256 128 1000/16384 3 0 4 hydration_threshold 64 hydration_batch_size 16 rw"
+        );
+        s.hydration_enabled = false;
+        s.discard_passdown = false;
+        s.mode = "ro".into();
+        assert_eq!(
+            s.dm_line(),
+            "0 2097152 clone 8 5/256 128 1000/16384 3 2 no_hydration no_discard_passdown 4 hydration_threshold 64 hydration_batch_size 16 ro"
+        );
+        s.mode = "fail".into();
+        assert_eq!(s.dm_line(), "0 2097152 clone Fail");
     }
 }

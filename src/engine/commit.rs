@@ -5,7 +5,12 @@
 //! before the flush was received), and whoever finds no commit running leads the
 //! next one. The commit itself, and its order of writes and flushes, lives in
 //! [`crate::metadata::Metadata::commit`].
+//!
+//! [`CommitLatency`] keeps the durations of the commits the engine runs (a
+//! fixed-bucket histogram of atomics, read by status and metrics); the
+//! periodic thread type [`Committer`] also drives the hydration-rate sampler.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -107,8 +112,73 @@ impl CommitGate {
     }
 }
 
+/// Upper bounds (seconds) of the commit-latency buckets: a commit is two or
+/// three flushes, from tens of microseconds (page cache) to seconds (a slow disk).
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A histogram of commit durations: one counter per bucket of
+/// [`LATENCY_BUCKETS`] plus one for longer commits, a count and a sum.
+/// Observations and snapshots are lock-free; a snapshot taken during an
+/// observation may see its bucket without its sum (off by one commit).
+#[derive(Debug, Default)]
+pub struct CommitLatency {
+    /// `buckets[i]` counts durations in `(LATENCY_BUCKETS[i-1], LATENCY_BUCKETS[i]]`;
+    /// the last counts those above every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+/// A point-in-time copy of a [`CommitLatency`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencySnapshot {
+    /// `(upper bound in seconds, observations in that bucket alone)`; the last
+    /// bound is `f64::INFINITY`. Not cumulative.
+    pub buckets: Vec<(f64, u64)>,
+    /// Observations.
+    pub count: u64,
+    /// Sum of the observed durations, seconds.
+    pub sum_seconds: f64,
+}
+
+impl CommitLatency {
+    /// Records one commit's duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        if let Some(b) = self.buckets.get(i) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let buckets = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(&self.buckets)
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        LatencySnapshot {
+            buckets,
+            count: self.count.load(Ordering::Relaxed),
+            sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+}
+
 /// A background thread that commits every `interval` when something changed.
 /// Stopped and joined on drop (a timer must never outlive what it commits).
+/// Any periodic job can use it ([`Committer::start_named`]).
 #[derive(Debug)]
 pub struct Committer {
     stop: Arc<(Mutex<bool>, Condvar)>,
@@ -121,10 +191,18 @@ impl Committer {
     where
         F: Fn() + Send + 'static,
     {
+        Self::start_named("commit", interval, tick)
+    }
+
+    /// Starts a thread named `name` that calls `tick` every `interval`.
+    pub fn start_named<F>(name: &str, interval: Duration, tick: F) -> std::io::Result<Committer>
+    where
+        F: Fn() + Send + 'static,
+    {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
-            .name("commit".into())
+            .name(name.into())
             .spawn(move || {
                 let (m, cv) = &*s;
                 let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -244,6 +322,25 @@ mod tests {
         .unwrap();
         t.join().unwrap().unwrap();
         assert_eq!(*forced.lock().unwrap(), vec![false, true]);
+    }
+
+    #[test]
+    fn latency_lands_in_the_right_buckets() {
+        let l = CommitLatency::default();
+        l.observe(Duration::from_micros(50)); // <= 0.0001
+        l.observe(Duration::from_micros(100)); // <= 0.0001 (bounds are inclusive)
+        l.observe(Duration::from_millis(3)); // <= 0.005
+        l.observe(Duration::from_secs(10)); // > 2.5
+        let s = l.snapshot();
+        assert_eq!(s.count, 4);
+        assert!((s.sum_seconds - 10.00315).abs() < 1e-9, "{}", s.sum_seconds);
+        assert_eq!(s.buckets.len(), LATENCY_BUCKETS.len() + 1);
+        let at = |bound: f64| s.buckets.iter().find(|b| b.0 == bound).unwrap().1;
+        assert_eq!(at(0.0001), 2);
+        assert_eq!(at(0.0025), 0);
+        assert_eq!(at(0.005), 1);
+        assert_eq!(at(f64::INFINITY), 1);
+        assert_eq!(s.buckets.iter().map(|b| b.1).sum::<u64>(), s.count);
     }
 
     #[test]

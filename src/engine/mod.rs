@@ -29,18 +29,20 @@
 pub mod commit;
 pub mod hydrator;
 pub mod locks;
+pub mod rate;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::metadata::{CommitOutcome, Geometry, Metadata, MetadataError, Mode};
 use crate::storage::{copy_range, iov_len, BlockDevice, IoFd, StorageError, SECTOR_SIZE};
-use commit::{CommitGate, Committer};
+use commit::{CommitGate, CommitLatency, Committer};
 use locks::RegionLocks;
+use rate::RateWindow;
 
 /// Default interval of the periodic commit, as dm-clone's.
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
@@ -137,8 +139,29 @@ pub struct Counters {
     pub background_hydrations: u64,
     /// Regions marked without copy (overwritten, discarded or zeroed whole).
     pub overwrites: u64,
-    /// Requests that failed.
+    /// Requests that failed (all kinds; the `*_errors` fields split it).
     pub errors: u64,
+    /// Bytes discarded (the requests' lengths).
+    #[serde(default)]
+    pub bytes_discarded: u64,
+    /// Bytes zeroed by write-zeroes requests.
+    #[serde(default)]
+    pub bytes_zeroed: u64,
+    /// Read requests that failed.
+    #[serde(default)]
+    pub read_errors: u64,
+    /// Write requests that failed.
+    #[serde(default)]
+    pub write_errors: u64,
+    /// Flush requests that failed.
+    #[serde(default)]
+    pub flush_errors: u64,
+    /// Discard requests that failed.
+    #[serde(default)]
+    pub discard_errors: u64,
+    /// Write-zeroes requests that failed.
+    #[serde(default)]
+    pub write_zeroes_errors: u64,
 }
 
 /// Counter shards: each thread adds to its own (cache-line aligned) shard, so
@@ -173,7 +196,17 @@ struct AtomicCounters {
     background_hydrations: AtomicU64,
     overwrites: AtomicU64,
     errors: AtomicU64,
+    bytes_discarded: AtomicU64,
+    bytes_zeroed: AtomicU64,
+    read_errors: AtomicU64,
+    write_errors: AtomicU64,
+    flush_errors: AtomicU64,
+    discard_errors: AtomicU64,
+    write_zeroes_errors: AtomicU64,
 }
+
+/// Selects one counter of a shard (the per-kind error counters).
+type CounterOf = fn(&AtomicCounters) -> &AtomicU64;
 
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
@@ -210,6 +243,10 @@ pub struct Engine {
     /// destination flush started: a flush finding no writes since then need not
     /// flush again. [`DEST_NEVER_FLUSHED`] until this process flushed once.
     dest_flushed_at: AtomicU64,
+    /// Durations of the commits that did I/O.
+    commit_latency: CommitLatency,
+    /// Hydrated regions sampled over the last seconds (see [`Engine::sample_hydration`]).
+    rate: Mutex<RateWindow>,
 }
 
 /// `dest_flushed_at` of an engine that has not flushed the destination yet. A
@@ -287,6 +324,7 @@ impl Engine {
         if dest.read_only() {
             return Err(EngineError::Setup("the destination is read-only".into()));
         }
+        let hydrated = md.hydrated_count();
         Ok(Engine {
             source,
             dest,
@@ -301,6 +339,12 @@ impl Engine {
             hydration_cursor: AtomicU64::new(0),
             hydration_bytes_read: AtomicU64::new(0),
             dest_flushed_at: AtomicU64::new(DEST_NEVER_FLUSHED),
+            commit_latency: CommitLatency::default(),
+            rate: Mutex::new(RateWindow::new(
+                rate::DEFAULT_WINDOW,
+                Instant::now(),
+                hydrated,
+            )),
         })
     }
 
@@ -377,7 +421,68 @@ impl Engine {
             background_hydrations: self.sum(|c| &c.background_hydrations),
             overwrites: self.sum(|c| &c.overwrites),
             errors: self.sum(|c| &c.errors),
+            bytes_discarded: self.sum(|c| &c.bytes_discarded),
+            bytes_zeroed: self.sum(|c| &c.bytes_zeroed),
+            read_errors: self.sum(|c| &c.read_errors),
+            write_errors: self.sum(|c| &c.write_errors),
+            flush_errors: self.sum(|c| &c.flush_errors),
+            discard_errors: self.sum(|c| &c.discard_errors),
+            write_zeroes_errors: self.sum(|c| &c.write_zeroes_errors),
         }
+    }
+
+    /// Durations of the commits this process ran that did I/O (wrote a new
+    /// state, flushed the destination, or failed trying).
+    pub fn commit_latency(&self) -> &CommitLatency {
+        &self.commit_latency
+    }
+
+    /// Hydrated bytes: hydrated regions times the region size, the short last
+    /// region counted at its real length.
+    pub fn hydrated_bytes(&self) -> u64 {
+        let g = &self.geo;
+        let nr = g.nr_regions();
+        let hydrated = self.md.hydrated_count();
+        if hydrated == nr {
+            return g.device_size();
+        }
+        let last = nr - 1;
+        let short = g.region_size() - g.region_len(last);
+        let full = hydrated.saturating_mul(g.region_size());
+        if short > 0 && self.md.is_hydrated(last) {
+            full - short
+        } else {
+            full
+        }
+    }
+
+    /// Records the hydrated region count now, for [`Engine::hydration_rate`].
+    /// Called once a second by the thread [`Engine::start_rate_sampler`] starts.
+    pub fn sample_hydration(&self) {
+        let h = self.md.hydrated_count();
+        self.rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(Instant::now(), h);
+    }
+
+    /// Hydration rate in bytes per second (regions hydrated per second, by any
+    /// means, times the region size) over the last samples' window; 0 until two
+    /// samples a second apart exist.
+    pub fn hydration_rate(&self) -> f64 {
+        let per_region = self.rate.lock().unwrap_or_else(|p| p.into_inner()).rate();
+        per_region * self.geo.region_size() as f64
+    }
+
+    /// Starts the thread that samples hydration progress every
+    /// [`rate::SAMPLE_INTERVAL`]; stopped and joined when dropped.
+    pub fn start_rate_sampler(self: &Arc<Self>) -> io::Result<Committer> {
+        let weak = Arc::downgrade(self);
+        Committer::start_named("hydration-rate", rate::SAMPLE_INTERVAL, move || {
+            if let Some(e) = weak.upgrade() {
+                e.sample_hydration();
+            }
+        })
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
@@ -402,9 +507,12 @@ impl Engine {
         }
     }
 
-    fn count_err<T>(&self, r: Result<T>) -> Result<T> {
+    /// Counts a failed request, in the total and in its kind's counter.
+    fn count_err<T>(&self, kind: CounterOf, r: Result<T>) -> Result<T> {
         if r.is_err() {
-            bump(&self.stats().errors, 1);
+            let st = self.stats();
+            bump(&st.errors, 1);
+            bump(kind(st), 1);
         }
         r
     }
@@ -417,7 +525,7 @@ impl Engine {
     pub fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
         let _io = InFlight::new(&self.stats().in_flight);
         let r = self.do_read(offset, bufs);
-        self.count_err(r)
+        self.count_err(|c| &c.read_errors, r)
     }
 
     fn do_read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
@@ -466,7 +574,7 @@ impl Engine {
         bump(&self.stats().writes, 1);
         bump(&self.stats().bytes_written, len);
         let r = self.do_write(offset, len, Payload::Data(bufs));
-        self.count_err(r)
+        self.count_err(|c| &c.write_errors, r)
     }
 
     /// Convenience: writes one buffer.
@@ -539,6 +647,14 @@ impl Engine {
         }
         if !ok {
             bump(&st.errors, 1);
+            bump(
+                if write {
+                    &st.write_errors
+                } else {
+                    &st.read_errors
+                },
+                1,
+            );
         }
         st.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
@@ -547,8 +663,9 @@ impl Engine {
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let _io = InFlight::new(&self.stats().in_flight);
         bump(&self.stats().write_zeroes, 1);
+        bump(&self.stats().bytes_zeroed, len);
         let r = self.do_write(offset, len, Payload::Zeroes);
-        self.count_err(r)
+        self.count_err(|c| &c.write_zeroes_errors, r)
     }
 
     fn dest_write(&self, pos: u64, len: u64, offset: u64, payload: Payload<'_, '_>) -> Result<()> {
@@ -656,8 +773,9 @@ impl Engine {
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let _io = InFlight::new(&self.stats().in_flight);
         bump(&self.stats().discards, 1);
+        bump(&self.stats().bytes_discarded, len);
         let r = self.do_discard(offset, len);
-        self.count_err(r)
+        self.count_err(|c| &c.discard_errors, r)
     }
 
     fn passdown(&self, pos: u64, len: u64) -> Result<()> {
@@ -737,7 +855,7 @@ impl Engine {
     pub fn flush(&self) -> Result<()> {
         bump(&self.stats().flushes, 1);
         let r = self.commit(true).map(|_| ());
-        self.count_err(r)
+        self.count_err(|c| &c.flush_errors, r)
     }
 
     /// Commits if anything changed (the periodic commit). With `flush_dest`,
@@ -754,7 +872,20 @@ impl Engine {
                 // Writes completed before this point are covered by the flush below.
                 let writes = self.sum(|c| &c.dest_writes);
                 let dirty = writes != self.dest_flushed_at.load(Ordering::Acquire);
-                let out = self.md.commit(self.dest.as_ref(), force && dirty)?;
+                let started = Instant::now();
+                let out = self.md.commit(self.dest.as_ref(), force && dirty);
+                // Only commits that did I/O: a no-op or a refusal (ro, fail)
+                // would pile up near zero and hide the real durations.
+                let did_io = match &out {
+                    Ok(CommitOutcome::Committed { .. }) => true,
+                    Ok(CommitOutcome::Nothing) => force && dirty,
+                    Err(MetadataError::ReadOnly | MetadataError::Failed) => false,
+                    Err(_) => true,
+                };
+                if did_io {
+                    self.commit_latency.observe(started.elapsed());
+                }
+                let out = out?;
                 if (force && dirty) || matches!(out, CommitOutcome::Committed { .. }) {
                     // Commits are serialised by the gate: a plain store.
                     self.dest_flushed_at.store(writes, Ordering::Release);

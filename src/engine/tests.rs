@@ -457,3 +457,58 @@ fn the_write_cache_choice_is_committed_at_once() {
     let md = Metadata::open(Arc::new(SimDevice::from_image(r.mdd.durable_image())), None).unwrap();
     assert_eq!(md.write_cache(), Some(false));
 }
+
+#[test]
+fn counters_split_bytes_and_errors_by_request_kind() {
+    let r = rig(4, 0);
+    let e = &r.eng;
+    e.discard(0, RS).unwrap();
+    e.write_zeroes(RS, 1024).unwrap();
+    assert!(e.read_at(&mut [0u8; 512], 4 * RS).is_err(), "past the end");
+    assert!(e.write_at(&[0u8; 100], 0).is_err(), "not sector aligned");
+    r.dst
+        .set_fault(crate::storage::Fault::Flush, Some(libc::EIO));
+    assert!(e.flush().is_err());
+    r.dst.set_fault(crate::storage::Fault::Flush, None);
+    let c = e.counters();
+    assert_eq!((c.bytes_discarded, c.bytes_zeroed), (RS, 1024));
+    assert_eq!(
+        (c.read_errors, c.write_errors, c.flush_errors),
+        (1, 1, 1),
+        "{c:?}"
+    );
+    assert_eq!((c.discard_errors, c.write_zeroes_errors), (0, 0));
+    assert_eq!(c.errors, 3, "the total is the sum of the kinds");
+}
+
+#[test]
+fn commits_that_do_io_are_timed_and_no_ops_are_not() {
+    let r = rig(4, 0);
+    let e = &r.eng;
+    e.flush().unwrap(); // first flush of the process: flushes the destination
+    let n = e.commit_latency().snapshot().count;
+    assert_eq!(n, 1);
+    e.commit(false).unwrap(); // nothing changed, nothing flushed
+    e.flush().unwrap(); // nothing written since the last flush
+    assert_eq!(e.commit_latency().snapshot().count, n);
+    e.write_at(&[1u8; 512], 0).unwrap();
+    e.commit(false).unwrap(); // a new state
+    assert_eq!(e.commit_latency().snapshot().count, n + 1);
+}
+
+#[test]
+fn the_hydration_rate_is_sampled_not_asked() {
+    let r = rig(8, 0);
+    let e = &r.eng;
+    assert_eq!(e.hydration_rate(), 0.0);
+    std::thread::sleep(Duration::from_millis(600));
+    for reg in 0..4 {
+        e.hydrate_region(reg).unwrap();
+    }
+    // Asking does not sample: still no second sample.
+    assert_eq!(e.hydration_rate(), 0.0);
+    e.sample_hydration();
+    let rate = e.hydration_rate();
+    // 4 regions of RS bytes in a bit over 0.6 s.
+    assert!(rate > 0.0 && rate <= 4.0 * RS as f64 / 0.6, "{rate}");
+}

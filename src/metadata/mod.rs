@@ -747,6 +747,15 @@ impl Metadata {
         &self.geo
     }
 
+    /// Metadata blocks (of [`BLOCK_SIZE`] bytes) the format uses, and the
+    /// blocks the metadata store holds (dm-clone's used/total metadata blocks).
+    pub fn blocks(&self) -> (u64, u64) {
+        (
+            self.layout.required_size() / BLOCK_SIZE,
+            self.dev.size() / BLOCK_SIZE,
+        )
+    }
+
     /// The clone's uuid.
     pub fn uuid(&self) -> uuid::Uuid {
         uuid::Uuid::from_bytes(self.uuid)

@@ -179,4 +179,16 @@ impl Client {
         self.q.flush(0, ReqFlags::empty());
         self.wait()
     }
+
+    /// Discards `len` bytes at `off`.
+    pub fn discard(&mut self, off: u64, len: u64) -> i32 {
+        self.q.discard(off, len, 0, ReqFlags::empty());
+        self.wait()
+    }
+
+    /// Writes zeroes over `len` bytes at `off`.
+    pub fn write_zeroes(&mut self, off: u64, len: u64) -> i32 {
+        self.q.write_zeroes(off, len, 0, ReqFlags::empty());
+        self.wait()
+    }
 }
