@@ -3,9 +3,18 @@
 //!
 //! Every failure is reported as one line naming what went wrong, with its cause
 //! chain (`error: cannot open dest.img: No such file or directory`), and a
-//! non-zero exit code: 1 for a failed operation or a failed check, 2 for bad
-//! arguments (clap's convention).
+//! non-zero exit code. The rule for the code: 2 ([`EXIT_USAGE`], clap's
+//! convention) when the fix is to change the command line: an unknown,
+//! missing or conflicting option, a malformed or out-of-range value, or an
+//! option that contradicts the clone it names (a new clone without
+//! `--source`, a `--region-size` other than the clone's, two paths naming one
+//! file); bad values are refused before any file is touched. 1
+//! ([`EXIT_FAILURE`]) when the command line is fine and the system refused or
+//! failed: a missing file or directory, a lock, a live socket, damaged
+//! metadata, an I/O error, an unreachable daemon, a failed check.
 
+mod help;
+pub mod logging;
 mod offline;
 mod serve;
 mod status;
@@ -19,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+
+pub use logging::LogLevel;
 
 use crate::metadata::MetadataError;
 use crate::storage::{FileDevice, OpenOptions, StorageError};
@@ -41,9 +52,22 @@ pub enum CliError {
     /// Something given on the command line does not fit (exit 2).
     #[error("{0}")]
     Usage(String),
+    /// `--region-size` contradicts the clone's (exit 2).
+    #[error("metadata {path}: region size mismatch: the metadata says {stored}, but {given} was given (leave out --region-size to use the clone's)")]
+    RegionSizeMismatch {
+        /// The metadata path.
+        path: String,
+        /// The clone's region size.
+        stored: u64,
+        /// The one asked for.
+        given: u64,
+    },
     /// The stores, sockets or devices refuse what was asked (exit 1).
     #[error("{0}")]
     Refused(String),
+    /// The daemon's control socket could not be reached or answered badly (exit 1).
+    #[error(transparent)]
+    Control(crate::control::ControlError),
     /// The daemon failed to start or to stop cleanly (exit 1).
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
@@ -58,26 +82,37 @@ pub enum CliError {
 /// Result type of the command-line tools.
 pub type Result<T> = std::result::Result<T, CliError>;
 
+/// Exit code of a runtime failure or a failed check.
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit code of a usage error (clap's own errors exit with it too).
+pub const EXIT_USAGE: i32 = 2;
+
 /// vhost-clone: serve a disk to a VM over vhost-user-blk while it is copied
 /// ("hydrated") from a read-only source, with Linux dm-clone's semantics.
 #[derive(Debug, Parser)]
-#[command(name = "vhost-clone", version = crate::LONG_VERSION, about, long_about = None)]
+#[command(name = "vhost-clone", version = crate::LONG_VERSION, about, long_about = help::LONG_ABOUT,
+    after_long_help = help::AFTER_HELP)]
 pub struct Cli {
-    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    pub log_level: String,
+    /// Log level; RUST_LOG overrides it (tracing's EnvFilter syntax).
+    #[arg(long, global = true, value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
     /// More logging (-v debug, -vv trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Print the vhost-user backend capabilities (JSON, QEMU's vhost-user.json
+    /// schema) and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// Sub-commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a clone of SOURCE over vhost-user-blk (the main job).
+    #[command(long_about = help::SERVE_LONG_ABOUT, after_long_help = help::SERVE_AFTER_HELP)]
     Serve(Box<ServeArgs>),
     /// Show a running daemon's status (progress, mode, counters).
     Status(StatusArgs),
@@ -197,6 +232,36 @@ pub fn parse_region_size(s: &str) -> std::result::Result<u64, String> {
     Ok(n)
 }
 
+/// Parses a disk serial number (GET_ID): at most 20 bytes.
+pub fn parse_serial(s: &str) -> std::result::Result<String, String> {
+    if s.len() > crate::virtio::config::SERIAL_LEN {
+        return Err(format!(
+            "the serial is {} bytes, at most {} are allowed",
+            s.len(),
+            crate::virtio::config::SERIAL_LEN
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// Parses a virtqueue size: a power of two from 4 to 32768.
+pub fn parse_queue_size(s: &str) -> std::result::Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(n) if n >= 4 && n.is_power_of_two() => Ok(n),
+        _ => Err(format!("'{s}' is not a power of two from 4 to 32768")),
+    }
+}
+
+/// Parses a number of seconds in `min..=86400` (finite, so that it makes a `Duration`).
+pub fn parse_seconds(s: &str, min: f64) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(n) if n.is_finite() && (min..=86_400.0).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds from {min} to 86400"
+        )),
+    }
+}
+
 /// Opens a file device, read-only or not.
 pub fn open_device(path: &Path, read_only: bool) -> Result<Arc<FileDevice>> {
     Ok(Arc::new(FileDevice::open(
@@ -210,39 +275,36 @@ pub fn open_device(path: &Path, read_only: bool) -> Result<Arc<FileDevice>> {
 
 pub use crate::error_chain;
 
-/// Writes a line to stderr. A daemon must not die because its stderr went away
-/// (a closed pipe or terminal): unlike `eprintln!`, errors are ignored.
+/// Writes a line to stderr (at info priority under the journal). A daemon
+/// must not die because its stderr went away (a closed pipe or terminal):
+/// unlike `eprintln!`, errors are ignored.
 pub fn say(line: &str) {
+    say_at(6, line);
+}
+
+fn say_at(priority: u8, line: &str) {
     use std::io::Write;
+    let line = logging::at_priority(priority, line);
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
-    let level = match cli.verbose {
-        0 => cli.log_level.clone(),
-        1 => "debug".into(),
-        _ => "trace".into(),
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level));
-    match filter {
-        Ok(f) => {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(f)
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                // Its report of a failed write is an eprintln!, which panics when
-                // stderr is gone; a daemon must outlive its terminal or log pipe.
-                .log_internal_errors(false)
-                .try_init();
-        }
-        Err(e) => {
-            say(&format!("error: bad log level '{level}': {e}"));
-            return 2;
-        }
+    logging::init(cli.log_level, cli.verbose);
+    if cli.print_capabilities {
+        println!("{}", crate::virtio::print_capabilities());
+        return 0;
     }
-    let r = match cli.command {
+    let Some(command) = cli.command else {
+        use clap::CommandFactory;
+        let e = Cli::command().error(
+            clap::error::ErrorKind::MissingSubcommand,
+            "a command is required (or --print-capabilities)",
+        );
+        let _ = e.print();
+        return EXIT_USAGE;
+    };
+    let r = match command {
         Command::Serve(a) => serve::serve(&a),
         Command::Status(a) => status::status(&a),
         Command::Message(a) => status::message(&a),
@@ -252,15 +314,19 @@ pub fn run(cli: Cli) -> i32 {
     };
     match r {
         Ok(()) => 0,
-        Err(CliError::CheckFailed) => 1,
+        Err(CliError::CheckFailed) => EXIT_FAILURE,
         Err(e) => {
-            say(&format!("error: {}", error_chain(&e)));
-            if let CliError::Usage(_) = e {
-                2
-            } else {
-                1
-            }
+            say_at(3, &format!("error: {}", error_chain(&e)));
+            exit_code(&e)
         }
+    }
+}
+
+/// The exit code of an error (see the module docs for the rule).
+pub fn exit_code(e: &CliError) -> i32 {
+    match e {
+        CliError::Usage(_) | CliError::RegionSizeMismatch { .. } => EXIT_USAGE,
+        _ => EXIT_FAILURE,
     }
 }
 

@@ -28,6 +28,12 @@ pub fn create(a: &CreateArgs) -> Result<()> {
         return Err(CliError::Usage("create needs --source and --dest".into()));
     };
     let md_path = a.stores.metadata_path()?;
+    let already = |what: String| {
+        CliError::Refused(format!(
+            "{} already holds clone metadata ({what}); use --force to start the clone over",
+            md_path.display()
+        ))
+    };
     let mut stores = Stores::open(
         &StorePaths {
             source: Some(src_path.clone()),
@@ -39,11 +45,17 @@ pub fn create(a: &CreateArgs) -> Result<()> {
             direct: false,
             reformat: a.force,
         },
-    )?;
+    )
+    .map_err(|e| match e {
+        // An existing clone is refused whatever its region size.
+        CliError::RegionSizeMismatch { stored, .. } => {
+            already(format!("regions of {stored} bytes"))
+        }
+        e => e,
+    })?;
     if let MetadataState::Existing(l) = &stores.state {
-        return Err(CliError::Refused(format!(
-            "{} already holds clone metadata (clone {}, {} regions hydrated); use --force to start the clone over",
-            md_path.display(),
+        return Err(already(format!(
+            "clone {}, {} regions hydrated",
             uuid::Uuid::from_bytes(l.superblock.uuid),
             l.superblock.hydrated
         )));

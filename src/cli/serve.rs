@@ -78,19 +78,19 @@ pub struct ServeArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: Option<u16>,
     /// Largest virtqueue size a frontend may choose (power of two).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = super::parse_queue_size)]
     pub queue_size: u16,
     /// Region size for a new clone (power of two, 4K..1G); must match an existing one.
     #[arg(long, short = 'r', value_parser = parse_region_size)]
     pub region_size: Option<u64>,
-    /// Offer a read-only disk to the guest.
-    #[arg(long)]
-    pub readonly: bool,
+    /// Offer a read-only disk to the guest (no writes, no hydration; `--readonly` is an alias).
+    #[arg(long, alias = "readonly")]
+    pub read_only: bool,
     /// The disk's serial number (GET_ID), at most 20 bytes.
-    #[arg(long, default_value = "vhost-clone")]
+    #[arg(long, default_value = "vhost-clone", value_parser = super::parse_serial)]
     pub serial: String,
     /// Seconds between periodic metadata commits (0 disables them).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = |s: &str| super::parse_seconds(s, 0.0))]
     pub commit_interval: f64,
     /// Do not pass discards of hydrated ranges down to the destination.
     #[arg(long)]
@@ -124,7 +124,7 @@ pub struct ServeArgs {
     /// a port; port 0 picks a free one, which `status` shows).
     #[arg(long, value_name = "HOST:PORT", value_parser = crate::metrics::parse_address)]
     pub metrics_address: Option<SocketAddr>,
-    /// Print QEMU's vhost-user capabilities JSON and exit.
+    /// Print QEMU's vhost-user capabilities JSON and exit (as `vhost-clone --print-capabilities`).
     #[arg(long)]
     pub print_capabilities: bool,
 }
@@ -466,7 +466,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         None
     };
     let ctl = HydrationControl::new(
-        !a.no_hydration && !a.readonly,
+        !a.no_hydration && !a.read_only,
         a.hydration_threshold,
         a.hydration_batch_size,
         a.detect_zeroes,
@@ -516,7 +516,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         num_queues: plan.num_queues,
         queue_size: a.queue_size,
         serial: a.serial.clone(),
-        readonly: a.readonly,
+        readonly: a.read_only,
         discard: true,
         name: "vhost-clone".into(),
         io_engine: a.io_engine.resolve(a.direct),
@@ -541,7 +541,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             plan.num_queues
         ));
     }
-    let backend: Arc<dyn BlockBackend> = Arc::new(CloneDisk::new(engine.clone(), a.readonly));
+    let backend: Arc<dyn BlockBackend> = Arc::new(CloneDisk::new(engine.clone(), a.read_only));
     // READY=1: the socket listens, the metadata is recovered, the services run.
     let notifier = Notifier::start(
         Watched {

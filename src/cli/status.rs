@@ -53,7 +53,7 @@ pub struct StatusArgs {
     #[arg(long, short = 'w')]
     pub watch: bool,
     /// Seconds between updates with --watch.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = |s: &str| super::parse_seconds(s, 0.0))]
     pub interval: f64,
 }
 
@@ -70,9 +70,9 @@ pub struct MessageArgs {
 
 fn fetch(path: &std::path::Path) -> Result<Status> {
     control::request(path, &Request::Status)
-        .map_err(|e| CliError::Usage(crate::error_chain(&e)))?
+        .map_err(CliError::Control)?
         .status
-        .ok_or_else(|| CliError::Usage("the daemon sent no status".into()))
+        .ok_or_else(|| CliError::Refused("the daemon sent no status".into()))
 }
 
 fn mib(b: u64) -> f64 {
@@ -255,8 +255,9 @@ pub fn message(a: &MessageArgs) -> Result<()> {
         },
     )
     .map_err(|e| match e {
+        // The daemon refuses only malformed messages: a bad verb or number.
         control::ControlError::Refused(m) => CliError::Usage(m),
-        e => CliError::Usage(crate::error_chain(&e)),
+        e => CliError::Control(e),
     })?;
     Ok(())
 }

@@ -207,6 +207,14 @@ impl Stores {
             }
             MetadataState::Existing(l) => {
                 let stored = l.superblock.geometry;
+                // An option the clone contradicts: fixed on the command line (exit 2).
+                if let Some(given) = opts.region_size.filter(|r| *r != stored.region_size()) {
+                    return Err(CliError::RegionSizeMismatch {
+                        path: mdp.display().to_string(),
+                        stored: stored.region_size(),
+                        given,
+                    });
+                }
                 let want = Geometry::new(
                     source
                         .as_ref()

@@ -275,7 +275,7 @@ impl StatusReporter {
             },
             Ok(Request::Message { args }) => match apply_message(&self.ctl, &args) {
                 Ok(msg) => {
-                    tracing::info!(message = %args.join(" "), "{msg}");
+                    tracing::info!(args = ?args, "{msg}");
                     Response {
                         ok: true,
                         error: None,

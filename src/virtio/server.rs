@@ -94,15 +94,16 @@ impl ShutdownSignal {
     }
 }
 
+/// The block features of QEMU's vhost-user.json schema
+/// (`VHostUserBackendBlockFeature`) that vhost-clone has: `read-only` (the
+/// backend accepts `--read-only`). Not `blk-file`: a clone is named by
+/// `--source`/`--dest`, and a lone `--blk-file` could not say what to clone.
+pub const BLOCK_FEATURES: &[&str] = &["read-only"];
+
 /// QEMU's vhost-user backend capabilities JSON (docs/interop/vhost-user.json,
-/// `VHostUserBackendCapabilitiesBlock`) for `--print-capabilities`.
-///
-/// The schema's block features are `read-only` (the backend accepts `--read-only`) and
-/// `blk-file` (it accepts `--blk-file`). vhost-clone takes `--source`/`--dest` rather than
-/// `--blk-file`, and spells its flag `--readonly`, so no feature is claimed; add
-/// `"read-only"` here once the CLI also accepts `--read-only`.
+/// `VHostUserBackendCapabilities` of type `block`) for `--print-capabilities`.
 pub fn print_capabilities() -> String {
-    serde_json::json!({ "type": "block", "features": [] }).to_string()
+    serde_json::json!({ "type": "block", "features": BLOCK_FEATURES }).to_string()
 }
 
 /// Serve `backend` over vhost-user-blk until `shutdown` is triggered.
