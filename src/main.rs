@@ -3,6 +3,9 @@
 use clap::Parser;
 
 fn main() {
-    let cli = vhost_clone::cli::Cli::parse();
-    std::process::exit(vhost_clone::cli::run(cli));
+    let code = match vhost_clone::cli::Cli::try_parse() {
+        Ok(cli) => vhost_clone::cli::run(cli),
+        Err(e) => vhost_clone::cli::parse_error(&e),
+    };
+    std::process::exit(code);
 }

@@ -129,6 +129,19 @@ fn journal_lines_carry_priorities_and_no_timestamp() {
     assert_eq!(o.status.code(), Some(1));
     let log = std::fs::read_to_string(&c.log).unwrap();
     assert!(log.starts_with("<3>error: "), "{log}");
+
+    // So is a usage error, every line of it.
+    let log_file = std::fs::File::create(&c.log).unwrap();
+    let o = Command::new(binary::BIN)
+        .args(["serve", "--dest", &c.dst, "--frobnicate"])
+        .env("JOURNAL_STREAM", &j)
+        .stderr(log_file)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let log = std::fs::read_to_string(&c.log).unwrap();
+    assert!(log.starts_with("<3>error: unexpected argument"), "{log}");
+    assert!(log.lines().all(|l| l.starts_with("<3>")), "{log}");
 }
 
 #[test]

@@ -53,7 +53,7 @@ impl LogLevel {
     }
 }
 
-/// True once [`init`] found stderr to be the journal's stream.
+/// Whether stderr is the journal's stream, found out once.
 static JOURNAL: OnceLock<bool> = OnceLock::new();
 
 /// The sd-daemon(3) priority of a tracing level.
@@ -94,9 +94,9 @@ fn stderr_is_journal() -> bool {
     }
 }
 
-/// Whether log lines carry journal priorities (false before [`init`]).
+/// Whether lines for stderr carry journal priorities.
 pub fn to_journal() -> bool {
-    JOURNAL.get().copied().unwrap_or(false)
+    *JOURNAL.get_or_init(stderr_is_journal)
 }
 
 /// `text` as it goes to stderr at `priority`: each line led by `<priority>`
@@ -166,7 +166,7 @@ pub fn init(level: LogLevel, verbose: u8) {
         ),
         None => (tracing_subscriber::EnvFilter::new(level.directive()), None),
     };
-    let journal = *JOURNAL.get_or_init(stderr_is_journal);
+    let journal = to_journal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

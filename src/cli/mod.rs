@@ -297,12 +297,10 @@ pub fn run(cli: Cli) -> i32 {
     }
     let Some(command) = cli.command else {
         use clap::CommandFactory;
-        let e = Cli::command().error(
+        return parse_error(&Cli::command().error(
             clap::error::ErrorKind::MissingSubcommand,
             "a command is required (or --print-capabilities)",
-        );
-        let _ = e.print();
-        return EXIT_USAGE;
+        ));
     };
     let r = match command {
         Command::Serve(a) => serve::serve(&a),
@@ -320,6 +318,22 @@ pub fn run(cli: Cli) -> i32 {
             exit_code(&e)
         }
     }
+}
+
+/// Reports a command line clap refused (at error priority under the
+/// journal) and returns its exit code: 2, or 0 for `--help` and `--version`.
+pub fn parse_error(e: &clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return 0;
+    }
+    if logging::to_journal() {
+        say_at(3, e.render().to_string().trim_end());
+    } else {
+        let _ = e.print(); // with clap's colours in a terminal
+    }
+    e.exit_code()
 }
 
 /// The exit code of an error (see the module docs for the rule).
