@@ -309,3 +309,53 @@ fn bash_completes_subcommand_options_and_values() {
     let c = bash_complete(&script, &["vhost-clone", "--log-level", "w"]);
     assert_eq!(c.trim(), "warn", "{c}");
 }
+
+/// Whether `shell` runs here (zsh and fish are optional: CI installs them).
+fn have(shell: &str) -> bool {
+    std::process::Command::new(shell)
+        .args(["-c", "exit 0"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn zsh_and_fish_accept_their_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = generated();
+    let write = |name: &str| {
+        let (_, c) = files.iter().find(|(p, _)| p.ends_with(name)).unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, c).unwrap();
+        path
+    };
+    let zsh = write("_vhost-clone");
+    let fish = write("vhost-clone.fish");
+    let sh = |shell: &str, args: &[&str]| {
+        let o = std::process::Command::new(shell)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{shell} {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    if have("zsh") {
+        sh("zsh", &["-n", zsh.to_str().unwrap()]);
+    } else {
+        eprintln!("zsh not installed: its completion is not checked");
+    }
+    if have("fish") {
+        sh("fish", &["--no-execute", fish.to_str().unwrap()]);
+        let prog = format!(
+            "source '{}'; complete -C 'vhost-clone serve --read'",
+            fish.display()
+        );
+        let out = sh("fish", &["-c", &prog]);
+        assert!(out.starts_with("--read-only\t"), "{out}");
+    } else {
+        eprintln!("fish not installed: its completion is not checked");
+    }
+}
