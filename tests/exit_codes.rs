@@ -254,7 +254,7 @@ fn exit_codes_follow_the_rule() {
             case(
                 &["serve", "-s", &src, "-d", &new, "--fd", "1"],
                 1,
-                "not a listening unix socket",
+                "is not a listening unix",
             ),
             case(
                 &[
