@@ -231,7 +231,7 @@ _vhost__clone() {
             return 0
             ;;
         vhost__clone__subcmd__serve)
-            opts="-s -d -m -r -v -h --source --dest --metadata --socket-path --fd --control-socket --num-queues --queue-size --region-size --read-only --serial --commit-interval --no-discard-passdown --no-hydration --hydration-threshold --hydration-batch-size --detect-zeroes --direct --io-engine --runtime-dir --print-capabilities --log-level --verbose --help"
+            opts="-s -d -m -r -v -h --source --dest --metadata --socket-path --fd --control-socket --num-queues --queue-size --region-size --read-only --serial --commit-interval --no-discard-passdown --no-hydration --hydration-threshold --hydration-batch-size --detect-zeroes --direct --io-engine --runtime-dir --metrics-address --print-capabilities --log-level --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -313,6 +313,10 @@ _vhost__clone() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --metrics-address)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --log-level)
                     COMPREPLY=($(compgen -W "error warn info debug trace" -- "${cur}"))
                     return 0
@@ -325,7 +329,7 @@ _vhost__clone() {
             return 0
             ;;
         vhost__clone__subcmd__status)
-            opts="-c -d -w -v -h --control-socket --socket-path --dest --json --watch --interval --log-level --verbose --help"
+            opts="-c -d -w -v -h --control-socket --socket-path --dest --json --dmsetup --watch --interval --log-level --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

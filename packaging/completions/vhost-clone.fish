@@ -56,6 +56,7 @@ complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l io-eng
 uring\t'io_uring, many requests in flight per queue'
 sync\t'One blocking system call at a time per queue'"
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l runtime-dir -d 'Where the live region map is kept: a RAM file system that outlives this process but not a reboot, so that a restart after kill -9 keeps every acknowledged write; `none` keeps it in process memory only' -r -F
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l metrics-address -d 'Serve Prometheus metrics at http://HOST:PORT/metrics (an IP address and a port; port 0 picks a free one, which `status` shows)' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l log-level -d 'Log level; RUST_LOG overrides it (tracing\'s EnvFilter syntax)' -r -f -a "error\t'Errors only'
 warn\t'Errors and warnings (`warning` is accepted too, as syslog spells it)'
 info\t'Also state changes: start, stop, commits adopted, hydration complete'
@@ -79,6 +80,7 @@ info\t'Also state changes: start, stop, commits adopted, hydration complete'
 debug\t'Also details useful when debugging'
 trace\t'Everything'"
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -l json -d 'Print the status as JSON'
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -l dmsetup -d 'Print one line in the form `dmsetup status` gives a dm-clone target'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -s w -l watch -d 'Keep printing (a progress bar in a terminal) until hydration completes'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -s v -l verbose -d 'More logging (-v debug, -vv trace)'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
