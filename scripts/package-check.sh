@@ -29,7 +29,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 NAME=vhost-clone
-UPSTREAM=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
+UPSTREAM=$(sed -n '/^version = "/{s/^version = "\(.*\)"$/\1/p;q}' Cargo.toml)
 # What the package must install, independently of scripts/package.sh's list.
 EXPECTED=(
 	/usr/bin/vhost-clone

@@ -32,7 +32,7 @@ done
 
 NAME=vhost-clone
 # The first `version = "..."` of Cargo.toml is the [package] one.
-UPSTREAM=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
+UPSTREAM=$(sed -n '/^version = "/{s/^version = "\(.*\)"$/\1/p;q}' Cargo.toml)
 [ -n "$UPSTREAM" ] || die "no version in Cargo.toml"
 VERSION=$UPSTREAM-${DEB_REVISION:-1}
 ARCH=$(dpkg-architecture -qDEB_HOST_ARCH)
