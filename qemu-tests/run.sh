@@ -55,6 +55,7 @@ bash "$HERE/setup.sh" || { echo "run.sh: setup failed" >&2; exit 2; }
 
 WORK=$(mktemp -d "${QT_WORK:-/dev/shm}/vhost-clone-qemu-tests.XXXXXX")
 echo "qemu-tests: backend $BACKEND$([ -n "$SABOTAGE" ] && echo ", SABOTAGE mode"), work dir $WORK"
+[ "$BACKEND" = vhost-clone ] && echo "qemu-tests: binary $VHOST_CLONE ($("$VHOST_CLONE" --version 2>&1))"
 
 # the cases to run: cases/N-name.sh whose BACKENDS line names this backend
 cases=()

@@ -5,8 +5,11 @@
 # prove the harness, against vhost-clone, and against vhost-clone with --direct,
 # i.e. the io_uring queue engine). qemu-tests/setup.sh installs what
 # they need (QEMU 10 from bookworm-backports, build tools; the guest kernel,
-# busybox and fio are unpacked under target/qemu-tests).
-# VHOST_CLONE_SKIP_QEMU=1 skips the boot tests (for quick local runs).
+# busybox and fio are unpacked under target/qemu-tests). Last, the Debian
+# package (scripts/package-check.sh, as root): build it, dpkg -i, check the
+# installed files, boot one guest against /usr/bin/vhost-clone, purge it.
+# VHOST_CLONE_SKIP_QEMU=1 skips the boot tests and the package (for quick
+# local runs); VHOST_CLONE_SKIP_PACKAGE=1 skips only the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
@@ -25,6 +28,20 @@ read -r cp cf <<< "$cargo_summary"
 echo "cargo: $cp passed, $cf failed"
 
 qp=0 qf=0
+# tally WHAT LOG RC: add the closing "N passed, N failed" line of LOG to the
+# totals; a run that printed none (it died) counts as one failure.
+tally() {
+  local line f
+  line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$2" | tail -1 || true)
+  if [ -z "$line" ]; then
+    echo "$1 did not finish (exit $3)"
+    qf=$((qf + 1))
+  else
+    qp=$((qp + ${line%% passed*}))
+    f=${line#*passed, }
+    qf=$((qf + ${f%% failed}))
+  fi
+}
 if [ -z "${VHOST_CLONE_SKIP_QEMU:-}" ]; then
   echo "== qemu-tests (real guests)"
   cargo build --release --locked
@@ -37,16 +54,14 @@ if [ -z "${VHOST_CLONE_SKIP_QEMU:-}" ]; then
     [ "$run" = vhost-clone-direct ] && extra=--direct
     echo "-- qemu-tests: $run"
     VHOST_CLONE_EXTRA_ARGS=$extra bash qemu-tests/run.sh --backend "$backend" 2>&1 | tee "target/qemu-tests-$run.txt" || rc=$?
-    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "target/qemu-tests-$run.txt" | tail -1 || true)
-    if [ -z "$line" ]; then
-      echo "qemu-tests ($run) did not finish (exit $rc)"
-      qf=$((qf + 1))
-    else
-      qp=$((qp + ${line%% passed*}))
-      f=${line#*passed, }
-      qf=$((qf + ${f%% failed}))
-    fi
+    tally "qemu-tests ($run)" "target/qemu-tests-$run.txt" $rc
   done
+  if [ -z "${VHOST_CLONE_SKIP_PACKAGE:-}" ]; then
+    echo "== Debian package (build, dpkg -i, one boot test against /usr/bin/vhost-clone, purge)"
+    rc=0
+    bash scripts/package-check.sh 2>&1 | tee target/package-check.txt || rc=$?
+    tally "package check" target/package-check.txt $rc
+  fi
 fi
 echo "total: $((cp + qp)) passed, $((cf + qf)) failed"
 [ "$((cf + qf))" = 0 ]
