@@ -4,6 +4,9 @@
 # Any helper that finds a problem calls `die REASON`, which ends the case.
 
 die() { echo "FAIL: $*" > "$D/fail-reason"; echo "FAIL: $*"; exit 1; }
+# skip REASON: the case cannot run on this machine (not a failure; run.sh
+# reports it as SKIP and counts it apart)
+skip() { echo "$*" > "$D/skip-reason"; echo "SKIP: $*"; exit 77; }
 note() { echo "[$(date +%T)] $*"; }
 sabotaging() { [ -n "${SABOTAGE:-}" ]; }
 # sabotage WHAT CMD...: only in --sabotage mode, run CMD to break the thing
@@ -194,8 +197,28 @@ corrupt() {
 #   from the host (guest_send) to the guest (ctl_open/ctl_wait in vctest.sh).
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-240}
 declare -A QEMU_PID BOOT_T0
+
+# guest_initrd NAME [KEY=VALUE...] < SCRIPT: $D/NAME.boot/initrd, the cached
+# initramfs with SCRIPT and its parameters appended (see "How a boot works").
+guest_initrd() {
+	local name=$1 kv v
+	shift
+	local b=$D/$name.boot
+	rm -rf "$b" && mkdir -p "$b/case"
+	cat > "$b/case/script.sh"
+	{
+		echo "VCTEST_SCRIPT=$name"
+		for kv in "$@"; do
+			v=${kv#*=}
+			printf "%s='%s'\n" "${kv%%=*}" "${v//\'/\'\\\'\'}"
+		done
+	} > "$b/case/env"
+	(cd "$b" && find case | "$BUSYBOX" cpio -o -H newc 2> /dev/null) > "$b/case.cpio"
+	cat "$INITRD" "$b/case.cpio" > "$b/initrd"
+}
+
 boot_start() {
-	local name=$1 noreboot=-no-reboot reconnect='' kv v
+	local name=$1 noreboot=-no-reboot reconnect=''
 	local -a ctl=()
 	shift
 	while :; do
@@ -211,18 +234,8 @@ boot_start() {
 		esac
 		shift
 	done
+	guest_initrd "$name" "$@"
 	local b=$D/$name.boot
-	rm -rf "$b" && mkdir -p "$b/case"
-	cat > "$b/case/script.sh"
-	{
-		echo "VCTEST_SCRIPT=$name"
-		for kv in "$@"; do
-			v=${kv#*=}
-			printf "%s='%s'\n" "${kv%%=*}" "${v//\'/\'\\\'\'}"
-		done
-	} > "$b/case/env"
-	(cd "$b" && find case | "$BUSYBOX" cpio -o -H newc 2> /dev/null) > "$b/case.cpio"
-	cat "$INITRD" "$b/case.cpio" > "$b/initrd"
 	: > "$D/$name.serial"
 	# shellcheck disable=SC2086
 	"$QEMU" -M pc -accel tcg -cpu max -smp 2 -m 1G \
@@ -242,7 +255,7 @@ boot_start() {
 # boot_wait NAME: wait for the guest to power off (or BOOT_TIMEOUT), then
 # require its PASS line. Prints the guest's own log lines.
 boot_wait() {
-	local name=$1 pid=${QEMU_PID[$1]} rc res
+	local name=$1 pid=${QEMU_PID[$1]} rc
 	while kill -0 "$pid" 2> /dev/null; do
 		if ((SECONDS - BOOT_T0[$name] > BOOT_TIMEOUT)); then
 			kill -KILL "$pid"
@@ -256,6 +269,14 @@ boot_wait() {
 	wait "$pid"
 	rc=$?
 	unset "QEMU_PID[$name]"
+	guest_result "$name" $rc
+	note "guest $name PASS in $((SECONDS - BOOT_T0[$name])) s"
+}
+
+# guest_result NAME RC: the guest has ended and its emulator exited with RC;
+# require its PASS line. Prints the guest's own log lines.
+guest_result() {
+	local name=$1 rc=$2 res
 	grep -a '^vctest:' "$D/$name.serial" | sed "s/^/  [$name] /"
 	res=$(grep -a '^VCTEST-RESULT: ' "$D/$name.serial" | tail -1 | tr -d '\r')
 	case $res in
@@ -268,7 +289,6 @@ boot_wait() {
 		die "guest $name: no result line (qemu exit $rc)" ;;
 	esac
 	[ $rc = 0 ] || die "guest $name passed but qemu exited with $rc"
-	note "guest $name PASS in $((SECONDS - BOOT_T0[$name])) s"
 }
 
 # boot NAME [--reboot] [KEY=VALUE...] < SCRIPT: boot_start + boot_wait

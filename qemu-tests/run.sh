@@ -71,7 +71,7 @@ for f in "$HERE"/cases/*.sh; do
 	cases+=("$c")
 done
 
-passed=0 failed=0 t_all=$SECONDS
+passed=0 failed=0 skipped=() t_all=$SECONDS
 INTERRUPTED=
 trap 'INTERRUPTED=1' INT TERM
 for c in "${cases[@]}"; do
@@ -90,6 +90,13 @@ for c in "${cases[@]}"; do
 	[ $rc = 130 ] || [ $rc = 143 ] && INTERRUPTED=1
 	dt=$((SECONDS - t0))
 	reason=$(cat "$D/fail-reason" 2> /dev/null || echo "exit status $rc")
+	if [ $rc = 77 ] && [ -f "$D/skip-reason" ]; then
+		# the case cannot run on this machine (lib.sh's skip): neither passed nor failed
+		printf 'SKIP  %-22s %4ds  %s\n' "$c" "$dt" "$(cat "$D/skip-reason")"
+		skipped+=("$c")
+		[ -n "$KEEP" ] || rm -rf "$D"
+		continue
+	fi
 	if [ -z "$SABOTAGE" ] && [ $rc = 0 ]; then
 		ok=1 line=$(printf 'PASS  %-22s %4ds' "$c" "$dt")
 	elif [ -z "$SABOTAGE" ]; then
@@ -119,5 +126,6 @@ else
 	rmdir "$WORK"
 	echo "qemu-tests: backend $BACKEND, $((SECONDS - t_all)) s in all"
 fi
+[ ${#skipped[@]} = 0 ] || echo "qemu-tests: ${#skipped[@]} skipped: ${skipped[*]}"
 echo "$passed passed, $failed failed"
 [ $failed = 0 ] && [ $((passed + failed)) -gt 0 ]

@@ -62,6 +62,23 @@ if [ ${#need[@]} -gt 0 ]; then
 		{ cat "$OUT/apt-install.log" >&2; exit 1; }
 fi
 
+# libvirt for case 10, bookworm's own 9.0 (it accepts QEMU 10): the daemon
+# (libvirtd, virtlogd, the libvirt-qemu user and group), its QEMU driver, virsh
+# and virt-xml-validate (which needs xmllint). Optional: if it cannot be
+# installed, case 10 is skipped and says why; setup goes on.
+lv_need=()
+command -v virsh > /dev/null && command -v virt-xml-validate > /dev/null || lv_need+=(libvirt-clients)
+command -v libvirtd > /dev/null && getent passwd libvirt-qemu > /dev/null || lv_need+=(libvirt-daemon-system)
+compgen -G "/usr/lib/*/libvirt/connection-driver/libvirt_driver_qemu.so" > /dev/null || lv_need+=(libvirt-daemon-driver-qemu)
+command -v xmllint > /dev/null || lv_need+=(libxml2-utils)
+if [ ${#lv_need[@]} -gt 0 ]; then
+	apt_update
+	say "installing ${lv_need[*]} (for case 10)"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		"${lv_need[@]}" > "$OUT/apt-install-libvirt.log" 2>&1 ||
+		say "could not install ${lv_need[*]}: case 10 will be skipped (see $OUT/apt-install-libvirt.log)"
+fi
+
 # ---- downloads (kept in target/qemu-tests/dl) -----------------------------
 download() { # download PATTERN APT-ARGS...: fetch unless a file matches PATTERN
 	local pat=$1; shift

@@ -3,10 +3,12 @@
 //! alike).
 //!
 //! Policy:
-//! * a new socket is created with mode 0600: bound inside a private 0700
-//!   directory beside the final path, chmod-ed, then moved into place with
-//!   `renameat2(RENAME_NOREPLACE)`, so it is never reachable with looser
-//!   permissions and never replaces anything that appeared meanwhile;
+//! * a new socket is created with mode 0600 (or the [`SocketAccess`] the
+//!   operator asked for: a group and a mode that never lets others connect):
+//!   bound inside a private 0700 directory beside the final path, chown-ed and
+//!   chmod-ed there, then moved into place with `renameat2(RENAME_NOREPLACE)`,
+//!   so it is never reachable with other permissions than the final ones and
+//!   never replaces anything that appeared meanwhile;
 //! * a path that exists and is not a socket is refused;
 //! * a socket somebody accepts connections on is live: refused, never removed;
 //! * a socket nobody accepts on is stale (its daemon died): replaced;
@@ -45,6 +47,91 @@ pub enum SocketError {
     /// An inherited fd is not a listening unix stream socket.
     #[error("inherited fd {0} is not a listening unix stream socket")]
     BadListenFd(RawFd),
+    /// The socket could not be given to the requested group.
+    #[error("cannot give the socket {path} to group {group} (the daemon must be root or a member of the group)")]
+    Group {
+        /// The requested path.
+        path: PathBuf,
+        /// The group, as the operator named it.
+        group: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Who may connect to a socket this process creates: its mode and, if given,
+/// its group (connecting to a unix socket needs write permission on it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits (at most 0777, never write for others).
+    pub mode: u32,
+    /// The group to give the socket to; `None` keeps the process's.
+    pub group: Option<SocketGroup>,
+}
+
+/// A group resolved from an operator's `--socket-group`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketGroup {
+    /// As the operator wrote it (for messages).
+    pub name: String,
+    /// The group id.
+    pub gid: u32,
+}
+
+impl SocketAccess {
+    /// Owner only (0600): the default for every socket.
+    pub const PRIVATE: SocketAccess = SocketAccess {
+        mode: 0o600,
+        group: None,
+    };
+
+    /// The access `--socket-mode`/`--socket-group` ask for: `mode` if given,
+    /// else 0660 with a group (a group is given to let it connect) and 0600
+    /// without.
+    pub fn new(mode: Option<u32>, group: Option<SocketGroup>) -> SocketAccess {
+        let mode = mode.unwrap_or(if group.is_some() { 0o660 } else { 0o600 });
+        SocketAccess { mode, group }
+    }
+}
+
+/// Parses a socket mode: octal digits (`0660`, `660` or `0o660`), at most
+/// 0777, and without write for others: whoever can connect to the vhost-user
+/// socket can attach as the VM and read and write the whole disk, so "anyone
+/// on the host" is never a sensible answer (give a group instead).
+pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(format!("{s:?} is not an octal mode such as 0660"));
+    }
+    let mode = u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s} is more than 0777 (only permission bits are allowed)"))?;
+    if mode & 0o002 != 0 {
+        return Err(format!(
+            "{s} lets any user on the host connect, and so read and write the disk; use --socket-group"
+        ));
+    }
+    Ok(mode)
+}
+
+/// Resolves a group name (or a numeric gid) from the system's group database.
+pub fn parse_socket_group(s: &str) -> Result<SocketGroup, String> {
+    if let Ok(gid) = s.parse::<u32>() {
+        return Ok(SocketGroup {
+            name: s.to_string(),
+            gid,
+        });
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(g)) => Ok(SocketGroup {
+            name: s.to_string(),
+            gid: g.gid.as_raw(),
+        }),
+        Ok(None) => Err(format!("no group named {s:?}")),
+        Err(e) => Err(format!("cannot look up group {s:?}: {e}")),
+    }
 }
 
 /// A listening unix socket this process owns.
@@ -56,8 +143,15 @@ pub struct BoundSocket {
 }
 
 impl BoundSocket {
-    /// Creates a listening socket at `path` following the module's policy.
+    /// Creates a private (0600) listening socket at `path` following the
+    /// module's policy.
     pub fn bind(path: &Path) -> Result<BoundSocket, SocketError> {
+        Self::bind_with(path, &SocketAccess::PRIVATE)
+    }
+
+    /// [`BoundSocket::bind`] with the group and mode of `access`, set before
+    /// the socket appears at `path`.
+    pub fn bind_with(path: &Path, access: &SocketAccess) -> Result<BoundSocket, SocketError> {
         let bind_err = |source| SocketError::Bind {
             path: path.to_path_buf(),
             source,
@@ -93,15 +187,26 @@ impl BoundSocket {
             .map_err(bind_err)?;
         let tmpsock = tmpdir.join("s");
         let result = (|| {
-            let l = UnixListener::bind(&tmpsock)?;
-            fs::set_permissions(&tmpsock, fs::Permissions::from_mode(0o600))?;
-            rename_noreplace(&tmpsock, path)?;
-            let ino = fs::symlink_metadata(path)?.ino();
+            let l = UnixListener::bind(&tmpsock).map_err(bind_err)?;
+            // Group first, then mode: both while only this process can reach it.
+            if let Some(g) = &access.group {
+                std::os::unix::fs::chown(&tmpsock, None, Some(g.gid)).map_err(|source| {
+                    SocketError::Group {
+                        path: path.to_path_buf(),
+                        group: g.name.clone(),
+                        source,
+                    }
+                })?;
+            }
+            fs::set_permissions(&tmpsock, fs::Permissions::from_mode(access.mode))
+                .map_err(bind_err)?;
+            rename_noreplace(&tmpsock, path).map_err(bind_err)?;
+            let ino = fs::symlink_metadata(path).map_err(bind_err)?.ino();
             Ok((l, ino))
         })();
         let _ = fs::remove_file(&tmpsock);
         let _ = fs::remove_dir(&tmpdir);
-        let (listener, ino) = result.map_err(bind_err)?;
+        let (listener, ino) = result?;
         Ok(BoundSocket {
             listener,
             created: Some((path.to_path_buf(), ino)),
@@ -227,5 +332,84 @@ mod tests {
             BoundSocket::bind(&p),
             Err(SocketError::NotASocket(_))
         ));
+    }
+
+    #[test]
+    fn socket_modes_are_octal_permission_bits_never_writable_by_others() {
+        for (text, want) in [
+            ("0600", Some(0o600)),
+            ("0660", Some(0o660)),
+            ("660", Some(0o660)),
+            ("0o640", Some(0o640)),
+            ("0775", Some(0o775)),
+            ("0", Some(0)),
+            ("0666", None),
+            ("0602", None),
+            ("0777", None),
+            ("1770", None),
+            ("01000", None),
+            ("0680", None),
+            ("rw", None),
+            ("", None),
+            ("0o", None),
+            ("-660", None),
+            ("99999999999999999999", None),
+        ] {
+            assert_eq!(parse_socket_mode(text).ok(), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn socket_groups_are_names_or_numbers() {
+        // The group database of any Linux system has root (gid 0).
+        assert_eq!(parse_socket_group("root").unwrap().gid, 0);
+        assert_eq!(parse_socket_group("4242").unwrap().gid, 4242);
+        let e = parse_socket_group("no-such-group-vhost-clone").unwrap_err();
+        assert!(e.contains("no group named"), "{e}");
+    }
+
+    /// The group this process may give a socket to other than its own: any
+    /// as root (nogroup), else a supplementary group if it has one.
+    fn another_group() -> Option<u32> {
+        // SAFETY: getegid and geteuid cannot fail and take no pointers.
+        let (egid, euid) = unsafe { (libc::getegid(), libc::geteuid()) };
+        if euid == 0 {
+            return Some(65534);
+        }
+        let mut groups = vec![0 as libc::gid_t; 256];
+        // SAFETY: `groups` has room for the 256 entries passed as its size.
+        let n = unsafe { libc::getgroups(256, groups.as_mut_ptr()) };
+        groups.truncate(n.max(0) as usize);
+        groups.into_iter().find(|g| *g != egid)
+    }
+
+    #[test]
+    fn bind_with_sets_group_and_mode_and_bind_stays_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let private = BoundSocket::bind(&p).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o600);
+        drop(private);
+
+        // SAFETY: getegid cannot fail and takes no pointers.
+        let egid = unsafe { libc::getegid() };
+        let gid = another_group().unwrap_or(egid);
+        let access = SocketAccess::new(
+            Some(0o640),
+            Some(SocketGroup {
+                name: gid.to_string(),
+                gid,
+            }),
+        );
+        let a = BoundSocket::bind_with(&p, &access).unwrap();
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!((md.mode() & 0o7777, md.gid()), (0o640, gid));
+        drop(a);
+
+        // A group alone makes the socket group-writable.
+        assert_eq!(SocketAccess::new(None, access.group.clone()).mode, 0o660);
+        assert_eq!(SocketAccess::new(None, None), SocketAccess::PRIVATE);
+        // Nothing is left behind: no socket, no temporary directory.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -280,6 +280,49 @@ fn created_files_are_private() {
     assert!(d.terminate().success());
 }
 
+/// `--socket-group`/`--socket-mode` apply to the vhost-user socket (the one
+/// QEMU connects to) and never to the control socket, which stays 0600.
+#[test]
+fn socket_group_and_mode_apply_to_the_vhost_user_socket_only() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid and getegid cannot fail and take no pointers.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    // As root any group will do (nogroup); otherwise the process's own.
+    let gid = if euid == 0 { 65534 } else { egid };
+    let c = clone();
+    let g = gid.to_string();
+    for (extra, want_mode) in [
+        (vec![], 0o600),
+        (vec!["--socket-group", g.as_str()], 0o660),
+        (
+            vec!["--socket-group", g.as_str(), "--socket-mode", "0640"],
+            0o640,
+        ),
+        (vec!["--socket-mode", "0620"], 0o620),
+    ] {
+        let mut args = vec!["--no-hydration"];
+        args.extend_from_slice(&extra);
+        let d = c.serve(&args);
+        let sock = std::fs::metadata(&c.sock).unwrap();
+        assert_eq!(sock.mode() & 0o7777, want_mode, "{extra:?}");
+        let want_gid = if extra.contains(&"--socket-group") {
+            gid
+        } else {
+            egid
+        };
+        assert_eq!(sock.gid(), want_gid, "{extra:?}");
+        let ctl = std::fs::metadata(&c.ctl).unwrap();
+        assert_eq!((ctl.mode() & 0o7777, ctl.gid()), (0o600, egid), "{extra:?}");
+        assert!(d.terminate().success());
+    }
+    // By name too: root's group exists everywhere (as root: any group may be given).
+    if euid == 0 {
+        let d = c.serve(&["--no-hydration", "--socket-group", "root"]);
+        assert_eq!(std::fs::metadata(&c.sock).unwrap().gid(), 0);
+        assert!(d.terminate().success());
+    }
+}
+
 /// Exit codes: 2 for bad usage only, 1 for runtime failures.
 #[test]
 fn exit_codes_follow_the_documentation() {
@@ -291,6 +334,14 @@ fn exit_codes_follow_the_documentation() {
         (vec!["--commit-interval", "nan"], 2),
         (vec!["--region-size", "3K"], 2),
         (vec!["--socket-path", "/nonexistent-dir/x.sock"], 1),
+        (vec!["--socket-mode", "0666"], 2),
+        (vec!["--socket-mode", "0602"], 2),
+        (vec!["--socket-mode", "1660"], 2),
+        (vec!["--socket-mode", "0680"], 2),
+        (vec!["--socket-mode", "u=rw"], 2),
+        (vec!["--socket-group", "no-such-group-vhost-clone"], 2),
+        (vec!["--fd", "0", "--socket-group", "0"], 2),
+        (vec!["--fd", "0", "--socket-mode", "0660"], 2),
     ] {
         let mut args = vec!["--source", s(&c.src), "--dest", s(&c.dst)];
         args.extend_from_slice(&extra);

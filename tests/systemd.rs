@@ -373,7 +373,7 @@ fn socket_activation_serves_on_the_passed_sockets() {
 }
 
 /// LISTEN_PID naming another process: the variables are ignored (the daemon
-/// binds its own socket); with our pid, `--fd`/`--socket-path` conflict (exit
+/// binds its own socket); with our pid, `--fd`/`--socket-path`/`--socket-group`/`--socket-mode` conflict (exit
 /// 2), more sockets than it uses are refused (exit 2) and so is a passed fd
 /// that is no listening unix stream socket (exit 1).
 #[test]
@@ -411,6 +411,20 @@ fn listen_fds_are_checked_and_obeyed_only_for_our_pid() {
             "--socket-path x.sock",
             2,
             "--socket-path cannot be used",
+        ),
+        (
+            "3<>/dev/null",
+            "LISTEN_FDS=1",
+            "--socket-group 0",
+            2,
+            "--socket-group cannot be used",
+        ),
+        (
+            "3<>/dev/null",
+            "LISTEN_FDS=1",
+            "--socket-mode 0660",
+            2,
+            "--socket-mode cannot be used",
         ),
         (
             "3<>/dev/null 4<>/dev/null 5<>/dev/null",

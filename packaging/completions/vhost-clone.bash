@@ -231,7 +231,7 @@ _vhost__clone() {
             return 0
             ;;
         vhost__clone__subcmd__serve)
-            opts="-s -d -m -r -v -h --source --dest --metadata --socket-path --fd --control-socket --num-queues --queue-size --region-size --read-only --serial --commit-interval --no-discard-passdown --no-hydration --hydration-threshold --hydration-batch-size --detect-zeroes --direct --io-engine --runtime-dir --metrics-address --print-capabilities --log-level --verbose --help"
+            opts="-s -d -m -r -v -h --source --dest --metadata --socket-path --socket-group --socket-mode --fd --control-socket --num-queues --queue-size --region-size --read-only --serial --commit-interval --no-discard-passdown --no-hydration --hydration-threshold --hydration-batch-size --detect-zeroes --direct --io-engine --runtime-dir --metrics-address --print-capabilities --log-level --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -262,6 +262,14 @@ _vhost__clone() {
                     return 0
                     ;;
                 --socket-path)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socket-group)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socket-mode)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

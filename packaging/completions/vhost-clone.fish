@@ -43,6 +43,8 @@ complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s s -l s
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s d -l dest -d 'The destination (created with the source\'s size if missing)' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s m -l metadata -d 'The metadata file [default: DEST.meta]; formatted on first start' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l socket-path -d 'The vhost-user socket to create (mode 0600) [default: DEST.sock]' -r -F
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l socket-group -d 'Group of the vhost-user socket, a name or a number (e.g. libvirt-qemu, the group libvirt runs QEMU in); makes the default --socket-mode 0660' -r
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l socket-mode -d 'Mode of the vhost-user socket, octal, never writable by others (connecting needs write) [default: 0600, or 0660 with --socket-group]' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l fd -d 'Serve on an inherited, listening unix socket instead of creating one' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l control-socket -d 'The control socket for `status` and `message` [default: SOCKET.ctl, or DEST.ctl with --fd]' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l num-queues -d 'Number of request queues, one worker thread each [default: the number of CPUs, at most 16, which is what QEMU\'s vhost-user-blk-pci asks for by default]' -r

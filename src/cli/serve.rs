@@ -47,7 +47,7 @@ use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::metadata::live::{Found, LiveError, LiveIdentity, LiveMap, DEFAULT_RUNTIME_DIR};
 use crate::metadata::{Metadata, MetadataError, Mode};
 use crate::metrics::{MetricsError, MetricsServer};
-use crate::socket::{BoundSocket, SocketError};
+use crate::socket::{BoundSocket, SocketAccess, SocketError};
 use crate::storage::BlockDevice;
 use crate::virtio::{self, BlockBackend, IoEngine, ServeOptions, ShutdownSignal, VirtioError};
 
@@ -67,6 +67,14 @@ pub struct ServeArgs {
     /// The vhost-user socket to create (mode 0600) [default: DEST.sock].
     #[arg(long, conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
+    /// Group of the vhost-user socket, a name or a number (e.g. libvirt-qemu, the
+    /// group libvirt runs QEMU in); makes the default --socket-mode 0660.
+    #[arg(long, value_name = "GROUP", value_parser = crate::socket::parse_socket_group, conflicts_with = "fd")]
+    pub socket_group: Option<crate::socket::SocketGroup>,
+    /// Mode of the vhost-user socket, octal, never writable by others (connecting
+    /// needs write) [default: 0600, or 0660 with --socket-group].
+    #[arg(long, value_name = "MODE", value_parser = crate::socket::parse_socket_mode, conflicts_with = "fd")]
+    pub socket_mode: Option<u32>,
     /// Serve on an inherited, listening unix socket instead of creating one.
     #[arg(long)]
     pub fd: Option<i32>,
@@ -366,9 +374,11 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             source,
         })?,
     };
+    // The control socket stays private: only the vhost-user socket is shared.
+    let access = SocketAccess::new(a.socket_mode, a.socket_group.clone());
     let vhost_socket = match (activated, &plan.socket_path, a.fd) {
         (Some(s), _, _) => Ok(s.vhost_user),
-        (None, Some(p), _) => BoundSocket::bind(p),
+        (None, Some(p), _) => BoundSocket::bind_with(p, &access),
         (None, None, Some(fd)) => BoundSocket::adopt_fd(fd),
         (None, None, None) => unreachable!("Plan::new sets one of them"),
     }

@@ -130,6 +130,13 @@ pub fn take_activation(a: &ServeArgs) -> Result<Option<Activated>, ActivationErr
     if a.socket_path.is_some() {
         return Err(ActivationError::Conflict("--socket-path"));
     }
+    // Whoever created the socket set its owner and mode (SocketGroup=, SocketMode=).
+    if a.socket_group.is_some() {
+        return Err(ActivationError::Conflict("--socket-group"));
+    }
+    if a.socket_mode.is_some() {
+        return Err(ActivationError::Conflict("--socket-mode"));
+    }
     let (vhost_fd, control_fd) = classify(&fds)?;
     if control_fd.is_some() && a.control_socket.is_some() {
         return Err(ActivationError::Conflict("--control-socket"));

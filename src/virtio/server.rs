@@ -42,7 +42,9 @@ impl From<SocketError> for VirtioError {
         match e {
             SocketError::NotASocket(p) => VirtioError::NotASocket(p),
             SocketError::InUse(p) => VirtioError::SocketInUse(p),
-            SocketError::Bind { path, source } => VirtioError::Bind { path, source },
+            SocketError::Bind { path, source } | SocketError::Group { path, source, .. } => {
+                VirtioError::Bind { path, source }
+            }
             SocketError::BadListenFd(fd) => VirtioError::BadListenFd(fd),
         }
     }
