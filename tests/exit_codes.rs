@@ -231,6 +231,92 @@ fn exit_codes_follow_the_rule() {
             case(&["status"], 2, "give --control-socket"),
             case(&["status", "-c", &ctl, "--interval=inf"], 2, "seconds"),
             case(&["message", "-c", &ctl], 2, "required"),
+            case(
+                &[
+                    "serve",
+                    "-s",
+                    &src,
+                    "-d",
+                    &new,
+                    "--hydration-threshold",
+                    "18446744073709551615",
+                ],
+                2,
+                "65536",
+            ),
+            case(
+                &["serve", "-s", &src, "-d", &new, "--commit-interval", "-1"],
+                2,
+                "unexpected argument",
+            ),
+            case(
+                &["serve", "-s", &src, "-d", &new, "--socket-mode", "0666"],
+                2,
+                "any user",
+            ),
+            case(
+                &["serve", "-s", &src, "-d", &new, "--socket-mode", "0602"],
+                2,
+                "any user",
+            ),
+            case(
+                &["serve", "-s", &src, "-d", &new, "--socket-mode", "1660"],
+                2,
+                "0777",
+            ),
+            case(
+                &["serve", "-s", &src, "-d", &new, "--socket-mode", "0680"],
+                2,
+                "octal",
+            ),
+            case(
+                &["serve", "-s", &src, "-d", &new, "--socket-mode", "u=rw"],
+                2,
+                "octal",
+            ),
+            case(
+                &[
+                    "serve",
+                    "-s",
+                    &src,
+                    "-d",
+                    &new,
+                    "--socket-group",
+                    "no-such-group-vhost-clone",
+                ],
+                2,
+                "no-such-group-vhost-clone",
+            ),
+            case(
+                &[
+                    "serve",
+                    "-s",
+                    &src,
+                    "-d",
+                    &new,
+                    "--fd",
+                    "0",
+                    "--socket-group",
+                    "0",
+                ],
+                2,
+                "cannot be used with",
+            ),
+            case(
+                &[
+                    "serve",
+                    "-s",
+                    &src,
+                    "-d",
+                    &new,
+                    "--fd",
+                    "0",
+                    "--socket-mode",
+                    "0660",
+                ],
+                2,
+                "cannot be used with",
+            ),
             // Runtime failures: the command line is fine, the system is not.
             case(
                 &[

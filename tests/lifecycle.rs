@@ -323,34 +323,6 @@ fn socket_group_and_mode_apply_to_the_vhost_user_socket_only() {
     }
 }
 
-/// Exit codes: 2 for bad usage only, 1 for runtime failures.
-#[test]
-fn exit_codes_follow_the_documentation() {
-    let c = clone();
-    for (extra, want) in [
-        (vec!["--hydration-batch-size", "99999999"], 2),
-        (vec!["--hydration-threshold", "18446744073709551615"], 2),
-        (vec!["--commit-interval", "-1"], 2),
-        (vec!["--commit-interval", "nan"], 2),
-        (vec!["--region-size", "3K"], 2),
-        (vec!["--socket-path", "/nonexistent-dir/x.sock"], 1),
-        (vec!["--socket-mode", "0666"], 2),
-        (vec!["--socket-mode", "0602"], 2),
-        (vec!["--socket-mode", "1660"], 2),
-        (vec!["--socket-mode", "0680"], 2),
-        (vec!["--socket-mode", "u=rw"], 2),
-        (vec!["--socket-group", "no-such-group-vhost-clone"], 2),
-        (vec!["--fd", "0", "--socket-group", "0"], 2),
-        (vec!["--fd", "0", "--socket-mode", "0660"], 2),
-    ] {
-        let mut args = vec!["--source", s(&c.src), "--dest", s(&c.dst)];
-        args.extend_from_slice(&extra);
-        let (code, msg) = c.refused(&args);
-        assert_eq!(code, want, "{extra:?}: {msg}");
-    }
-    assert!(!c.dst.exists() && !c.md.exists(), "{:?}", c.files());
-}
-
 /// kill -9 at random moments, then a restart on the same files: every write
 /// the client saw completed reads back, flushed or not, with periodic commits
 /// off or on and hydration off or on (design rule 7).
