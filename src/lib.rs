@@ -17,6 +17,7 @@ pub mod control;
 pub mod disk;
 pub mod engine;
 pub mod metadata;
+pub mod sandbox;
 pub mod socket;
 pub mod storage;
 pub mod virtio;

@@ -234,9 +234,10 @@ impl ControlServer {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || accept_loop(listener, shared, s))
+        let thread =
+            crate::sandbox::spawn(crate::sandbox::ThreadKind::Control, "control", move || {
+                accept_loop(listener, shared, s)
+            })
             .map_err(listen_err)?;
         Ok(ControlServer {
             path,
