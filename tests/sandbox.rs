@@ -79,7 +79,10 @@ fn assert_all_filtered(d: &Daemon) -> Vec<String> {
 fn every_thread_is_filtered_through_io_hydration_commit_stop_and_restart() {
     let c = clone();
     let d = Daemon::spawn(
-        serve_cmd(&c, &["--hydration-threshold", "1", "--commit-interval", "0.1"]),
+        serve_cmd(
+            &c,
+            &["--hydration-threshold", "1", "--commit-interval", "0.1"],
+        ),
         &c.sock,
     );
     let names = assert_all_filtered(&d);
@@ -114,7 +117,11 @@ fn every_thread_is_filtered_through_io_hydration_commit_stop_and_restart() {
     let st = d.terminate();
     assert!(st.success(), "stop under the sandbox: {st:?}");
     assert!(!c.sock.exists() && !c.ctl.exists(), "sockets left behind");
-    assert_eq!(std::fs::read_dir(&c.run).unwrap().count(), 0, "live map left behind");
+    assert_eq!(
+        std::fs::read_dir(&c.run).unwrap().count(),
+        0,
+        "live map left behind"
+    );
 
     // Restart: again filtered, the write is there.
     let log = tempfile::NamedTempFile::new().unwrap();
@@ -145,17 +152,34 @@ fn sandbox_none_runs_unfiltered_and_says_so() {
     assert!(tasks.iter().all(|t| t.1 == 0), "{tasks:?}");
     assert!(d.terminate().success());
     let err = std::fs::read_to_string(log.path()).unwrap();
-    assert!(err.contains("WARN") && err.contains("--sandbox none"), "{err}");
+    assert!(
+        err.contains("WARN") && err.contains("--sandbox none"),
+        "{err}"
+    );
 }
 
 /// Runs a daemon whose `kind` thread makes a refused system call; returns its exit
 /// code and stderr.
 fn refused(c: &Clone, kind: &str) -> (Option<i32>, String) {
-    let o = serve_cmd(c, &[])
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = serve_cmd(c, &[])
         .env("VHOST_CLONE_TEST_REFUSE", kind)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
         .unwrap();
-    (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), std::fs::read_to_string(log.path()).unwrap())
 }
 
 #[test]

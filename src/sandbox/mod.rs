@@ -204,7 +204,11 @@ fn fix_malloc_arenas() {
     #[cfg(target_env = "gnu")]
     {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_cpu = if cfg!(target_pointer_width = "64") { 8 } else { 2 };
+        let per_cpu = if cfg!(target_pointer_width = "64") {
+            8
+        } else {
+            2
+        };
         let max = libc::c_int::try_from(cpus * per_cpu).unwrap_or(libc::c_int::MAX);
         // SAFETY: mallopt only sets a malloc tunable; called before any filter and with
         // a positive value.

@@ -186,7 +186,10 @@ impl Client {
 /// being read are skipped.
 pub fn seccomp_of_tasks(pid: u32) -> Vec<(String, u32, u32)> {
     let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
             continue;
         };
