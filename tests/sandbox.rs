@@ -114,6 +114,15 @@ fn every_thread_is_filtered_through_io_hydration_commit_stop_and_restart() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_all_filtered(&d);
+    // A stop and continue (job control, a debugger attaching) restarts the calls it
+    // interrupted through restart_syscall.
+    // SAFETY: kill only sends signals to our own child's pid.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert_all_filtered(&d);
     let st = d.terminate();
     assert!(st.success(), "stop under the sandbox: {st:?}");
     assert!(!c.sock.exists() && !c.ctl.exists(), "sockets left behind");

@@ -159,7 +159,7 @@ impl Sandbox {
             return Ok(Sandbox { mode });
         }
         if FILTERS.get().is_none() {
-            fix_malloc_arenas();
+            prime_malloc();
             let mut filters = Vec::new();
             for kind in ThreadKind::ALL {
                 filters.push((kind, seccomp::compile(kind)?));
@@ -196,11 +196,15 @@ impl Sandbox {
     }
 }
 
-/// Fixes glibc's malloc arena limit now. Left at 0, glibc computes it the first time a
-/// thread needs an arena of its own, by reading /sys/devices/system/cpu/online (an
-/// `openat` no filter allows). The value is glibc's default: 8 arenas per CPU on 64-bit
-/// targets, 2 on 32-bit ones.
-fn fix_malloc_arenas() {
+/// Makes glibc's malloc read, before any filter, the two files it otherwise reads
+/// lazily from whichever thread first needs them (an `openat` no filter allows, which
+/// killed the daemon in a vring worker and in a control connection):
+/// - the CPU count (/sys/devices/system/cpu/online), read the first time a thread
+///   needs an arena of its own: fixed here to glibc's default limit (8 arenas per CPU
+///   on 64-bit targets, 2 on 32-bit ones) with `M_ARENA_MAX`, so it is never read;
+/// - /proc/sys/vm/overcommit_memory, read (then cached) the first time a thread's heap
+///   shrinks: a thread here fills and frees 4 MiB of its own heap to shrink one now.
+fn prime_malloc() {
     #[cfg(target_env = "gnu")]
     {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -213,6 +217,14 @@ fn fix_malloc_arenas() {
         // SAFETY: mallopt only sets a malloc tunable; called before any filter and with
         // a positive value.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, max) };
+        // Chunks below the mmap threshold, in the thread's own arena (no other thread
+        // exists yet, so it gets a new one); freeing them coalesces into a top chunk
+        // well above the trim threshold, which shrinks the heap.
+        let _ = std::thread::spawn(|| {
+            let blocks: Vec<Vec<u8>> = (0..256).map(|_| vec![1u8; 16 << 10]).collect();
+            drop(std::hint::black_box(blocks));
+        })
+        .join();
     }
 }
 

@@ -57,6 +57,9 @@ pub const BASE: &[Allow] = &[
     Any(Sysno::mprotect),
     Any(Sysno::rt_sigprocmask),
     Any(Sysno::rt_sigreturn),
+    // The kernel restarts a call a stop signal or a ptrace attach (strace, gdb)
+    // interrupted through restart_syscall.
+    Any(Sysno::restart_syscall),
     Any(Sysno::sigaltstack),
     Any(Sysno::rseq),
     Any(Sysno::set_robust_list),
