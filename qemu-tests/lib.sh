@@ -88,6 +88,7 @@ daemon_start() {
 	esac
 	DAEMON_PID=$!
 	wait_socket daemon "$log"
+	sandbox_check "started"
 }
 
 # wait_socket WHAT LOG [NOTE]: wait up to 30 s for $SOCK while $DAEMON_PID lives;
@@ -102,9 +103,34 @@ wait_socket() {
 	die "$what socket $SOCK did not appear in 30 s"
 }
 
+# sandbox_check [WHEN]: unless the daemon runs with --sandbox none, every thread
+# of it runs under a seccomp filter (Seccomp: 2, Seccomp_filters >= 1 in
+# /proc/PID/task/*/status). The main thread installs its filter once the
+# services run, shortly after the socket appears: wait up to 10 s for that.
+sandbox_check() {
+	[ "$BACKEND" = vhost-clone ] && [ -n "$DAEMON_PID" ] || return 0
+	case " $DAEMON_LAST_ARGS $VHOST_CLONE_EXTRA_ARGS " in *" --sandbox none "* | *" --sandbox=none "*) return 0 ;; esac
+	local i t bad n
+	for ((i = 0; i < 100; i++)); do
+		bad='' n=0
+		for t in /proc/"$DAEMON_PID"/task/*; do
+			[ -r "$t/status" ] || continue
+			n=$((n + 1))
+			awk '$1 == "Seccomp:" { m = $2 } $1 == "Seccomp_filters:" { f = $2 }
+				END { exit !(m == 2 && f >= 1) }' "$t/status" 2> /dev/null ||
+				{ [ -r "$t/status" ] && bad="$bad $(cat "$t/comm" 2> /dev/null)"; }
+		done
+		[ -z "$bad" ] && [ $n -gt 0 ] && { note "sandbox: $n threads of daemon $DAEMON_N filtered${1:+ ($1)}"; return 0; }
+		kill -0 "$DAEMON_PID" 2> /dev/null || die "daemon $DAEMON_N died${1:+ ($1)}"
+		sleep 0.1
+	done
+	die "daemon $DAEMON_N threads without a seccomp filter${1:+ ($1)}:$bad"
+}
+
 # daemon_stop: SIGTERM; the daemon must exit by itself, with status 0
 daemon_stop() {
 	[ -n "$DAEMON_PID" ] || return 0
+	sandbox_check "before SIGTERM"
 	local pid=$DAEMON_PID i rc
 	DAEMON_PID=
 	kill -TERM "$pid" 2> /dev/null
@@ -126,6 +152,7 @@ daemon_stop() {
 # daemon_kill: SIGKILL, as in a crash
 daemon_kill() {
 	[ -n "$DAEMON_PID" ] || return 0
+	sandbox_check "before SIGKILL"
 	kill -KILL "$DAEMON_PID" 2> /dev/null
 	wait "$DAEMON_PID" 2> /dev/null
 	note "daemon $DAEMON_N killed (SIGKILL)"
@@ -156,6 +183,7 @@ wait_reconnect() {
 		sleep 0.05
 	done
 	note "QEMU connected to daemon $DAEMON_N after $((SECONDS - t0)) s"
+	sandbox_check "QEMU connected"
 }
 
 # offline_check: the on-disk state is consistent (daemon stopped)
@@ -255,8 +283,10 @@ boot_start() {
 # boot_wait NAME: wait for the guest to power off (or BOOT_TIMEOUT), then
 # require its PASS line. Prints the guest's own log lines.
 boot_wait() {
-	local name=$1 pid=${QEMU_PID[$1]} rc
+	local name=$1 pid=${QEMU_PID[$1]} rc i=0
 	while kill -0 "$pid" 2> /dev/null; do
+		# Every 5 s, while the guest runs (vring workers included).
+		(( i++ % 25 == 12 )) && sandbox_check "guest $name running"
 		if ((SECONDS - BOOT_T0[$name] > BOOT_TIMEOUT)); then
 			kill -KILL "$pid"
 			wait "$pid" 2> /dev/null

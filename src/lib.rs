@@ -19,6 +19,7 @@ pub mod disk;
 pub mod engine;
 pub mod metadata;
 pub mod metrics;
+pub mod sandbox;
 pub mod socket;
 pub mod storage;
 pub mod virtio;

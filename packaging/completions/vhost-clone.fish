@@ -59,6 +59,8 @@ uring\t'io_uring, many requests in flight per queue'
 sync\t'One blocking system call at a time per queue'"
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l runtime-dir -d 'Where the live region map is kept: a RAM file system that outlives this process but not a reboot, so that a restart after kill -9 keeps every acknowledged write; `none` keeps it in process memory only' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l metrics-address -d 'Serve Prometheus metrics at http://HOST:PORT/metrics (an IP address and a port; port 0 picks a free one, which `status` shows)' -r
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l sandbox -d 'Confinement: `auto` installs a seccomp filter per thread and, where the kernel has Landlock, limits the file system to removing our sockets and live map; `none` turns both off (a warning is logged)' -r -f -a "auto\t'seccomp filters (required) and Landlock where the kernel has it'
+none\t'No confinement (a warning is logged)'"
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l log-level -d 'Log level; RUST_LOG overrides it (tracing\'s EnvFilter syntax)' -r -f -a "error\t'Errors only'
 warn\t'Errors and warnings (`warning` is accepted too, as syslog spells it)'
 info\t'Also state changes: start, stop, commits adopted, hydration complete'

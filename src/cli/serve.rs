@@ -47,6 +47,7 @@ use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::metadata::live::{Found, LiveError, LiveIdentity, LiveMap, DEFAULT_RUNTIME_DIR};
 use crate::metadata::{Metadata, MetadataError, Mode};
 use crate::metrics::{MetricsError, MetricsServer};
+use crate::sandbox::{RuntimePaths, Sandbox, SandboxError, SandboxMode, ThreadKind};
 use crate::socket::{BoundSocket, SocketAccess, SocketError};
 use crate::storage::BlockDevice;
 use crate::virtio::{self, BlockBackend, IoEngine, ServeOptions, ShutdownSignal, VirtioError};
@@ -132,6 +133,11 @@ pub struct ServeArgs {
     /// a port; port 0 picks a free one, which `status` shows).
     #[arg(long, value_name = "HOST:PORT", value_parser = crate::metrics::parse_address)]
     pub metrics_address: Option<SocketAddr>,
+    /// Confinement: `auto` installs a seccomp filter per thread and, where the kernel
+    /// has Landlock, limits the file system to removing our sockets and live map;
+    /// `none` turns both off (a warning is logged).
+    #[arg(long, value_enum, default_value_t = SandboxMode::Auto)]
+    pub sandbox: SandboxMode,
     /// Print QEMU's vhost-user capabilities JSON and exit (as `vhost-clone --print-capabilities`).
     #[arg(long)]
     pub print_capabilities: bool,
@@ -210,6 +216,9 @@ pub enum ServeError {
     /// The vhost-user front failed.
     #[error("vhost-user front")]
     Virtio(#[source] VirtioError),
+    /// The sandbox could not be set up.
+    #[error("sandbox (--sandbox)")]
+    Sandbox(#[source] SandboxError),
     /// The final commit failed: what was acknowledged is in the live map, and
     /// the next start on this boot commits it.
     #[error("the final commit failed")]
@@ -238,19 +247,17 @@ fn block_signals() -> io::Result<libc::sigset_t> {
 
 /// Turns the blocked signals of `set` into `shutdown.trigger()` on a thread.
 fn start_signal_thread(set: libc::sigset_t, shutdown: ShutdownSignal) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is initialised and blocked in every thread; `sig` is a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                tracing::info!(
-                    signal = sig,
-                    "stopping: no new requests, finishing those in flight, then a final commit"
-                );
-                shutdown.trigger();
-            }
-        })?;
+    crate::sandbox::spawn(ThreadKind::Signals, "signals", move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialised and blocked in every thread; `sig` is a valid out pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            tracing::info!(
+                signal = sig,
+                "stopping: no new requests, finishing those in flight, then a final commit"
+            );
+            shutdown.trigger();
+        }
+    })?;
     Ok(())
 }
 
@@ -355,6 +362,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     let mut activated = systemd::take_activation(a)?;
     let plan = Plan::new(a, activated.as_ref())?;
     let signals = block_signals().map_err(|e| ServeError::Thread("signals", e))?;
+    let sandbox = Sandbox::prepare(a.sandbox).map_err(ServeError::Sandbox)?;
 
     // 2. The stores, locked.
     let mut stores = Stores::open(
@@ -462,6 +470,14 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         tracing::info!("the clone is complete; the source is not needed");
     }
     stores.keep();
+    // Every file is open: from here on the daemon only removes its sockets and live map.
+    sandbox
+        .restrict_fs(&RuntimePaths {
+            socket: plan.socket_path.clone(),
+            control: Some(plan.control_path.clone()),
+            runtime_dir: plan.runtime_dir.clone(),
+        })
+        .map_err(ServeError::Sandbox)?;
 
     // 6. Services.
     let shutdown = ShutdownSignal::new().map_err(|e| ServeError::Thread("signals", e))?;
@@ -562,6 +578,11 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         },
         &shutdown,
     );
+    // The services run under their own filters; this thread, and the vhost-user threads
+    // it starts, under the front's.
+    sandbox
+        .confine_current_thread(ThreadKind::Front)
+        .map_err(ServeError::Sandbox)?;
     let served = virtio::serve_on(backend, &opts, &vhost_socket, &shutdown);
     notifier.stopping("final commit");
 

@@ -190,6 +190,12 @@ pub struct Notifier {
 
 struct Shared {
     watched: Watched,
+    /// `NOTIFY_SOCKET`, and a datagram socket made at start: a notification
+    /// is a `sendto`, which every thread's seccomp filter allows, while making
+    /// a socket is the notification thread's alone (the main thread sends the
+    /// last `STATUS=` under the front's filter).
+    path: std::path::PathBuf,
+    sock: std::os::unix::net::UnixDatagram,
     /// Written on drop to stop the thread.
     stop: EventFd,
     stopping: AtomicBool,
@@ -207,9 +213,16 @@ impl Notifier {
             shared: None,
             thread: None,
         };
-        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
             return none;
-        }
+        };
+        let sock = match std::os::unix::net::UnixDatagram::unbound() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start systemd notification");
+                return none;
+            }
+        };
         let stop = match EventFd::new(EFD_NONBLOCK) {
             Ok(fd) => fd,
             Err(e) => {
@@ -220,6 +233,8 @@ impl Notifier {
         let watchdog = sd_notify::watchdog_enabled().filter(|d| !d.is_zero());
         let shared = Arc::new(Shared {
             watched,
+            path: path.into(),
+            sock,
             stop,
             stopping: AtomicBool::new(false),
             failing: AtomicBool::new(false),
@@ -235,9 +250,8 @@ impl Notifier {
         let shutdown_fd = shutdown.as_raw_fd();
         // The shutdown signal outlives the thread: serve() drops the notifier first.
         let shutdown = shutdown.clone();
-        let thread = std::thread::Builder::new()
-            .name("systemd".into())
-            .spawn(move || {
+        let thread =
+            crate::sandbox::spawn(crate::sandbox::ThreadKind::Notify, "systemd", move || {
                 let _keep = shutdown;
                 s.run(shutdown_fd, watchdog)
             });
@@ -281,7 +295,18 @@ impl Shared {
     }
 
     fn send(&self, states: &[NotifyState]) {
-        match sd_notify::notify(states) {
+        let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
+        let sent = self.sock.send_to(msg.as_bytes(), &self.path).and_then(|n| {
+            if n == msg.len() {
+                Ok(())
+            } else {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "incomplete notification",
+                ))
+            }
+        });
+        match sent {
             Ok(()) => self.failing.store(false, Ordering::Relaxed),
             Err(e) => {
                 if !self.failing.swap(true, Ordering::Relaxed) {
@@ -601,6 +626,8 @@ mod tests {
                 hydration: HydrationControl::new(false, 1, 1, false),
                 commit_interval: Some(Duration::from_secs(1)),
             },
+            path: "/nonexistent/notify".into(),
+            sock: std::os::unix::net::UnixDatagram::unbound().unwrap(),
             stop: EventFd::new(EFD_NONBLOCK).unwrap(),
             stopping: AtomicBool::new(false),
             failing: AtomicBool::new(false),

@@ -346,9 +346,10 @@ impl ControlServer {
         listener.set_nonblocking(true).map_err(listen_err)?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || accept_loop(listener, reporter, s))
+        let thread =
+            crate::sandbox::spawn(crate::sandbox::ThreadKind::Control, "control", move || {
+                accept_loop(listener, reporter, s)
+            })
             .map_err(listen_err)?;
         Ok(ControlServer {
             path,

@@ -201,9 +201,8 @@ impl Committer {
     {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
+        let thread =
+            crate::sandbox::spawn(crate::sandbox::ThreadKind::Committer, name, move || {
                 let (m, cv) = &*s;
                 let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
                 loop {

@@ -170,9 +170,11 @@ impl Hydrator {
     ) -> std::io::Result<Hydrator> {
         let stop = Arc::new(AtomicBool::new(false));
         let (weak, c, s) = (Arc::downgrade(engine), ctl.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("hydrator".into())
-            .spawn(move || run(weak, c, s, timing))?;
+        let thread = crate::sandbox::spawn(
+            crate::sandbox::ThreadKind::Hydrator,
+            "hydrator",
+            move || run(weak, c, s, timing),
+        )?;
         Ok(Hydrator {
             ctl,
             stop,

@@ -84,9 +84,10 @@ impl MetricsServer {
             accept_error_logged: None,
         };
         tracing::info!(address = %addr, "serving metrics at http://{addr}/metrics");
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || lp.run())
+        let thread =
+            crate::sandbox::spawn(crate::sandbox::ThreadKind::Metrics, "metrics", move || {
+                lp.run()
+            })
             .map_err(MetricsError::Setup)?;
         Ok(MetricsServer {
             addr,

@@ -153,6 +153,22 @@ impl fmt::Debug for UringQueue {
     }
 }
 
+/// Bounds what the ring can do, since its submissions bypass seccomp: only readv and
+/// writev ([`UringQueue::ALLOWED_OPCODES`]) on the fds the daemon passes, no SQE flags
+/// (no fixed files, links or buffer selection), and no `io_uring_register` operation
+/// after this one; then enables the ring (created with `IORING_SETUP_R_DISABLED`).
+fn restrict(ring: &IoUring) -> io::Result<()> {
+    use io_uring::register::Restriction;
+    let mut res: Vec<Restriction> = UringQueue::ALLOWED_OPCODES
+        .iter()
+        .map(|&op| Restriction::sqe_op(op))
+        .collect();
+    res.push(Restriction::sqe_flags_allowed(0));
+    let sub = ring.submitter();
+    sub.register_restrictions(&mut res)?;
+    sub.register_enable_rings()
+}
+
 impl UringQueue {
     /// A queue that keeps up to `depth` (1..=[`MAX_DEPTH`]) requests in flight.
     pub fn new(depth: usize) -> io::Result<UringQueue> {
@@ -160,7 +176,11 @@ impl UringQueue {
         // One submission entry per slot at most is outstanding, so neither ring can
         // overflow (the completion ring is twice the submission ring).
         let entries = u32::try_from(depth.next_power_of_two()).unwrap_or(1024);
-        let ring = IoUring::builder().setup_coop_taskrun().build(entries)?;
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_r_disabled()
+            .build(entries)?;
+        restrict(&ring)?;
         Ok(UringQueue {
             ring,
             slots: Vec::new(),
@@ -171,6 +191,9 @@ impl UringQueue {
             enter_errors: 0,
         })
     }
+
+    /// The submission opcodes the ring accepts ([`restrict`]).
+    pub const ALLOWED_OPCODES: [u8; 2] = [opcode::Readv::CODE, opcode::Writev::CODE];
 
     /// Whether another request may be started.
     pub fn has_room(&self) -> bool {
@@ -424,6 +447,41 @@ mod tests {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         }
+    }
+
+    /// The ring refuses what it was not restricted to: other opcodes (here openat, a
+    /// path lookup seccomp never sees), SQE flags, and further registrations.
+    #[test]
+    fn ring_refuses_other_opcodes_flags_and_registrations() {
+        let Some(mut q) = queue(4) else { return };
+        let path = c"/etc/hostname";
+        let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+            .build()
+            .user_data(1);
+        let mut buf = [0u8; 8];
+        let f = tempfile::tempfile().unwrap();
+        let read = opcode::Read::new(types::Fd(f.as_raw_fd()), buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(2);
+        let linked = opcode::Readv::new(types::Fd(f.as_raw_fd()), std::ptr::null(), 0)
+            .build()
+            .flags(io_uring::squeue::Flags::IO_LINK)
+            .user_data(3);
+        // A refused entry ends its submission batch: submit them one at a time.
+        for e in [open, read, linked] {
+            let id = e.get_user_data();
+            // SAFETY: the path and buffers outlive the completion reaped below.
+            unsafe { q.ring.submission().push(&e).unwrap() };
+            q.ring.submit_and_wait(1).unwrap();
+            let c = q.ring.completion().next().unwrap();
+            assert_eq!((c.user_data(), c.result()), (id, -libc::EACCES));
+        }
+        let e = q
+            .ring
+            .submitter()
+            .register_files(&[f.as_raw_fd()])
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
     }
 
     #[test]

@@ -192,3 +192,31 @@ impl Client {
         self.wait()
     }
 }
+
+/// Each thread of process `pid`: its name and the `Seccomp` mode and
+/// `Seccomp_filters` count of /proc/PID/task/TID/status. Threads that end while
+/// being read are skipped.
+pub fn seccomp_of_tasks(pid: u32) -> Vec<(String, u32, u32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        out.push((
+            field("Name:"),
+            field("Seccomp:").parse().unwrap_or(u32::MAX),
+            field("Seccomp_filters:").parse().unwrap_or(0),
+        ));
+    }
+    out
+}
