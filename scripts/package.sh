@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/package.sh: build the Debian package of vhost-clone with dpkg-deb
 # (no cargo-deb: the tools used here, dpkg-dev, binutils and gzip, are on a
-# fresh machine already; see docs/ops/packaging.md for the measurement).
+# fresh machine already; see docs/operations.md ("Installing from the Debian package") for the measurement).
 #
 #   scripts/package.sh [--no-build]
 #
