@@ -196,7 +196,8 @@ fn a_refused_syscall_is_named_before_the_process_exits() {
     let c = clone();
     let getppid = libc::SYS_getppid;
     for (kind, thread) in [
-        ("front", "vhost-clone"),
+        ("front", "vhost-user"),
+        ("main", "vhost-clone"),
         ("committer", "commit"),
         ("hydrator", "hydrator"),
         ("control", "control"),

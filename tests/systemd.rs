@@ -379,7 +379,15 @@ fn socket_activation_serves_on_the_passed_sockets() {
 #[test]
 fn listen_fds_are_checked_and_obeyed_only_for_our_pid() {
     let c = clone();
-    let mut cmd = c.command(&[], &[("LISTEN_FDS", "1"), ("LISTEN_PID", "1")]);
+    // Names that do not fit the count: still ignored, the pid is not ours.
+    let mut cmd = c.command(
+        &[],
+        &[
+            ("LISTEN_FDS", "1"),
+            ("LISTEN_PID", "1"),
+            ("LISTEN_FDNAMES", "vhost-user:control"),
+        ],
+    );
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let d = Daemon::adopt(cmd.spawn().unwrap(), &c.sock);
     let mut cl = Client::connect(&c.sock);

@@ -363,6 +363,10 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     let plan = Plan::new(a, activated.as_ref())?;
     let signals = block_signals().map_err(|e| ServeError::Thread("signals", e))?;
     let sandbox = Sandbox::prepare(a.sandbox).map_err(ServeError::Sandbox)?;
+    crate::sandbox::seccomp::JOURNAL_PREFIX.store(
+        super::logging::to_journal(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
 
     // 2. The stores, locked.
     let mut stores = Stores::open(
@@ -568,7 +572,6 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         ));
     }
     let backend: Arc<dyn BlockBackend> = Arc::new(CloneDisk::new(engine.clone(), a.read_only));
-    // READY=1: the socket listens, the metadata is recovered, the services run.
     let notifier = Notifier::start(
         Watched {
             engine: engine.clone(),
@@ -578,12 +581,36 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         },
         &shutdown,
     );
-    // The services run under their own filters; this thread, and the vhost-user threads
-    // it starts, under the front's.
+    // The front serves on its own thread, under the front's filter (inherited by
+    // the vring workers it starts): the threads that parse guest input cannot
+    // remove files. This thread waits for it, then shuts down under the main
+    // filter, which can.
+    // The socket is removed when this thread drops the last reference, also
+    // if the front panics.
+    let vhost_socket = Arc::new(vhost_socket);
+    let (front_tx, front_rx) = std::sync::mpsc::sync_channel(1);
+    let (front_socket, front_shutdown) = (vhost_socket.clone(), shutdown.clone());
+    let front = crate::sandbox::spawn(ThreadKind::Front, "vhost-user", move || {
+        let _ = front_tx.send(virtio::serve_on(
+            backend,
+            &opts,
+            &front_socket,
+            &front_shutdown,
+        ));
+    })
+    .map_err(|e| ServeError::Thread("vhost-user", e))?;
     sandbox
-        .confine_current_thread(ThreadKind::Front)
+        .confine_current_thread(ThreadKind::Main)
         .map_err(ServeError::Sandbox)?;
-    let served = virtio::serve_on(backend, &opts, &vhost_socket, &shutdown);
+    // READY=1: the socket listens, the metadata is recovered, the services run.
+    notifier.ready();
+    let served = front_rx.recv().map_err(|_| {
+        // Only a panic ends the front without an answer: stop like a signal
+        // would, with the final commit.
+        shutdown.trigger();
+        ServeError::Thread("vhost-user", io::Error::other("the front thread panicked"))
+    });
+    let _ = front.join();
     notifier.stopping("final commit");
 
     // Shutdown, in reverse.
@@ -596,7 +623,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         }
     }
     drop(vhost_socket);
-    served.map_err(ServeError::Virtio)?;
+    served?.map_err(ServeError::Virtio)?;
     last.map_err(ServeError::FinalCommit)?;
     tracing::info!(
         hydrated = md.hydrated_count(),

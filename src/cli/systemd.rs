@@ -112,6 +112,24 @@ impl Activated {
 /// Must be called before the daemon starts any thread.
 pub fn take_activation(a: &ServeArgs) -> Result<Option<Activated>, ActivationError> {
     let listen_pid = std::env::var("LISTEN_PID").ok();
+    if let Some(pid) = listen_pid
+        .as_deref()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    {
+        if pid != std::process::id() {
+            // Meant for another process (a wrapper that started us): ignore
+            // every variable, LISTEN_FDNAMES included, and pass none on.
+            for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+                // SAFETY: as below, no other thread exists yet.
+                unsafe { std::env::remove_var(v) };
+            }
+            tracing::debug!(
+                listen_pid = pid,
+                "LISTEN_FDS is meant for another process; ignored"
+            );
+            return Ok(None);
+        }
+    }
     // SAFETY: serve() calls this before it starts any thread (the first is the
     // signal thread, start-up step 6), and the binary's main thread is the
     // only one: nothing reads or writes the environment concurrently.
@@ -205,9 +223,9 @@ struct Shared {
 }
 
 impl Notifier {
-    /// Sends `READY=1` with the first `STATUS=` and starts the thread that
-    /// keeps `STATUS=` current, sends `STOPPING=1` when `shutdown` fires and
-    /// pings the watchdog. Without `NOTIFY_SOCKET`: does nothing.
+    /// Starts the thread that keeps `STATUS=` current, sends `STOPPING=1`
+    /// when `shutdown` fires and pings the watchdog; [`Notifier::ready`] then
+    /// sends `READY=1`. Without `NOTIFY_SOCKET`: does nothing.
     pub fn start(watched: Watched, shutdown: &ShutdownSignal) -> Notifier {
         let none = Notifier {
             shared: None,
@@ -240,9 +258,7 @@ impl Notifier {
             failing: AtomicBool::new(false),
             status: Mutex::new(String::new()),
         });
-        let status = shared.status_text();
-        *shared.lock_status() = status.clone();
-        shared.send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        *shared.lock_status() = shared.status_text();
         if let Some(w) = watchdog {
             tracing::info!(timeout = ?w, "systemd watchdog on: pinging every {:?} while healthy", w / 2);
         }
@@ -272,6 +288,17 @@ impl Notifier {
 
     /// Tells systemd the daemon is stopping (`STOPPING=1` the first time) and
     /// what it is doing (`STATUS=stopping: WHAT`).
+    /// `READY=1` with the current `STATUS=`: sent once the last start-up
+    /// step that can fail (confining the main thread) is done.
+    pub fn ready(&self) {
+        if let Some(s) = &self.shared {
+            let status = s.status_text();
+            *s.lock_status() = status.clone();
+            s.send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        }
+    }
+
+    /// `STOPPING=1` (the first time) and `STATUS=stopping: WHAT`.
     pub fn stopping(&self, what: &str) {
         if let Some(s) = &self.shared {
             s.stopping(what, false);

@@ -41,8 +41,8 @@ pub enum SandboxMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum ThreadKind {
-    /// The main thread serving vhost-user, and what it starts: vring workers, the
-    /// shutdown watcher; also the final commit and removal of sockets and live map.
+    /// The thread serving vhost-user, and what it starts: vring workers, the
+    /// shutdown watcher. It parses guest input, so it may not remove files.
     Front = 1,
     /// The periodic metadata committer.
     Committer = 2,
@@ -56,11 +56,14 @@ pub enum ThreadKind {
     Metrics = 6,
     /// The sd_notify / watchdog thread.
     Notify = 7,
+    /// The main thread once start-up is done: it waits for the front, then shuts
+    /// down (the final commit, removing our sockets and the live map).
+    Main = 8,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Front,
         ThreadKind::Committer,
         ThreadKind::Hydrator,
@@ -68,6 +71,7 @@ impl ThreadKind {
         ThreadKind::Signals,
         ThreadKind::Metrics,
         ThreadKind::Notify,
+        ThreadKind::Main,
     ];
 
     /// Its name in messages and in `VHOST_CLONE_TEST_REFUSE`.
@@ -80,6 +84,7 @@ impl ThreadKind {
             ThreadKind::Signals => "signals",
             ThreadKind::Metrics => "metrics",
             ThreadKind::Notify => "notify",
+            ThreadKind::Main => "main",
         }
     }
 
@@ -93,6 +98,7 @@ impl ThreadKind {
             5 => ThreadKind::Signals,
             6 => ThreadKind::Metrics,
             7 => ThreadKind::Notify,
+            8 => ThreadKind::Main,
             _ => return None,
         })
     }
@@ -186,7 +192,7 @@ impl Sandbox {
     }
 
     /// Installs `kind`'s filter on the calling thread (the main thread, with
-    /// [`ThreadKind::Front`], once the services are started). Does nothing unless a
+    /// [`ThreadKind::Main`], once the services and the front are started). Does nothing unless a
     /// policy was prepared.
     pub fn confine_current_thread(&self, kind: ThreadKind) -> Result<(), SandboxError> {
         if self.mode == SandboxMode::None {

@@ -109,11 +109,12 @@ const DISK_IO: &[Allow] = &[
     Arg(Sysno::ioctl, 1, &[BLKDISCARD, BLKZEROOUT]),
 ];
 
-/// The vhost-user front on the main thread, inherited by the threads it starts
+/// The vhost-user front on its own thread, inherited by the threads it starts
 /// (vhost-user-backend's vring workers, one set per connection, and the shutdown
 /// watcher): the protocol socket with its fds, guest memory maps, eventfds and epoll,
-/// queue I/O (blocking and io_uring), and shutdown (final commit, unlinking our
-/// sockets and the live map).
+/// queue I/O (blocking and io_uring). No unlink: these threads parse guest input,
+/// and Landlock lets the process remove files in the socket directories (often the
+/// destination's); removing ours at exit is [`MAIN`]'s.
 const FRONT: &[Allow] = &[
     Any(Sysno::accept4),
     Any(Sysno::accept),
@@ -140,9 +141,22 @@ const FRONT: &[Allow] = &[
     Any(Sysno::io_uring_setup),
     Any(Sysno::io_uring_enter),
     Any(Sysno::io_uring_register),
+    Arg(Sysno::ioctl, 1, &[FIONBIO, FIOCLEX]),
+];
+
+/// The main thread after start-up: it waits for the front thread, sends the last
+/// `STATUS=` (`sendto` on the socket `cli::systemd` made before any filter), stops
+/// the services, runs the final commit and removes our sockets (checking they are
+/// still ours) and the live map. Removing files is this thread's alone: the
+/// threads that parse guest input cannot.
+const MAIN: &[Allow] = &[
+    Any(Sysno::sendto),
+    Any(Sysno::fcntl),
     Any(Sysno::unlink),
     Any(Sysno::unlinkat),
-    Arg(Sysno::ioctl, 1, &[FIONBIO, FIOCLEX]),
+    Any(Sysno::fstat),
+    Any(Sysno::newfstatat),
+    Any(Sysno::statx),
 ];
 
 /// The periodic committer: metadata writes and flushes of both files.
@@ -217,6 +231,7 @@ pub fn kind_table(kind: ThreadKind) -> &'static [&'static [Allow]] {
         ThreadKind::Signals => &[SIGNALS],
         ThreadKind::Metrics => &[METRICS],
         ThreadKind::Notify => &[NOTIFY],
+        ThreadKind::Main => &[MAIN, DISK_IO],
     }
 }
 
@@ -337,12 +352,21 @@ impl Line {
     }
 }
 
+/// Whether stderr is the journal's stream: the handler then leads its line with
+/// sd-daemon's `<2>` (critical), so `journalctl -p warning` shows it. An atomic
+/// load is async-signal-safe.
+pub static JOURNAL_PREFIX: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Formats the handler's message (separate for unit tests).
-fn format_refusal(nr: i32, kind: u16, comm: &[u8]) -> Line {
+fn format_refusal(nr: i32, kind: u16, comm: &[u8], journal: bool) -> Line {
     let mut line = Line {
         buf: [0; 256],
         len: 0,
     };
+    if journal {
+        line.push(b"<2>");
+    }
     line.push(b"vhost-clone: seccomp refused syscall ");
     let name = usize::try_from(nr)
         .ok()
@@ -381,7 +405,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // SAFETY: PR_GET_NAME writes at most 16 bytes into the 17-byte buffer; every filter
     // allows it.
     unsafe { libc::prctl(libc::PR_GET_NAME, comm.as_mut_ptr()) };
-    let line = format_refusal(nr, data as u16, &comm);
+    let journal = JOURNAL_PREFIX.load(std::sync::atomic::Ordering::Relaxed);
+    let line = format_refusal(nr, data as u16, &comm, journal);
     // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer outlives the call.
     unsafe {
         libc::write(2, line.buf.as_ptr().cast(), line.len);
@@ -402,20 +427,48 @@ mod tests {
         }
     }
 
+    /// The threads that parse guest input (the front and the vring workers it
+    /// starts) cannot remove or rename files, even where Landlock allows it (the
+    /// socket directory is often the destination's).
+    #[test]
+    fn guest_facing_threads_cannot_remove_files() {
+        let removing = [
+            Sysno::unlink,
+            Sysno::unlinkat,
+            Sysno::rmdir,
+            Sysno::rename,
+            Sysno::renameat,
+            Sysno::renameat2,
+            Sysno::truncate,
+            Sysno::open,
+            Sysno::openat,
+        ];
+        for table in std::iter::once(BASE).chain(kind_table(ThreadKind::Front).iter().copied()) {
+            for entry in table {
+                let (Any(nr) | Arg(nr, _, _)) = *entry;
+                assert!(!removing.contains(&nr), "the front may call {nr:?}");
+            }
+        }
+    }
+
     #[test]
     fn refusal_line_names_the_call_thread_and_filter() {
         let l = format_refusal(
             Sysno::getppid.id(),
             ThreadKind::Hydrator as u16,
             b"hydrator\0junk",
+            false,
         );
         assert_eq!(
             std::str::from_utf8(&l.buf[..l.len]).unwrap(),
             "vhost-clone: seccomp refused syscall getppid (110) in thread hydrator (filter hydrator); exiting (--sandbox none turns the sandbox off)\n"
         );
-        let l = format_refusal(99999, 0, b"");
-        assert!(std::str::from_utf8(&l.buf[..l.len])
-            .unwrap()
-            .contains("unknown (99999) in thread  (filter unknown)"));
+        let l = format_refusal(99999, 0, b"", true);
+        let text = std::str::from_utf8(&l.buf[..l.len]).unwrap();
+        assert!(
+            text.starts_with("<2>vhost-clone: seccomp refused"),
+            "{text}"
+        );
+        assert!(text.contains("unknown (99999) in thread  (filter unknown)"));
     }
 }
