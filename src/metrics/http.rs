@@ -310,9 +310,19 @@ fn read_some(c: &mut Conn) -> Result<Option<Req>, ()> {
                 let Some(got) = buf.get(..n) else {
                     return Err(());
                 };
+                // Only the new bytes (and the 3 before them, where a terminator
+                // may start) are searched: a peer sending a byte at a time costs
+                // linear, not quadratic, work.
+                let from = c.request.len().saturating_sub(3);
                 c.request.extend_from_slice(got);
-                if let Some(r) = parse(&c.request) {
-                    return Ok(Some(r));
+                let tail = c.request.get(from..).unwrap_or_default();
+                if find(tail, b"\r\n\r\n")
+                    .or_else(|| find(tail, b"\n\n"))
+                    .is_some()
+                {
+                    if let Some(r) = parse(&c.request) {
+                        return Ok(Some(r));
+                    }
                 }
                 if c.request.len() > MAX_REQUEST {
                     return Ok(Some(Req::TooLarge));
