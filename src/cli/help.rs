@@ -17,6 +17,7 @@ EXIT STATUS:
 0  success.
 1  a runtime failure (a missing or unusable file, a clone in use, a live socket, damaged metadata, an unreachable daemon) or a failed check.
 2  a usage error: an unknown, missing or conflicting option, a bad option value, or an option the clone contradicts.
+159  serve only: a thread made a system call outside its seccomp filter (the line before names it; --sandbox).
 
 ENVIRONMENT:
 RUST_LOG  overrides --log-level with a tracing filter (e.g. vhost_clone=debug).
@@ -38,7 +39,7 @@ disconnects.";
 pub const SERVE_AFTER_HELP: &str = "\
 FILES:
 DEST.meta  the metadata (superblocks and the hydration bitmap), unless --metadata.
-DEST.sock  the vhost-user socket (mode 0600), unless --socket-path or --fd.
+DEST.sock  the vhost-user socket (mode 0600, or --socket-mode/--socket-group), unless --socket-path, --fd or socket activation.
 SOCKET.ctl  the control socket for status and message, unless --control-socket.
 RUNTIME_DIR/vhost-clone-UUID.live  the live region map (--runtime-dir, /dev/shm): lets a restart after kill -9 keep every acknowledged write.
 
@@ -49,6 +50,13 @@ EXIT STATUS:
 0  stopped cleanly.
 1  a runtime failure: the clone is in use, a socket is live or its directory missing, a file is missing or unusable, the final commit failed.
 2  a usage error.
+159  a thread made a system call outside its seccomp filter (the line before names it; --sandbox none turns the sandbox off). Like kill -9, it loses no acknowledged write.
+
+ENVIRONMENT:
+NOTIFY_SOCKET  set by systemd (Type=notify): READY=1 once serving, STATUS= with hydration progress, STOPPING=1 on a stop.
+WATCHDOG_USEC, WATCHDOG_PID  set by systemd (WatchdogSec=): WATCHDOG=1 every half period while no commit is stuck.
+LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES  set by systemd (socket activation): serve on the passed vhost-user socket, and on one named control as the control socket.
+JOURNAL_STREAM  log lines carry sd-daemon priorities when stderr is the journal.
 
 EXAMPLE:
 vhost-clone serve --source golden.img --dest clone.img

@@ -17,14 +17,15 @@
 //!    dead process completed) and adopted bits are committed.
 //! 6. Services start: the signal thread, the periodic committer, the hydrator,
 //!    the hydration-rate sampler, the control server, the metrics endpoint;
-//!    then the vhost-user front serves until a signal.
+//!    then the vhost-user front serves, on its own thread, until a signal;
+//!    the main thread confines itself, sends READY=1 and waits for it.
 //!
 //! Shutdown runs in reverse ([`Services`] drops in that order too): the front
 //! stops popping requests, retires the ones in flight and closes the
 //! connection; the metrics endpoint, the hydrator, the committer and the rate
-//! sampler stop; the control server stops;
+//! sampler stop; the control server stops and removes its socket;
 //! the final commit; the live map file is removed when everything is committed;
-//! the sockets are removed; the locks go with the files.
+//! the vhost-user socket is removed; the locks go with the files.
 
 use std::io;
 use std::net::SocketAddr;
