@@ -76,7 +76,7 @@ complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s v -l v
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -s c -l control-socket -d 'The control socket [default: SOCKET.ctl, or DEST.sock.ctl]' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -l socket-path -d 'The daemon\'s vhost-user socket (its control socket is SOCKET.ctl)' -r -F
-complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -s d -l dest -d 'The clone\'s destination (its control socket is DEST.sock.ctl by default)' -r -F
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -s d -l dest -d 'The clone\'s destination (its control socket is DEST.sock.ctl by default, DEST.ctl for a daemon started with --fd or by socket activation)' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -l interval -d 'Seconds between updates with --watch' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -l log-level -d 'Log level; RUST_LOG overrides it (tracing\'s EnvFilter syntax)' -r -f -a "error\t'Errors only'
 warn\t'Errors and warnings (`warning` is accepted too, as syslog spells it)'
@@ -90,7 +90,7 @@ complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -s v -l 
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand message" -s c -l control-socket -d 'The control socket [default: SOCKET.ctl, or DEST.sock.ctl]' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand message" -l socket-path -d 'The daemon\'s vhost-user socket (its control socket is SOCKET.ctl)' -r -F
-complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand message" -s d -l dest -d 'The clone\'s destination (its control socket is DEST.sock.ctl by default)' -r -F
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand message" -s d -l dest -d 'The clone\'s destination (its control socket is DEST.sock.ctl by default, DEST.ctl for a daemon started with --fd or by socket activation)' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand message" -l log-level -d 'Log level; RUST_LOG overrides it (tracing\'s EnvFilter syntax)' -r -f -a "error\t'Errors only'
 warn\t'Errors and warnings (`warning` is accepted too, as syslog spells it)'
 info\t'Also state changes: start, stop, commits adopted, hydration complete'

@@ -19,7 +19,8 @@ pub struct ControlAddr {
     /// The daemon's vhost-user socket (its control socket is SOCKET.ctl).
     #[arg(long)]
     pub socket_path: Option<PathBuf>,
-    /// The clone's destination (its control socket is DEST.sock.ctl by default).
+    /// The clone's destination (its control socket is DEST.sock.ctl by default, DEST.ctl
+    /// for a daemon started with --fd or by socket activation).
     #[arg(long, short = 'd')]
     pub dest: Option<PathBuf>,
 }
@@ -29,11 +30,24 @@ impl ControlAddr {
         match (&self.control_socket, &self.socket_path, &self.dest) {
             (Some(c), _, _) => Ok(c.clone()),
             (None, Some(s), _) => Ok(with_suffix(s, ".ctl")),
-            (None, None, Some(d)) => Ok(with_suffix(&with_suffix(d, ".sock"), ".ctl")),
+            (None, None, Some(d)) => Ok(control_beside(d)),
             _ => Err(CliError::Usage(
                 "give --control-socket, --socket-path or --dest to find the daemon".into(),
             )),
         }
+    }
+}
+
+/// The control socket of a daemon serving `dest` with default paths:
+/// `DEST.sock.ctl`, or `DEST.ctl` when it was started with `--fd` or by
+/// socket activation (see `serve`'s plan); the first that exists.
+fn control_beside(dest: &std::path::Path) -> PathBuf {
+    let usual = with_suffix(&with_suffix(dest, ".sock"), ".ctl");
+    let passed_fd = with_suffix(dest, ".ctl");
+    if !usual.exists() && passed_fd.exists() {
+        passed_fd
+    } else {
+        usual
     }
 }
 
@@ -260,4 +274,27 @@ pub fn message(a: &MessageArgs) -> Result<()> {
         e => CliError::Control(e),
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod control_path_tests {
+    use super::*;
+
+    #[test]
+    fn dest_finds_the_control_socket_of_a_passed_fd_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("clone.img");
+        let addr = ControlAddr {
+            control_socket: None,
+            socket_path: None,
+            dest: Some(dest.clone()),
+        };
+        let usual = dir.path().join("clone.img.sock.ctl");
+        assert_eq!(addr.path().unwrap(), usual);
+        let passed = dir.path().join("clone.img.ctl");
+        std::fs::write(&passed, b"").unwrap();
+        assert_eq!(addr.path().unwrap(), passed);
+        std::fs::write(&usual, b"").unwrap();
+        assert_eq!(addr.path().unwrap(), usual);
+    }
 }
