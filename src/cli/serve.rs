@@ -585,9 +585,8 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     // The front serves on its own thread, under the front's filter (inherited by
     // the vring workers it starts): the threads that parse guest input cannot
     // remove files. This thread waits for it, then shuts down under the main
-    // filter, which can.
-    // The socket is removed when this thread drops the last reference, also
-    // if the front panics.
+    // filter, which can: the socket is removed when this thread drops the last
+    // reference, also if the front panics.
     let vhost_socket = Arc::new(vhost_socket);
     let (front_tx, front_rx) = std::sync::mpsc::sync_channel(1);
     let (front_socket, front_shutdown) = (vhost_socket.clone(), shutdown.clone());
@@ -600,11 +599,16 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         ));
     })
     .map_err(|e| ServeError::Thread("vhost-user", e))?;
-    sandbox
+    let confined = sandbox
         .confine_current_thread(ThreadKind::Main)
-        .map_err(ServeError::Sandbox)?;
-    // READY=1: the socket listens, the metadata is recovered, the services run.
-    notifier.ready();
+        .map_err(ServeError::Sandbox);
+    if confined.is_ok() {
+        // READY=1: the socket listens, the metadata is recovered, the services run.
+        notifier.ready();
+    } else {
+        // Stop as a signal would: everything acknowledged gets the final commit.
+        shutdown.trigger();
+    }
     let served = front_rx.recv().map_err(|_| {
         // Only a panic ends the front without an answer: stop like a signal
         // would, with the final commit.
@@ -624,6 +628,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         }
     }
     drop(vhost_socket);
+    confined?;
     served?.map_err(ServeError::Virtio)?;
     last.map_err(ServeError::FinalCommit)?;
     tracing::info!(
