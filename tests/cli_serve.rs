@@ -7,40 +7,16 @@
 mod binary;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use binary::{run, status_json, text, Client, Daemon};
 
 const SIZE: usize = 8 << 20;
 
-struct Files {
-    _dir: tempfile::TempDir,
-    src: PathBuf,
-    dst: PathBuf,
-    sock: PathBuf,
-    ctl: PathBuf,
-    src_data: Vec<u8>,
-}
+type Files = binary::CloneFiles;
 
 fn files() -> Files {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("golden.img");
-    let src_data: Vec<u8> = (0..SIZE)
-        .map(|i| (i / 4096) as u8 ^ (i % 251) as u8)
-        .collect();
-    std::fs::write(&src, &src_data).unwrap();
-    let dst = dir.path().join("clone.img");
-    let sock = dir.path().join("clone.img.sock");
-    let ctl = dir.path().join("clone.img.sock.ctl");
-    Files {
-        _dir: dir,
-        src,
-        dst,
-        sock,
-        ctl,
-        src_data,
-    }
+    binary::clone_files(SIZE as u64, |i| (i / 4096) as u8 ^ (i % 251) as u8)
 }
 
 #[test]

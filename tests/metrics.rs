@@ -9,7 +9,6 @@ mod binary;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use binary::{run, status_json, text, Client, Daemon};
@@ -17,31 +16,10 @@ use binary::{run, status_json, text, Client, Daemon};
 const SIZE: usize = 8 << 20;
 const REGION: u64 = 64 << 10;
 
-struct Files {
-    dir: tempfile::TempDir,
-    src: PathBuf,
-    dst: PathBuf,
-    sock: PathBuf,
-    ctl: PathBuf,
-}
+type Files = binary::CloneFiles;
 
 fn files() -> Files {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("golden.img");
-    let data: Vec<u8> = (0..SIZE)
-        .map(|i| (i / 4096) as u8 ^ (i % 251) as u8)
-        .collect();
-    std::fs::write(&src, data).unwrap();
-    let dst = dir.path().join("clone.img");
-    let sock = dir.path().join("clone.img.sock");
-    let ctl = dir.path().join("clone.img.sock.ctl");
-    Files {
-        dir,
-        src,
-        dst,
-        sock,
-        ctl,
-    }
+    binary::clone_files(SIZE as u64, |i| (i / 4096) as u8 ^ (i % 251) as u8)
 }
 
 fn serve(f: &Files, extra: &[&str]) -> Daemon {

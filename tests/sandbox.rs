@@ -5,7 +5,7 @@
 
 mod binary;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,30 +13,10 @@ use binary::*;
 
 const SIZE: u64 = 16 << 20;
 
-struct Clone {
-    _dir: tempfile::TempDir,
-    src: PathBuf,
-    dst: PathBuf,
-    sock: PathBuf,
-    ctl: PathBuf,
-    run: PathBuf,
-}
+type Clone = CloneFiles;
 
 fn clone() -> Clone {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("golden.img");
-    let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8 | 1).collect();
-    std::fs::write(&src, data).unwrap();
-    let run = dir.path().join("run");
-    std::fs::create_dir(&run).unwrap();
-    Clone {
-        dst: dir.path().join("clone.img"),
-        sock: dir.path().join("clone.img.sock"),
-        ctl: dir.path().join("clone.img.sock.ctl"),
-        src,
-        run,
-        _dir: dir,
-    }
+    clone_files(SIZE, |i| (i % 251) as u8 | 1)
 }
 
 fn serve_cmd(c: &Clone, extra: &[&str]) -> Command {

@@ -18,30 +18,10 @@ use binary::*;
 const SIZE: u64 = 8 << 20;
 const REGION: usize = 64 << 10;
 
-struct Clone {
-    dir: tempfile::TempDir,
-    src: PathBuf,
-    dst: PathBuf,
-    sock: PathBuf,
-    ctl: PathBuf,
-    run: PathBuf,
-}
+type Clone = CloneFiles;
 
 fn clone() -> Clone {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("golden.img");
-    let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8 | 1).collect();
-    std::fs::write(&src, data).unwrap();
-    let run = dir.path().join("run");
-    std::fs::DirBuilder::new().mode(0o700).create(&run).unwrap();
-    Clone {
-        dst: dir.path().join("clone.img"),
-        sock: dir.path().join("clone.img.sock"),
-        ctl: dir.path().join("clone.img.sock.ctl"),
-        src,
-        run,
-        dir,
-    }
+    clone_files(SIZE, |i| (i % 251) as u8 | 1)
 }
 
 fn s(p: &Path) -> &str {

@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::mem::MaybeUninit;
-use std::path::Path;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,38 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// A clone's files in a temporary directory: a source of `size` bytes made
+/// by `byte(offset)`, the default names of what `serve` creates beside the
+/// destination, and a private (0700) runtime directory for the live map.
+pub struct CloneFiles {
+    pub dir: tempfile::TempDir,
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    pub sock: PathBuf,
+    pub ctl: PathBuf,
+    pub run: PathBuf,
+    pub src_data: Vec<u8>,
+}
+
+/// Makes a [`CloneFiles`].
+pub fn clone_files(size: u64, byte: impl Fn(u64) -> u8) -> CloneFiles {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("golden.img");
+    let src_data: Vec<u8> = (0..size).map(byte).collect();
+    std::fs::write(&src, &src_data).unwrap();
+    let run = dir.path().join("run");
+    std::fs::DirBuilder::new().mode(0o700).create(&run).unwrap();
+    CloneFiles {
+        dst: dir.path().join("clone.img"),
+        sock: dir.path().join("clone.img.sock"),
+        ctl: dir.path().join("clone.img.sock.ctl"),
+        src,
+        run,
+        src_data,
+        dir,
+    }
 }
 
 /// `vhost-clone status --json` of the daemon behind `ctl`.
