@@ -408,10 +408,10 @@ impl Shared {
                     return;
                 }
             };
-            if ready.first() == Some(&true) {
+            if ready == Some(0) {
                 return;
             }
-            if ready.get(1) == Some(&true) {
+            if ready == Some(1) {
                 watch_shutdown = false;
                 self.stopping("no new requests, finishing those in flight", true);
             }
@@ -494,29 +494,11 @@ fn health(
     Ok(())
 }
 
-/// poll(2) for readability; element i tells whether `fds[i]` is readable.
-fn poll(fds: &[RawFd], timeout: Duration) -> io::Result<Vec<bool>> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    // Round up, so that a sub-millisecond wait does not spin.
+/// Waits up to `timeout` (rounded up to a millisecond, so that a short wait
+/// does not spin) for one of `fds` to become readable; the first readable one.
+fn poll(fds: &[RawFd], timeout: Duration) -> io::Result<Option<usize>> {
     let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-    // SAFETY: `pfds` is a valid, exclusively borrowed array of `pfds.len()`
-    // pollfd structs that outlives the call; poll only writes their `revents`.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(vec![false; fds.len()]);
-        }
-        return Err(e);
-    }
-    Ok(pfds.iter().map(|p| p.revents != 0).collect())
+    crate::virtio::server::poll_readable(fds, ms)
 }
 
 #[cfg(test)]
@@ -689,12 +671,9 @@ mod tests {
         let b = EventFd::new(EFD_NONBLOCK).unwrap();
         let fds = [a.as_raw_fd(), b.as_raw_fd()];
         let t = Instant::now();
-        assert_eq!(
-            poll(&fds, Duration::from_millis(50)).unwrap(),
-            [false, false]
-        );
+        assert_eq!(poll(&fds, Duration::from_millis(50)).unwrap(), None);
         assert!(t.elapsed() >= Duration::from_millis(40));
         b.write(1).unwrap();
-        assert_eq!(poll(&fds, Duration::from_secs(5)).unwrap(), [false, true]);
+        assert_eq!(poll(&fds, Duration::from_secs(5)).unwrap(), Some(1));
     }
 }

@@ -324,8 +324,8 @@ fn wait_connection(
 }
 
 /// poll(2) for readability. Returns the index of the first readable fd, `None` on timeout
-/// or EINTR.
-fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Option<usize>> {
+/// or EINTR. `timeout_ms` -1 waits without a limit.
+pub(crate) fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Option<usize>> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
