@@ -297,6 +297,8 @@ struct Plan {
     control_path: PathBuf,
     runtime_dir: Option<PathBuf>,
     num_queues: u16,
+    /// `--commit-interval`, `None` for 0 (no periodic commits).
+    commit_interval: Option<Duration>,
 }
 
 impl Plan {
@@ -325,17 +327,14 @@ impl Plan {
                 "the vhost-user socket and the control socket must differ".into(),
             ));
         }
-        if !(a.commit_interval.is_finite() && (0.0..=86_400.0).contains(&a.commit_interval)) {
-            return Err(CliError::Usage(format!(
-                "--commit-interval {} is not a number of seconds in 0..=86400",
-                a.commit_interval
-            )));
-        }
         let runtime_dir = match a.runtime_dir.as_os_str().to_str() {
             Some("none") => None,
             _ => Some(a.runtime_dir.clone()),
         };
         Ok(Plan {
+            // parse_seconds bounded it to 0..=86400 s.
+            commit_interval: (a.commit_interval > 0.0)
+                .then(|| Duration::from_secs_f64(a.commit_interval)),
             stores: StorePaths {
                 source: a.source.clone(),
                 dest: dest.clone(),
@@ -487,15 +486,11 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     // 6. Services.
     let shutdown = ShutdownSignal::new().map_err(|e| ServeError::Thread("signals", e))?;
     start_signal_thread(signals, shutdown.clone()).map_err(|e| ServeError::Thread("signals", e))?;
-    let committer = if a.commit_interval > 0.0 {
-        Some(
-            engine
-                .start_committer(Duration::from_secs_f64(a.commit_interval))
-                .map_err(|e| ServeError::Thread("commit", e))?,
-        )
-    } else {
-        None
-    };
+    let committer = plan
+        .commit_interval
+        .map(|every| engine.start_committer(every))
+        .transpose()
+        .map_err(|e| ServeError::Thread("commit", e))?;
     let ctl = HydrationControl::new(
         !a.no_hydration && !a.read_only,
         a.hydration_threshold,
@@ -577,8 +572,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         Watched {
             engine: engine.clone(),
             hydration: ctl,
-            commit_interval: (a.commit_interval > 0.0)
-                .then(|| Duration::from_secs_f64(a.commit_interval)),
+            commit_interval: plan.commit_interval,
         },
         &shutdown,
     );
