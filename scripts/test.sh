@@ -14,6 +14,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
 
+# Tools the cargo tests use, installed here so that this script alone works on
+# a fresh machine (qemu-tests/setup.sh installs the boot tests' own, later): systemd-analyze and systemd-socket-activate (tests/systemd.rs;
+# systemd need not be PID 1), zsh and fish (tests/ops_files.rs loads the
+# generated completions), virt-xml-validate and xmllint (tests/libvirt_example.rs).
+need=()
+command -v systemd-analyze >/dev/null && command -v systemd-socket-activate >/dev/null || need+=(systemd)
+command -v zsh >/dev/null || need+=(zsh)
+command -v fish >/dev/null || need+=(fish)
+command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
+if [ "${#need[@]}" -gt 0 ]; then
+  if ! command -v apt-get >/dev/null; then
+    echo "missing packages: ${need[*]} (no apt-get to install them)" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
