@@ -7,7 +7,6 @@ use serde::Serialize;
 use super::stores::{MetadataState, StoreOptions, StorePaths, Stores};
 use super::{error_chain, open_device, CheckArgs, CliError, CreateArgs, DumpArgs, Result};
 use crate::metadata::{self, Geometry};
-use crate::storage::BlockDevice;
 
 fn md_err(path: &std::path::Path) -> impl Fn(metadata::MetadataError) -> CliError + '_ {
     move |source| CliError::Metadata {
@@ -44,6 +43,7 @@ pub fn create(a: &CreateArgs) -> Result<()> {
             region_size: Some(a.region_size),
             direct: false,
             reformat: a.force,
+            network: Default::default(),
         },
     )
     .map_err(|e| match e {
@@ -113,8 +113,8 @@ fn check_store(
         path: path.display().to_string(),
         size: None,
     };
-    match open_device(path, true) {
-        Ok(d) => {
+    match super::stores::open_source(path, false, Default::default()) {
+        Ok((d, _)) => {
             sr.size = Some(d.size());
             if let Some(g) = geo {
                 if d.size() < g.device_size() {

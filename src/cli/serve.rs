@@ -102,6 +102,14 @@ pub struct ServeArgs {
     /// Seconds between periodic metadata commits (0 disables them).
     #[arg(long, default_value_t = 1.0, value_parser = |s: &str| super::parse_seconds(s, 0.0))]
     pub commit_interval: f64,
+    /// With an NBD source: seconds a source read may wait for the server,
+    /// reconnecting included, before it fails with an I/O error.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = |s: &str| super::parse_seconds(s, 0.1))]
+    pub source_timeout: f64,
+    /// With an NBD source that allows several connections (NBD_FLAG_CAN_MULTI_CONN):
+    /// how many to open, 1 to 16.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub source_connections: u16,
     /// Do not pass discards of hydrated ranges down to the destination.
     #[arg(long)]
     pub no_discard_passdown: bool,
@@ -375,6 +383,10 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             region_size: a.region_size,
             direct: a.direct,
             reformat: false,
+            network: super::stores::NetworkOptions {
+                timeout: Duration::from_secs_f64(a.source_timeout),
+                connections: a.source_connections.into(),
+            },
         },
     )?;
     // 3. The sockets: the control socket first, so that it exists once the
@@ -453,7 +465,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     }
     let engine = Arc::new(
         Engine::new(
-            stores.source.clone().map(|s| s as Arc<dyn BlockDevice>),
+            stores.source.clone(),
             stores.dest.clone(),
             md.clone(),
             EngineConfig {

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use super::{CliError, Result};
 use crate::metadata::format::Layout;
 use crate::metadata::{self, Geometry, Loaded, MetadataError};
+use crate::storage::nbd::{self, NbdConfig, NbdDevice, NbdUri};
 use crate::storage::{is_all_zero, BlockDevice, FileDevice, FileId, LockKind, OpenOptions};
 
 /// The paths of a clone's stores.
@@ -46,8 +47,10 @@ pub enum MetadataState {
 /// The opened, locked stores.
 #[derive(Debug)]
 pub struct Stores {
-    /// The source, opened read-only.
-    pub source: Option<Arc<FileDevice>>,
+    /// The source, opened read-only: a file or an NBD export.
+    pub source: Option<Arc<dyn BlockDevice>>,
+    /// The source's file identity (`None` for a network source).
+    source_id: Option<FileId>,
     /// The destination.
     pub dest: Arc<FileDevice>,
     /// The metadata device.
@@ -69,6 +72,55 @@ pub struct StoreOptions {
     pub direct: bool,
     /// Treat existing metadata as new (`create --force`).
     pub reformat: bool,
+    /// How to use a network source.
+    pub network: NetworkOptions,
+}
+
+/// How to use a source behind an NBD server (`serve --source-timeout`,
+/// `--source-connections`).
+#[derive(Debug, Clone, Copy)]
+pub struct NetworkOptions {
+    /// How long a source request may wait, reconnecting included.
+    pub timeout: std::time::Duration,
+    /// Connections when the server allows several.
+    pub connections: usize,
+}
+
+impl Default for NetworkOptions {
+    fn default() -> Self {
+        NetworkOptions {
+            timeout: nbd::DEFAULT_TIMEOUT,
+            connections: nbd::DEFAULT_CONNECTIONS,
+        }
+    }
+}
+
+/// True when `p` names a network source (an NBD URI) rather than a file.
+pub fn is_network_source(p: &Path) -> bool {
+    p.to_str().is_some_and(nbd::is_nbd_uri)
+}
+
+/// Opens a source read-only: an NBD URI through our client, or a file with a
+/// shared lock. Returns the device and, for a file, its identity.
+pub fn open_source(
+    p: &Path,
+    direct: bool,
+    network: NetworkOptions,
+) -> Result<(Arc<dyn BlockDevice>, Option<FileId>)> {
+    if is_network_source(p) {
+        let text = p.to_str().unwrap_or_default();
+        let uri = NbdUri::parse(text).map_err(|e| CliError::Usage(e.to_string()))?;
+        let dev = NbdDevice::connect(NbdConfig {
+            uri,
+            timeout: network.timeout,
+            connections: network.connections,
+        })
+        .map_err(|e| CliError::Refused(format!("source: {}", crate::error_chain(&e))))?;
+        return Ok((Arc::new(dev), None));
+    }
+    let f = open_locked(p, true, direct, None, LockKind::Shared)?;
+    let id = f.id();
+    Ok((Arc::new(f), Some(id)))
 }
 
 fn md_err(path: &Path) -> impl Fn(MetadataError) -> CliError + '_ {
@@ -142,15 +194,18 @@ impl Stores {
             ("dest", paths.dest.as_path(), named(&paths.dest)),
             ("metadata", paths.metadata.as_path(), named(&paths.metadata)),
         ];
-        if let Some(s) = &paths.source {
+        if let Some(s) = paths.source.as_ref().filter(|s| !is_network_source(s)) {
             roles.insert(0, ("source", s.as_path(), named(s)));
         }
         check_distinct(&roles)?;
 
         let mut created = Vec::new();
-        let source = match &paths.source {
-            Some(p) => Some(open_locked(p, true, opts.direct, None, LockKind::Shared)?),
-            None => None,
+        let (source, source_id) = match &paths.source {
+            Some(p) => {
+                let (d, id) = open_source(p, opts.direct, opts.network)?;
+                (Some(d), id)
+            }
+            None => (None, None),
         };
         let md_exists = paths.metadata.exists();
         let dest_exists = paths.dest.exists();
@@ -267,7 +322,8 @@ impl Stores {
             }
         };
         let stores = Stores {
-            source: source.map(Arc::new),
+            source,
+            source_id,
             dest: Arc::new(dest),
             metadata: Arc::new(md),
             state,
@@ -279,8 +335,8 @@ impl Stores {
             ("dest", stores.dest.id()),
             ("metadata", stores.metadata.id()),
         ];
-        if let Some(s) = &stores.source {
-            ids.push(("source", s.id()));
+        if let Some(id) = stores.source_id {
+            ids.push(("source", id));
         }
         for (i, (a, x)) in ids.iter().enumerate() {
             if let Some((b, _)) = ids[i + 1..].iter().find(|(_, y)| y == x) {

@@ -59,11 +59,14 @@ pub enum ThreadKind {
     /// The main thread once start-up is done: it waits for the front, then shuts
     /// down (the final commit, removing our sockets and the live map).
     Main = 8,
+    /// An NBD source's connection threads: (re)connecting to the server and
+    /// reading its replies.
+    Source = 9,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Front,
         ThreadKind::Committer,
         ThreadKind::Hydrator,
@@ -72,6 +75,7 @@ impl ThreadKind {
         ThreadKind::Metrics,
         ThreadKind::Notify,
         ThreadKind::Main,
+        ThreadKind::Source,
     ];
 
     /// Its name in messages and in `VHOST_CLONE_TEST_REFUSE`.
@@ -85,6 +89,7 @@ impl ThreadKind {
             ThreadKind::Metrics => "metrics",
             ThreadKind::Notify => "notify",
             ThreadKind::Main => "main",
+            ThreadKind::Source => "source",
         }
     }
 
@@ -99,6 +104,7 @@ impl ThreadKind {
             6 => ThreadKind::Metrics,
             7 => ThreadKind::Notify,
             8 => ThreadKind::Main,
+            9 => ThreadKind::Source,
             _ => return None,
         })
     }

@@ -159,6 +159,30 @@ const MAIN: &[Allow] = &[
     Any(Sysno::statx),
 ];
 
+/// Sending requests to an NBD source's server on a connection its thread made
+/// (`write` for unix sockets is in [`BASE`], `sendto` is TCP's), and ending a
+/// connection that stopped answering (`shutdown`): the threads that read the
+/// source (front, hydrator) and the main thread that closes it at exit.
+const NBD_REQUESTS: &[Allow] = &[Any(Sysno::sendto), Any(Sysno::shutdown)];
+
+/// An NBD source's connection threads (`crate::storage::nbd`): connecting to the
+/// address resolved at start-up (TCP with a timeout, or a unix socket), setting
+/// socket options, negotiating, then reading replies until the connection ends.
+const SOURCE: &[Allow] = &[
+    Any(Sysno::socket),
+    Any(Sysno::connect),
+    Any(Sysno::read),
+    Any(Sysno::recvfrom),
+    Any(Sysno::sendto),
+    Any(Sysno::poll),
+    Any(Sysno::ppoll),
+    Any(Sysno::fcntl),
+    Any(Sysno::setsockopt),
+    Any(Sysno::getsockopt),
+    Any(Sysno::shutdown),
+    Arg(Sysno::ioctl, 1, &[FIONBIO, FIOCLEX]),
+];
+
 /// The periodic committer: metadata writes and flushes of both files.
 const COMMITTER: &[Allow] = &[];
 
@@ -224,14 +248,15 @@ const NOTIFY: &[Allow] = &[
 /// The tables a thread of `kind` is allowed, besides [`BASE`].
 pub fn kind_table(kind: ThreadKind) -> &'static [&'static [Allow]] {
     match kind {
-        ThreadKind::Front => &[FRONT, DISK_IO, SPAWN],
+        ThreadKind::Front => &[FRONT, DISK_IO, NBD_REQUESTS, SPAWN],
         ThreadKind::Committer => &[COMMITTER, DISK_IO],
-        ThreadKind::Hydrator => &[HYDRATOR, DISK_IO],
+        ThreadKind::Hydrator => &[HYDRATOR, DISK_IO, NBD_REQUESTS],
         ThreadKind::Control => &[CONTROL, SPAWN],
         ThreadKind::Signals => &[SIGNALS],
         ThreadKind::Metrics => &[METRICS],
         ThreadKind::Notify => &[NOTIFY],
-        ThreadKind::Main => &[MAIN, DISK_IO],
+        ThreadKind::Main => &[MAIN, DISK_IO, NBD_REQUESTS],
+        ThreadKind::Source => &[SOURCE],
     }
 }
 

@@ -7,6 +7,9 @@
 //! * [`FileDevice`] serves regular files and block devices with `pread`/`pwrite`,
 //!   `fdatasync` for flush, `fallocate`/`BLKDISCARD`/`BLKZEROOUT` for discard and
 //!   write-zeroes, and optionally `O_DIRECT` with aligned bounce buffers.
+//! * [`nbd::NbdDevice`] is a read-only source behind an NBD server (our own
+//!   client: negotiation, structured replies, block status, several
+//!   connections, reconnect and timeouts).
 //! * [`lock`]: whole-file OFD locks (one daemon per clone) and file identity.
 //! * [`SimDevice`] is an in-memory device with a **volatile write cache**: writes
 //!   become durable only at [`BlockDevice::flush`]; [`SimDevice::crash`] keeps a
@@ -19,6 +22,7 @@
 
 mod file;
 pub mod lock;
+pub mod nbd;
 mod sim;
 
 pub use file::{FileDevice, OpenOptions};
@@ -201,6 +205,12 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     fn data_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
         let _ = (offset, len);
         Ok(None)
+    }
+
+    /// The connection state of a device behind a network server, for status;
+    /// `None` for local devices.
+    fn remote_status(&self) -> Option<nbd::RemoteStatus> {
+        None
     }
 }
 

@@ -1,0 +1,687 @@
+//! [`NbdDevice`]: a read-only source served by an NBD server (qemu-nbd, nbdkit,
+//! rbd-nbd, another host), spoken to by our own client.
+//!
+//! Layout: [`uri`] parses NBD URIs, [`proto`] is the wire format (pure
+//! parsers, fuzzed), [`handshake`] the fixed-newstyle negotiation, [`conn`] one
+//! connection and its reply reader. This file owns the pool of connections, the
+//! reconnect loop, deadlines and the [`BlockDevice`] face.
+//!
+//! Invariants:
+//! * Never a write: only `NBD_CMD_READ`, `NBD_CMD_BLOCK_STATUS` and
+//!   `NBD_CMD_DISC` are ever sent; every write-type call fails with `ReadOnly`.
+//! * A read returns exactly the bytes the server sent for that range (or zeroes
+//!   for a hole it reported), or an error; never a partial or stale buffer.
+//!   Replies are matched by cookie and checked against their request
+//!   (bounds, overlap, full coverage) before the caller sees them.
+//! * No call waits longer than the configured timeout. A request not answered
+//!   by then fails with `TimedOut`, and the connection it waited on is dropped
+//!   (a server that answers nothing for that long is treated as gone).
+//! * A lost connection is re-established in the background with backoff, for
+//!   as long as the device lives. Requests it held are sent again on another
+//!   connection while their deadline allows (reads are idempotent).
+//! * Every reconnect must find the same export size, or it is refused.
+
+mod conn;
+pub mod handshake;
+pub mod proto;
+pub mod uri;
+
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use handshake::{HandshakeError, Negotiated};
+pub use uri::{is_nbd_uri, NbdAddr, NbdUri, UriError};
+
+use super::{check_range, BlockDevice, Result, StorageError};
+use conn::{Conn, Part, PartError, PartKind, PartReply, Stream, Waiter};
+
+/// Default of `--source-timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of `--source-connections`.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+/// Largest `--source-connections`.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Largest part of a read sent as one request; larger reads are split and sent
+/// in parallel over the connections.
+const PART: u64 = 2 << 20;
+/// Largest range of one block status request.
+const STATUS_SPAN: u64 = 1 << 30;
+/// First and largest pause between reconnect attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How to reach and use an NBD source.
+#[derive(Debug, Clone)]
+pub struct NbdConfig {
+    /// The server and export.
+    pub uri: NbdUri,
+    /// How long a request may wait for the server, including reconnecting.
+    pub timeout: Duration,
+    /// Connections to open when the server allows several (`CAN_MULTI_CONN`).
+    pub connections: usize,
+}
+
+impl NbdConfig {
+    /// A config with the default timeout and connection count.
+    pub fn new(uri: NbdUri) -> NbdConfig {
+        NbdConfig {
+            uri,
+            timeout: DEFAULT_TIMEOUT,
+            connections: DEFAULT_CONNECTIONS,
+        }
+    }
+}
+
+/// Errors of opening an NBD source.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    /// The host name did not resolve.
+    #[error("cannot resolve {host}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Connecting failed.
+    #[error("cannot connect to {uri}")]
+    Connect {
+        /// The URI.
+        uri: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Negotiation failed.
+    #[error("NBD negotiation with {uri} failed")]
+    Handshake {
+        /// The URI.
+        uri: String,
+        /// The cause.
+        #[source]
+        source: HandshakeError,
+    },
+    /// A reconnect found another export.
+    #[error("{uri} now has {now} bytes but had {was}: it is another export; refusing it")]
+    SizeChanged {
+        /// The URI.
+        uri: String,
+        /// The size at first connect.
+        was: u64,
+        /// The size now.
+        now: u64,
+    },
+    /// A thread could not be started.
+    #[error("cannot start the NBD connection thread")]
+    Thread(#[source] io::Error),
+}
+
+/// The state of an NBD source, for status and metrics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RemoteStatus {
+    /// The URI.
+    pub uri: String,
+    /// `connected` (at least one connection up) or `reconnecting`.
+    pub state: String,
+    /// Connections up now.
+    pub connections: usize,
+    /// Connections wanted.
+    pub max_connections: usize,
+    /// Connections lost since start.
+    pub disconnects: u64,
+    /// Failed connection attempts since start.
+    pub failed_attempts: u64,
+    /// Requests that timed out.
+    pub timeouts: u64,
+    /// The last error seen (connection, protocol, server or timeout).
+    pub last_error: Option<String>,
+    /// The request timeout in seconds.
+    pub timeout_secs: f64,
+    /// The server offers block status (holes are skipped).
+    pub block_status: bool,
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    last_error: Option<String>,
+    disconnects: u64,
+    failed_attempts: u64,
+    timeouts: u64,
+}
+
+/// What every connection thread and request shares.
+#[derive(Debug)]
+struct Shared {
+    cfg: NbdConfig,
+    addrs: Vec<SocketAddr>,
+    neg: Negotiated,
+    /// Live connections; `changed` is notified whenever this changes or on stop.
+    live: Mutex<Vec<Arc<Conn>>>,
+    changed: Condvar,
+    next: AtomicUsize,
+    cookie: AtomicU64,
+    stop: AtomicBool,
+    health: Mutex<Health>,
+}
+
+/// A read-only device served by an NBD server.
+#[derive(Debug)]
+pub struct NbdDevice {
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn uri(&self) -> String {
+        self.cfg.uri.to_string()
+    }
+
+    fn note_error(&self, e: &str) {
+        lock(&self.health).last_error = Some(e.to_string());
+    }
+
+    /// Connects and negotiates one connection.
+    fn open_stream(&self) -> std::result::Result<(Stream, Negotiated), NbdError> {
+        let t = self.cfg.timeout.max(Duration::from_millis(100));
+        let connect_err = |source| NbdError::Connect {
+            uri: self.uri(),
+            source,
+        };
+        let stream = match &self.cfg.uri.addr {
+            NbdAddr::Unix(p) => Stream::Unix(UnixStream::connect(p).map_err(connect_err)?),
+            NbdAddr::Tcp { .. } => {
+                let mut last = None;
+                let mut s = None;
+                for a in &self.addrs {
+                    match TcpStream::connect_timeout(a, t) {
+                        Ok(x) => {
+                            s = Some(x);
+                            break;
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                let s = s.ok_or_else(|| {
+                    connect_err(last.unwrap_or_else(|| io::Error::other("no address")))
+                })?;
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }
+        };
+        stream.set_timeouts(Some(t)).map_err(connect_err)?;
+        let mut s = stream;
+        let neg = handshake::negotiate(&mut s, &self.cfg.uri.export).map_err(|source| {
+            NbdError::Handshake {
+                uri: self.uri(),
+                source,
+            }
+        })?;
+        // Replies are waited for without a socket timeout (deadlines are the
+        // callers'); a send still may not block longer than the timeout.
+        s.set_read_timeout(None).map_err(connect_err)?;
+        Ok((s, neg))
+    }
+
+    /// Connection slot `slot`'s thread: connect, serve replies until the
+    /// connection dies, then again with backoff, until the device is dropped.
+    fn run_slot(self: &Arc<Self>, slot: usize, mut first: Option<(Stream, Negotiated)>) {
+        let mut backoff = BACKOFF_MIN;
+        while !self.stop.load(Ordering::Acquire) {
+            let opened = match first.take() {
+                Some(x) => Ok(x),
+                None => self.open_stream().and_then(|(s, n)| {
+                    if n.info.size != self.neg.info.size {
+                        let _ = s.shutdown();
+                        return Err(NbdError::SizeChanged {
+                            uri: self.uri(),
+                            was: self.neg.info.size,
+                            now: n.info.size,
+                        });
+                    }
+                    Ok((s, n))
+                }),
+            };
+            match opened {
+                Ok((stream, neg)) => {
+                    backoff = BACKOFF_MIN;
+                    match Conn::new(slot, stream, neg) {
+                        Ok((conn, reader)) => {
+                            let conn = Arc::new(conn);
+                            {
+                                let mut live = lock(&self.live);
+                                live.push(conn.clone());
+                                self.changed.notify_all();
+                            }
+                            if slot == 0 || lock(&self.health).disconnects > 0 {
+                                tracing::info!(uri = %self.uri(), connection = slot, "NBD source connected");
+                            }
+                            let why = conn.read_replies(reader, &self.stop);
+                            {
+                                let mut live = lock(&self.live);
+                                live.retain(|c| !Arc::ptr_eq(c, &conn));
+                                self.changed.notify_all();
+                            }
+                            conn.fail_all(&why);
+                            if self.stop.load(Ordering::Acquire) {
+                                return;
+                            }
+                            tracing::warn!(uri = %self.uri(), connection = slot, error = %why, "NBD source connection lost; reconnecting");
+                            let mut h = lock(&self.health);
+                            h.disconnects += 1;
+                            h.last_error = Some(why);
+                            // Reconnect at once the first time.
+                            continue;
+                        }
+                        Err(e) => self.note_error(&format!("cannot set up a connection: {e}")),
+                    }
+                }
+                Err(e) => {
+                    let text = crate::error_chain(&e);
+                    {
+                        let mut h = lock(&self.health);
+                        h.failed_attempts += 1;
+                        if h.failed_attempts == 1 || h.failed_attempts % 20 == 0 {
+                            tracing::warn!(uri = %self.uri(), connection = slot, error = %text, attempts = h.failed_attempts, "NBD source unreachable; retrying");
+                        }
+                        h.last_error = Some(text);
+                    }
+                }
+            }
+            // Back off, waking early on stop.
+            let live = lock(&self.live);
+            let _ = self
+                .changed
+                .wait_timeout_while(live, backoff, |_| !self.stop.load(Ordering::Acquire))
+                .unwrap_or_else(|p| p.into_inner());
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// A live connection, waiting for one until `deadline`.
+    fn pick(&self, deadline: Instant) -> io::Result<Arc<Conn>> {
+        let mut live = lock(&self.live);
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Err(io::Error::other("the NBD source is closing"));
+            }
+            if !live.is_empty() {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % live.len();
+                return Ok(live[i].clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let last = lock(&self.health).last_error.clone();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the NBD source has been unreachable for {:?}{}",
+                        self.cfg.timeout,
+                        last.map(|l| format!(" (last error: {l})"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+            live = self
+                .changed
+                .wait_timeout(live, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Sends `parts` and waits for all of them, resending those whose connection
+    /// died, until the deadline.
+    fn run(&self, parts: Vec<Part>) -> io::Result<Vec<PartReply>> {
+        let deadline = Instant::now() + self.cfg.timeout;
+        let n = parts.len();
+        let waiter = Arc::new(Waiter::new(n));
+        let mut on: Vec<Option<Arc<Conn>>> = vec![None; n];
+        let mut to_send: Vec<usize> = (0..n).collect();
+        loop {
+            for i in to_send.drain(..) {
+                let conn = self.pick(deadline)?;
+                let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
+                conn.send(cookie, &parts[i], &waiter, i);
+                on[i] = Some(conn);
+            }
+            let mut st = waiter.lock();
+            loop {
+                for (i, slot) in st.results.iter_mut().enumerate() {
+                    if let Some(Err(PartError::Disconnected(why))) = slot {
+                        self.note_error(why);
+                        *slot = None;
+                        to_send.push(i);
+                    }
+                }
+                if !to_send.is_empty() {
+                    break;
+                }
+                if st.results.iter().all(|r| r.is_some()) {
+                    let results = std::mem::take(&mut st.results);
+                    let mut out = Vec::with_capacity(n);
+                    for r in results.into_iter().flatten() {
+                        match r {
+                            Ok(x) => out.push(x),
+                            Err(e) => return Err(e.into_io()),
+                        }
+                    }
+                    return Ok(out);
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    drop(st);
+                    // Whatever connection still owes an answer is considered hung.
+                    let w = waiter.lock();
+                    for (i, r) in w.results.iter().enumerate() {
+                        if r.is_none() {
+                            if let Some(c) = &on[i] {
+                                c.kill("a request got no answer within the timeout");
+                            }
+                        }
+                    }
+                    drop(w);
+                    let mut h = lock(&self.health);
+                    h.timeouts += 1;
+                    let msg = format!(
+                        "the NBD source did not answer within {:?}",
+                        self.cfg.timeout
+                    );
+                    h.last_error = Some(msg.clone());
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, msg));
+                }
+                st = waiter.wait(st, deadline - now);
+            }
+        }
+    }
+}
+
+impl NbdDevice {
+    /// Connects to the server, negotiates, and starts the connection threads
+    /// (several when the server allows it). Fails when the first connection
+    /// cannot be made: the export's size must be known.
+    pub fn connect(cfg: NbdConfig) -> std::result::Result<NbdDevice, NbdError> {
+        let addrs = match &cfg.uri.addr {
+            NbdAddr::Tcp { host, port } => {
+                // Resolved once: after start-up the sandbox cannot read
+                // /etc/hosts or resolv.conf, and a source should not move.
+                let a: Vec<SocketAddr> = (host.as_str(), *port)
+                    .to_socket_addrs()
+                    .map_err(|source| NbdError::Resolve {
+                        host: host.clone(),
+                        source,
+                    })?
+                    .collect();
+                if a.is_empty() {
+                    return Err(NbdError::Resolve {
+                        host: host.clone(),
+                        source: io::Error::other("no address"),
+                    });
+                }
+                a
+            }
+            NbdAddr::Unix(_) => Vec::new(),
+        };
+        let probe = Shared {
+            cfg: cfg.clone(),
+            addrs: addrs.clone(),
+            neg: Negotiated {
+                info: Default::default(),
+                structured: false,
+                base_allocation: None,
+            },
+            live: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
+            next: AtomicUsize::new(0),
+            cookie: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+            health: Mutex::new(Health::default()),
+        };
+        let (stream, neg) = probe.open_stream()?;
+        let want = if neg.info.multi_conn() {
+            cfg.connections.clamp(1, MAX_CONNECTIONS)
+        } else {
+            1
+        };
+        let shared = Arc::new(Shared { neg, ..probe });
+        let mut first = Some((stream, neg));
+        for slot in 0..want {
+            let s = shared.clone();
+            let f = first.take();
+            crate::sandbox::spawn(
+                crate::sandbox::ThreadKind::Source,
+                &format!("nbd-{slot}"),
+                move || s.run_slot(slot, f),
+            )
+            .map_err(NbdError::Thread)?;
+        }
+        let dev = NbdDevice { shared };
+        // Wait briefly for the first connection to be published.
+        let _ = dev.shared.pick(Instant::now() + Duration::from_secs(5));
+        tracing::info!(
+            uri = %dev.shared.uri(),
+            size = neg.info.size,
+            connections = want,
+            structured = neg.structured,
+            block_status = neg.base_allocation.is_some(),
+            "NBD source opened"
+        );
+        Ok(dev)
+    }
+
+    /// What negotiation agreed on.
+    pub fn negotiated(&self) -> Negotiated {
+        self.shared.neg
+    }
+
+    /// The state of the source.
+    pub fn status(&self) -> RemoteStatus {
+        let s = &self.shared;
+        let connections = lock(&s.live).len();
+        let h = lock(&s.health);
+        RemoteStatus {
+            uri: s.uri(),
+            state: if connections > 0 {
+                "connected"
+            } else {
+                "reconnecting"
+            }
+            .into(),
+            connections,
+            max_connections: if s.neg.info.multi_conn() {
+                s.cfg.connections.clamp(1, MAX_CONNECTIONS)
+            } else {
+                1
+            },
+            disconnects: h.disconnects,
+            failed_attempts: h.failed_attempts,
+            timeouts: h.timeouts,
+            last_error: h.last_error.clone(),
+            timeout_secs: s.cfg.timeout.as_secs_f64(),
+            block_status: s.neg.base_allocation.is_some(),
+        }
+    }
+
+    /// Reads `[offset, offset + buf.len())` (already range-checked) into `buf`,
+    /// honouring the server's minimum block size.
+    fn read_into(&self, bufs: &mut [IoSliceMut<'_>], offset: u64, len: u64) -> io::Result<()> {
+        let info = &self.shared.neg.info;
+        let min = info.min_block.max(1) as u64;
+        let start = offset / min * min;
+        let end = (offset + len).div_ceil(min) * min;
+        let end = end.min(info.size.max(offset + len));
+        let part = (info.max_block as u64 / min * min).clamp(min, PART.max(min));
+        let mut parts = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(part);
+            parts.push(Part {
+                kind: PartKind::Read,
+                offset: pos,
+                len: n as u32,
+            });
+            pos += n;
+        }
+        let replies = self.shared.run(parts)?;
+        // Scatter: skip (offset - start) bytes, copy len bytes into the iovecs.
+        let mut skip = (offset - start) as usize;
+        let mut bi = 0;
+        let mut bo = 0;
+        let mut left = len as usize;
+        for r in replies {
+            let PartReply::Data(data) = r else {
+                return Err(io::Error::other("internal: a read got a status reply"));
+            };
+            let mut d = &data[..];
+            if skip >= d.len() {
+                skip -= d.len();
+                continue;
+            }
+            d = &d[skip..];
+            skip = 0;
+            while !d.is_empty() && left > 0 {
+                let Some(b) = bufs.get_mut(bi) else { break };
+                let n = (b.len() - bo).min(d.len()).min(left);
+                b[bo..bo + n].copy_from_slice(&d[..n]);
+                d = &d[n..];
+                left -= n;
+                bo += n;
+                if bo == b.len() {
+                    bi += 1;
+                    bo = 0;
+                }
+            }
+        }
+        if left != 0 {
+            return Err(io::Error::other("internal: a read came back short"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NbdDevice {
+    fn drop(&mut self) {
+        let s = &self.shared;
+        s.stop.store(true, Ordering::Release);
+        let live = std::mem::take(&mut *lock(&s.live));
+        for c in live {
+            c.disconnect();
+        }
+        s.changed.notify_all();
+    }
+}
+
+fn io_err(op: &'static str, offset: u64, len: u64, source: io::Error) -> StorageError {
+    StorageError::Io {
+        op,
+        offset,
+        len,
+        source,
+    }
+}
+
+impl BlockDevice for NbdDevice {
+    fn size(&self) -> u64 {
+        self.shared.neg.info.size
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        check_range("read", offset, len, self.size())?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.read_into(&mut [IoSliceMut::new(buf)], offset, len)
+            .map_err(|e| io_err("read", offset, len, e))
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let len = super::iov_len(bufs);
+        check_range("read", offset, len, self.size())?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.read_into(bufs, offset, len)
+            .map_err(|e| io_err("read", offset, len, e))
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(StorageError::ReadOnly { op: "write" })
+    }
+
+    fn flush(&self) -> Result<()> {
+        // Nothing is ever written.
+        Ok(())
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(StorageError::ReadOnly { op: "discard" })
+    }
+
+    fn supports_discard(&self) -> bool {
+        false
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(StorageError::ReadOnly { op: "write-zeroes" })
+    }
+
+    fn data_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        check_range("block-status", offset, len, self.size())?;
+        let Some(_) = self.shared.neg.base_allocation else {
+            return Ok(None);
+        };
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(STATUS_SPAN);
+            let r = self.shared.run(vec![Part {
+                kind: PartKind::Status,
+                offset: pos,
+                len: n as u32,
+            }]);
+            let runs = match r {
+                Ok(mut v) => match v.pop() {
+                    Some(PartReply::Extents(runs)) => runs,
+                    _ => return Ok(None),
+                },
+                // A server error on block status: every byte may be data (a
+                // read will tell whether the source works at all).
+                Err(e) if e.kind() != io::ErrorKind::TimedOut => return Ok(None),
+                Err(e) => return Err(io_err("block-status", pos, n, e)),
+            };
+            let Some(last) = runs.last() else {
+                return Ok(None);
+            };
+            let stop = last.1;
+            for (a, b, data) in runs {
+                if data {
+                    match out.last_mut() {
+                        Some(l) if l.1 == a => l.1 = b,
+                        _ => out.push((a, b)),
+                    }
+                }
+            }
+            pos = stop;
+        }
+        Ok(Some(out))
+    }
+
+    fn remote_status(&self) -> Option<RemoteStatus> {
+        Some(self.status())
+    }
+}
