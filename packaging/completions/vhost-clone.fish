@@ -39,7 +39,7 @@ complete -c vhost-clone -n "__fish_vhost_clone_needs_command" -f -a "message" -d
 complete -c vhost-clone -n "__fish_vhost_clone_needs_command" -f -a "create" -d 'Format metadata for a new clone of SOURCE onto DEST (DEST is created if missing)'
 complete -c vhost-clone -n "__fish_vhost_clone_needs_command" -f -a "check" -d 'Validate a clone\'s metadata (and its agreement with source and destination)'
 complete -c vhost-clone -n "__fish_vhost_clone_needs_command" -f -a "dump" -d 'Show which regions are hydrated'
-complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s s -l source -d 'The source image, opened read-only and never written. May be left out once hydration is complete' -r -F
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s s -l source -d 'The source image, opened read-only and never written: a file or block device, or an NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH). May be left out once hydration is complete' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s d -l dest -d 'The destination (created with the source\'s size if missing)' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s m -l metadata -d 'The metadata file [default: DEST.meta]; formatted on first start' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l socket-path -d 'The vhost-user socket to create (mode 0600) [default: DEST.sock]' -r -F
@@ -52,6 +52,8 @@ complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l queue-
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s r -l region-size -d 'Region size for a new clone (power of two, 4K..1G); must match an existing one' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l serial -d 'The disk\'s serial number (GET_ID), at most 20 bytes' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l commit-interval -d 'Seconds between periodic metadata commits (0 disables them)' -r
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l source-timeout -d 'With an NBD source: seconds a source read may wait for the server, reconnecting included, before it fails with an I/O error' -r
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l source-connections -d 'With an NBD source that allows several connections (NBD_FLAG_CAN_MULTI_CONN): how many to open, 1 to 16' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l hydration-threshold -d 'Regions in flight at most for background hydration (0 pauses it; at most 65536)' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l hydration-batch-size -d 'Adjacent regions copied together by background hydration (at most 4096)' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l io-engine -d 'How queues execute reads and writes that need no region copy: `uring` keeps many in flight per queue through io_uring, `sync` does one blocking call at a time; `auto` picks `uring` with --direct and `sync` otherwise' -r -f -a "auto\t'`uring` with --direct, `sync` otherwise'
@@ -98,7 +100,7 @@ debug\t'Also details useful when debugging'
 trace\t'Everything'"
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand message" -s v -l verbose -d 'More logging (-v debug, -vv trace)'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand message" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -s s -l source -d 'The source image (opened read-only, never written)' -r -F
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -s s -l source -d 'The source image (opened read-only, never written): a file or block device, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -s d -l dest -d 'The destination (the clone)' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -s m -l metadata -d 'The metadata file [default: DEST.meta]' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -s r -l region-size -d 'Region size (power of two, 4K..1G), e.g. 64K' -r
@@ -110,7 +112,7 @@ trace\t'Everything'"
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -l force -d 'Overwrite metadata that is already formatted (the clone restarts from scratch)'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -s v -l verbose -d 'More logging (-v debug, -vv trace)'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand check" -s s -l source -d 'The source image (opened read-only, never written)' -r -F
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand check" -s s -l source -d 'The source image (opened read-only, never written): a file or block device, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand check" -s d -l dest -d 'The destination (the clone)' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand check" -s m -l metadata -d 'The metadata file [default: DEST.meta]' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand check" -l log-level -d 'Log level; RUST_LOG overrides it (tracing\'s EnvFilter syntax)' -r -f -a "error\t'Errors only'
@@ -121,7 +123,7 @@ trace\t'Everything'"
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand check" -l json -d 'Print the report as JSON'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand check" -s v -l verbose -d 'More logging (-v debug, -vv trace)'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand check" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand dump" -s s -l source -d 'The source image (opened read-only, never written)' -r -F
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand dump" -s s -l source -d 'The source image (opened read-only, never written): a file or block device, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand dump" -s d -l dest -d 'The destination (the clone)' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand dump" -s m -l metadata -d 'The metadata file [default: DEST.meta]' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand dump" -l log-level -d 'Log level; RUST_LOG overrides it (tracing\'s EnvFilter syntax)' -r -f -a "error\t'Errors only'

@@ -129,8 +129,9 @@ pub enum Command {
 /// Where the three stores are.
 #[derive(Debug, Args, Clone)]
 pub struct Stores {
-    /// The source image (opened read-only, never written).
-    #[arg(long, short = 's')]
+    /// The source image (opened read-only, never written): a file or block
+    /// device, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH).
+    #[arg(long, short = 's', value_name = "PATH|URI")]
     pub source: Option<PathBuf>,
     /// The destination (the clone).
     #[arg(long, short = 'd')]

@@ -56,9 +56,10 @@ use crate::virtio::{self, BlockBackend, IoEngine, ServeOptions, ShutdownSignal, 
 /// `serve` arguments.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The source image, opened read-only and never written. May be left out
-    /// once hydration is complete.
-    #[arg(long, short = 's')]
+    /// The source image, opened read-only and never written: a file or block
+    /// device, or an NBD export (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH). May be left out once hydration is complete.
+    #[arg(long, short = 's', value_name = "PATH|URI")]
     pub source: Option<PathBuf>,
     /// The destination (created with the source's size if missing).
     #[arg(long, short = 'd', required_unless_present = "print_capabilities")]

@@ -119,7 +119,10 @@ fn line(s: &Status) -> String {
         s.last_commit_us,
         if s.hydration_enabled { "on" } else { "off" },
         s.io.errors
-    )
+    ) + match &s.source_remote {
+        Some(n) if n.state != "connected" => ", source reconnecting",
+        _ => "",
+    }
 }
 
 fn full_report(s: &Status) -> String {
@@ -186,6 +189,23 @@ fn full_report(s: &Status) -> String {
             "not attached"
         }
     );
+    if let Some(n) = &s.source_remote {
+        r += &format!(
+            "source connection: {} ({}/{} connections), {} lost, {} failed attempts, {} timeouts, block status {}, timeout {} s{}\n",
+            n.state,
+            n.connections,
+            n.max_connections,
+            n.disconnects,
+            n.failed_attempts,
+            n.timeouts,
+            if n.block_status { "on" } else { "off" },
+            n.timeout_secs,
+            n.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
     let io = &s.io;
     r += &format!(
         "io: {} reads ({} bytes), {} writes ({} bytes), {} flushes, {} discards, {} write-zeroes, {} errors\n",

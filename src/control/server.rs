@@ -105,6 +105,9 @@ pub struct Status {
     /// Metadata blocks the metadata store holds.
     #[serde(default)]
     pub metadata_blocks_total: u64,
+    /// A network (NBD) source's connection state; None for a file source.
+    #[serde(default)]
+    pub source_remote: Option<crate::storage::nbd::RemoteStatus>,
 }
 
 impl Status {
@@ -257,6 +260,7 @@ impl StatusReporter {
             metadata_block_size: BLOCK_SIZE,
             metadata_blocks_used: blocks_used,
             metadata_blocks_total: blocks_total,
+            source_remote: e.source_status(),
         }
     }
 

@@ -391,6 +391,11 @@ impl Engine {
             .fold(0u64, |t, c| t.wrapping_add(f(c).load(Ordering::Acquire)))
     }
 
+    /// The state of a network source (`None` for a file source or none).
+    pub fn source_status(&self) -> Option<crate::storage::nbd::RemoteStatus> {
+        self.source.as_ref()?.remote_status()
+    }
+
     /// Bytes hydration has read from the source.
     pub fn hydration_bytes_read(&self) -> u64 {
         self.hydration_bytes_read.load(Ordering::Relaxed)

@@ -213,6 +213,29 @@ impl Collector for Exporter {
             None,
             flag(s.source_attached),
         )?;
+        if let Some(n) = &s.source_remote {
+            gauge(
+                e,
+                "source_connections",
+                "Connections to the NBD source that are up (0: reconnecting).",
+                None,
+                n.connections as u64,
+            )?;
+            counter(
+                e,
+                "source_disconnects",
+                "Connections to the NBD source lost since start.",
+                None,
+                n.disconnects,
+            )?;
+            counter(
+                e,
+                "source_timeouts",
+                "NBD source requests that got no answer within --source-timeout.",
+                None,
+                n.timeouts,
+            )?;
+        }
         counter(
             e,
             "hydration_source_read",

@@ -132,7 +132,8 @@ pub struct RemoteStatus {
     pub state: String,
     /// Connections up now.
     pub connections: usize,
-    /// Connections wanted.
+    /// Connections wanted: `--source-connections` when the server allows
+    /// several, less those it did not take.
     pub max_connections: usize,
     /// Connections lost since start.
     pub disconnects: u64,
@@ -169,6 +170,8 @@ struct Shared {
     cookie: AtomicU64,
     stop: AtomicBool,
     health: Mutex<Health>,
+    /// Connection slots given up because the server took fewer clients.
+    retired: AtomicUsize,
 }
 
 /// A read-only device served by an NBD server.
@@ -236,6 +239,7 @@ impl Shared {
     /// connection dies, then again with backoff, until the device is dropped.
     fn run_slot(self: &Arc<Self>, slot: usize, mut first: Option<(Stream, Negotiated)>) {
         let mut backoff = BACKOFF_MIN;
+        let mut ever_connected = false;
         while !self.stop.load(Ordering::Acquire) {
             let opened = match first.take() {
                 Some(x) => Ok(x),
@@ -254,6 +258,7 @@ impl Shared {
             match opened {
                 Ok((stream, neg)) => {
                     backoff = BACKOFF_MIN;
+                    ever_connected = true;
                     match Conn::new(slot, stream, neg) {
                         Ok((conn, reader)) => {
                             let conn = Arc::new(conn);
@@ -287,6 +292,14 @@ impl Shared {
                 }
                 Err(e) => {
                     let text = crate::error_chain(&e);
+                    if slot > 0 && !ever_connected {
+                        // The first connection worked a moment ago: the server
+                        // takes fewer clients than asked (qemu-nbd's --shared
+                        // is 1 unless set). Do with the connections it took.
+                        tracing::info!(uri = %self.uri(), connection = slot, error = %text, "the NBD server did not take another connection; using fewer (qemu-nbd: raise --shared)");
+                        self.retired.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
                     {
                         let mut h = lock(&self.health);
                         h.failed_attempts += 1;
@@ -445,6 +458,7 @@ impl NbdDevice {
             cookie: AtomicU64::new(1),
             stop: AtomicBool::new(false),
             health: Mutex::new(Health::default()),
+            retired: AtomicUsize::new(0),
         };
         let (stream, neg) = probe.open_stream()?;
         let want = if neg.info.multi_conn() {
@@ -498,7 +512,7 @@ impl NbdDevice {
             .into(),
             connections,
             max_connections: if s.neg.info.multi_conn() {
-                s.cfg.connections.clamp(1, MAX_CONNECTIONS)
+                s.cfg.connections.clamp(1, MAX_CONNECTIONS) - s.retired.load(Ordering::Relaxed)
             } else {
                 1
             },
