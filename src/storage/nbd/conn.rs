@@ -240,6 +240,17 @@ impl Conn {
     /// Sends `part` under `cookie`; its answer goes to `waiter`'s slot `index`.
     /// Never fails: a dead connection completes the slot with `Disconnected`.
     pub(super) fn send(&self, cookie: u64, part: &Part, waiter: &Arc<Waiter>, index: usize) {
+        if part.kind == PartKind::Status && self.neg.base_allocation.is_none() {
+            // Negotiated per connection: this one has no block status.
+            waiter.complete(
+                index,
+                Err(PartError::Server(ChunkError {
+                    errno: libc::EOPNOTSUPP,
+                    message: "no base:allocation on this connection".into(),
+                })),
+            );
+            return;
+        }
         {
             let mut p = lock(&self.pending);
             if let Some(why) = &p.dead {
