@@ -113,7 +113,7 @@ fn check_store(
         path: path.display().to_string(),
         size: None,
     };
-    match super::stores::open_source(path, false, Default::default()) {
+    match super::stores::open_source(path, false, Default::default(), None) {
         Ok((d, _)) => {
             sr.size = Some(d.size());
             if let Some(g) = geo {

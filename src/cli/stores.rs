@@ -101,20 +101,27 @@ pub fn is_network_source(p: &Path) -> bool {
 }
 
 /// Opens a source read-only: an NBD URI through our client, or a file with a
-/// shared lock. Returns the device and, for a file, its identity.
+/// shared lock. Returns the device and, for a file, its identity. With
+/// `known_size` (an existing clone's), an NBD server that cannot be reached
+/// does not stop the start: see [`NbdDevice::connect_or_defer`].
 pub fn open_source(
     p: &Path,
     direct: bool,
     network: NetworkOptions,
+    known_size: Option<u64>,
 ) -> Result<(Arc<dyn BlockDevice>, Option<FileId>)> {
     if is_network_source(p) {
         let text = p.to_str().unwrap_or_default();
         let uri = NbdUri::parse(text).map_err(|e| CliError::Usage(e.to_string()))?;
-        let dev = NbdDevice::connect(NbdConfig {
+        let cfg = NbdConfig {
             uri,
             timeout: network.timeout,
             connections: network.connections,
-        })
+        };
+        let dev = match known_size {
+            Some(size) => NbdDevice::connect_or_defer(cfg, size),
+            None => NbdDevice::connect(cfg),
+        }
         .map_err(|e| CliError::Refused(format!("source: {}", crate::error_chain(&e))))?;
         return Ok((Arc::new(dev), None));
     }
@@ -200,13 +207,6 @@ impl Stores {
         check_distinct(&roles)?;
 
         let mut created = Vec::new();
-        let (source, source_id) = match &paths.source {
-            Some(p) => {
-                let (d, id) = open_source(p, opts.direct, opts.network)?;
-                (Some(d), id)
-            }
-            None => (None, None),
-        };
         let md_exists = paths.metadata.exists();
         let dest_exists = paths.dest.exists();
         let md = if md_exists {
@@ -244,6 +244,20 @@ impl Stores {
                 }
             }
             _ => MetadataState::New,
+        };
+        // The source: a network source of an existing clone may be down right
+        // now; the clone's size is known, so the daemon can start and serve
+        // what is hydrated while it reconnects.
+        let known_size = match &state {
+            MetadataState::Existing(l) => Some(l.superblock.geometry.device_size()),
+            MetadataState::New => None,
+        };
+        let (source, source_id) = match &paths.source {
+            Some(p) => {
+                let (d, id) = open_source(p, opts.direct, opts.network, known_size)?;
+                (Some(d), id)
+            }
+            None => (None, None),
         };
         let geometry = match &state {
             MetadataState::New => {

@@ -237,6 +237,11 @@ impl Conn {
         ))
     }
 
+    /// True when this connection negotiated `base:allocation`.
+    pub(super) fn has_block_status(&self) -> bool {
+        self.neg.base_allocation.is_some()
+    }
+
     /// Sends `part` under `cookie`; its answer goes to `waiter`'s slot `index`.
     /// Never fails: a dead connection completes the slot with `Disconnected`.
     pub(super) fn send(&self, cookie: u64, part: &Part, waiter: &Arc<Waiter>, index: usize) {

@@ -145,7 +145,7 @@ pub struct RemoteStatus {
     pub last_error: Option<String>,
     /// The request timeout in seconds.
     pub timeout_secs: f64,
-    /// The server offers block status (holes are skipped).
+    /// A connection has block status (holes are skipped).
     pub block_status: bool,
 }
 
@@ -418,11 +418,38 @@ impl Shared {
     }
 }
 
+/// True for failures that say nothing about the export: nobody answered.
+fn unreachable(e: &NbdError) -> bool {
+    matches!(
+        e,
+        NbdError::Connect { .. }
+            | NbdError::Handshake {
+                source: HandshakeError::Io(_),
+                ..
+            }
+    )
+}
+
 impl NbdDevice {
     /// Connects to the server, negotiates, and starts the connection threads
     /// (several when the server allows it). Fails when the first connection
     /// cannot be made: the export's size must be known.
     pub fn connect(cfg: NbdConfig) -> std::result::Result<NbdDevice, NbdError> {
+        Self::open(cfg, None)
+    }
+
+    /// As [`NbdDevice::connect`], but when the server cannot be reached at all
+    /// (connection refused, no socket, a timeout, a connection closed during
+    /// negotiation) and the size is known (an existing clone's), the device
+    /// starts without a connection and one connection thread keeps trying:
+    /// reads wait for it up to the timeout, as during any outage. A server
+    /// that answers and refuses (no such export, TLS required, bad protocol)
+    /// is still an error.
+    pub fn connect_or_defer(cfg: NbdConfig, size: u64) -> std::result::Result<NbdDevice, NbdError> {
+        Self::open(cfg, Some(size))
+    }
+
+    fn open(cfg: NbdConfig, known_size: Option<u64>) -> std::result::Result<NbdDevice, NbdError> {
         let addrs = match &cfg.uri.addr {
             NbdAddr::Tcp { host, port } => {
                 // Resolved once: after start-up the sandbox cannot read
@@ -460,7 +487,37 @@ impl NbdDevice {
             health: Mutex::new(Health::default()),
             retired: AtomicUsize::new(0),
         };
-        let (stream, neg) = probe.open_stream()?;
+        let (stream, neg) = match (probe.open_stream(), known_size) {
+            (Ok(x), _) => x,
+            (Err(e), Some(size)) if unreachable(&e) => {
+                let text = crate::error_chain(&e);
+                tracing::warn!(uri = %probe.uri(), error = %text, "NBD source unreachable at start; serving hydrated regions and reconnecting in the background");
+                let neg = Negotiated {
+                    info: proto::ExportInfo {
+                        size,
+                        flags: 0,
+                        min_block: 1,
+                        pref_block: 4096,
+                        max_block: proto::MAX_READ,
+                    },
+                    structured: false,
+                    base_allocation: None,
+                };
+                {
+                    let mut h = lock(&probe.health);
+                    h.failed_attempts = 1;
+                    h.last_error = Some(text);
+                }
+                let shared = Arc::new(Shared { neg, ..probe });
+                let s = shared.clone();
+                crate::sandbox::spawn(crate::sandbox::ThreadKind::Source, "nbd-0", move || {
+                    s.run_slot(0, None)
+                })
+                .map_err(NbdError::Thread)?;
+                return Ok(NbdDevice { shared });
+            }
+            (Err(e), _) => return Err(e),
+        };
         let want = if neg.info.multi_conn() {
             cfg.connections.clamp(1, MAX_CONNECTIONS)
         } else {
@@ -500,7 +557,10 @@ impl NbdDevice {
     /// The state of the source.
     pub fn status(&self) -> RemoteStatus {
         let s = &self.shared;
-        let connections = lock(&s.live).len();
+        let (connections, conn_status) = {
+            let live = lock(&s.live);
+            (live.len(), live.iter().any(|c| c.has_block_status()))
+        };
         let h = lock(&s.health);
         RemoteStatus {
             uri: s.uri(),
@@ -521,7 +581,7 @@ impl NbdDevice {
             timeouts: h.timeouts,
             last_error: h.last_error.clone(),
             timeout_secs: s.cfg.timeout.as_secs_f64(),
-            block_status: s.neg.base_allocation.is_some(),
+            block_status: conn_status || s.neg.base_allocation.is_some(),
         }
     }
 
@@ -655,9 +715,8 @@ impl BlockDevice for NbdDevice {
 
     fn data_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
         check_range("block-status", offset, len, self.size())?;
-        let Some(_) = self.shared.neg.base_allocation else {
-            return Ok(None);
-        };
+        // Whether a connection has block status is its own: one without it
+        // answers at once, with no network round trip (see Conn::send).
         let mut out: Vec<(u64, u64)> = Vec::new();
         let end = offset + len;
         let mut pos = offset;
