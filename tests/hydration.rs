@@ -153,7 +153,8 @@ fn batches_copy_adjacent_regions_in_one_read() {
             first: 0,
             count: 8,
             holes: 0,
-        } => {}
+            bytes_read,
+        } if bytes_read == 8 * RS => {}
         s => panic!("{s:?}"),
     }
     assert_eq!(src.max_read.load(Ordering::SeqCst), 8 * RS);

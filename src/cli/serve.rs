@@ -123,6 +123,12 @@ pub struct ServeArgs {
     /// Adjacent regions copied together by background hydration (at most 4096).
     #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = parse_batch_size)]
     pub hydration_batch_size: u64,
+    /// Bytes per second background hydration may read from the source, for a source
+    /// shared with others (guest reads are never held back): digits with an optional
+    /// binary K, M, G or T and an optional /s (100M = 100 MiB/s); 0 is unlimited.
+    /// `message hydration-rate RATE` changes it at run time.
+    #[arg(long, value_name = "RATE", default_value = "0", value_parser = crate::engine::throttle::parse_rate)]
+    pub hydration_rate: u64,
     /// Write all-zero source data as holes on the destination.
     #[arg(long)]
     pub detect_zeroes: bool,
@@ -510,6 +516,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         a.hydration_batch_size,
         a.detect_zeroes,
     );
+    ctl.set_rate_limit(a.hydration_rate);
     let hydrator = Some(
         Hydrator::start(&engine, ctl.clone(), HydratorTiming::default())
             .map_err(|e| ServeError::Thread("hydrator", e))?,

@@ -77,7 +77,8 @@ pub struct MessageArgs {
     /// Which daemon.
     #[command(flatten)]
     pub addr: ControlAddr,
-    /// enable-hydration | disable-hydration | hydration-threshold N | hydration-batch-size N
+    /// enable-hydration | disable-hydration | hydration-threshold N | hydration-batch-size N |
+    /// hydration-rate RATE (bytes per second, as serve --hydration-rate; 0 for unlimited)
     #[arg(required = true, num_args = 1..)]
     pub message: Vec<String>,
 }
@@ -174,7 +175,7 @@ fn full_report(s: &Status) -> String {
         s.mode, s.commits, s.commit_failures, s.last_commit_us, s.sequence
     );
     r += &format!(
-        "hydration: {}, threshold {}, batch size {}; discard passdown {}; source {}\n",
+        "hydration: {}, threshold {}, batch size {}, rate limit {}; discard passdown {}; source {}\n",
         if s.hydration_enabled {
             "enabled"
         } else {
@@ -182,6 +183,7 @@ fn full_report(s: &Status) -> String {
         },
         s.hydration_threshold,
         s.hydration_batch_size,
+        crate::engine::throttle::format_rate(s.hydration_rate_limit),
         if s.discard_passdown { "on" } else { "off" },
         if s.source_attached {
             "attached"

@@ -11,7 +11,9 @@
 //!
 //! Messages (dm-clone's, with dashes or underscores, case-insensitive):
 //! `enable-hydration`, `disable-hydration`, `hydration-threshold N`,
-//! `hydration-batch-size N`.
+//! `hydration-batch-size N`; and ours, `hydration-rate RATE` (bytes per
+//! second, 0 unlimited, in [`crate::engine::throttle::parse_rate`]'s grammar,
+//! the same as `serve --hydration-rate`).
 
 mod server;
 
@@ -25,6 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::hydrator::HydrationControl;
+use crate::engine::throttle;
 
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -81,11 +84,14 @@ pub struct Response {
     pub status: Option<Status>,
 }
 
+/// The verbs `apply_message` knows, as its errors list them.
+const VERBS: &str = "enable-hydration, disable-hydration, hydration-threshold N, hydration-batch-size N, hydration-rate RATE";
+
 /// Applies a dm-clone message to the hydration controls.
 pub fn apply_message(ctl: &HydrationControl, args: &[String]) -> Result<String, String> {
     let verb = args
         .first()
-        .ok_or("empty message; verbs: enable-hydration, disable-hydration, hydration-threshold N, hydration-batch-size N")?
+        .ok_or_else(|| format!("empty message; verbs: {VERBS}"))?
         .to_ascii_lowercase()
         .replace('_', "-");
     let number = |what: &str| -> Result<u64, String> {
@@ -127,9 +133,15 @@ pub fn apply_message(ctl: &HydrationControl, args: &[String]) -> Result<String, 
             ctl.set_batch_size(n);
             Ok(format!("hydration batch size {n} regions"))
         }
-        other => Err(format!(
-            "unknown message '{other}'; verbs: enable-hydration, disable-hydration, hydration-threshold N, hydration-batch-size N"
-        )),
+        "hydration-rate" => {
+            let n = match args {
+                [_, v] => throttle::parse_rate(v)?,
+                _ => return Err(format!("{verb} takes exactly one rate (0 for unlimited)")),
+            };
+            ctl.set_rate_limit(n);
+            Ok(format!("hydration rate limit {}", throttle::format_rate(n)))
+        }
+        other => Err(format!("unknown message '{other}'; verbs: {VERBS}")),
     }
 }
 
@@ -177,6 +189,13 @@ mod tests {
         assert_eq!(ctl.threshold(), 9);
         apply_message(&ctl, &args(&["hydration_batch_size", "4"])).unwrap();
         assert_eq!(ctl.batch_size(), 4);
+        assert_eq!(ctl.rate_limit(), 0);
+        let said = apply_message(&ctl, &args(&["Hydration_Rate", "100MiB/s"])).unwrap();
+        assert_eq!(ctl.rate_limit(), 100 << 20);
+        assert_eq!(said, "hydration rate limit 100 MiB/s");
+        apply_message(&ctl, &args(&["hydration-rate", "0"])).unwrap();
+        assert_eq!(ctl.rate_limit(), 0);
+        apply_message(&ctl, &args(&["hydration-rate", "64k"])).unwrap();
         for bad in [
             &["frobnicate"][..],
             &[],
@@ -185,10 +204,16 @@ mod tests {
             &["hydration-threshold", "x"],
             &["hydration-batch-size", "1", "2"],
             &["enable-hydration", "now"],
+            &["hydration-rate"],
+            &["hydration-rate", "fast"],
+            &["hydration-rate", "10MB"],
+            &["hydration-rate", "-1"],
+            &["hydration-rate", "1", "M"],
         ] {
             let e = apply_message(&ctl, &args(bad)).unwrap_err();
             assert!(!e.is_empty());
         }
         assert_eq!(ctl.threshold(), 9);
+        assert_eq!(ctl.rate_limit(), 64 << 10);
     }
 }

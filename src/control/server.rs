@@ -58,6 +58,10 @@ pub struct Status {
     pub hydration_threshold: u64,
     /// `hydration_batch_size` in regions.
     pub hydration_batch_size: u64,
+    /// Bytes per second background hydration may read from the source; 0 is
+    /// unlimited (`hydration-rate`).
+    #[serde(default)]
+    pub hydration_rate_limit: u64,
     /// Discards of hydrated ranges are passed down.
     pub discard_passdown: bool,
     /// Serving without a source.
@@ -243,6 +247,7 @@ impl StatusReporter {
             hydration_enabled: self.ctl.enabled(),
             hydration_threshold: self.ctl.threshold(),
             hydration_batch_size: self.ctl.batch_size(),
+            hydration_rate_limit: self.ctl.rate_limit(),
             discard_passdown: self.discard_passdown,
             source_attached: self.source_attached,
             io: e.counters(),

@@ -13,13 +13,19 @@
 //!   two-phase commit as everything else.
 //! * A failed copy leaves the region unhydrated, is logged, and is retried after
 //!   `retry_delay`.
+//! * With a rate limit (`hydration-rate`, bytes per second, 0 unlimited) it
+//!   paces itself with a [`TokenBucket`]: a batch is capped to what the budget
+//!   holds (at least one region) and waits until the budget allows it; only the
+//!   bytes it read from the source are charged (holes are free). Guest requests,
+//!   including the copies their partial writes need, never wait for it.
 //! * The thread is stopped and joined on drop.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::throttle::{Pace, TokenBucket};
 use super::{Engine, HydrateStep};
 use crate::metadata::Mode;
 
@@ -60,17 +66,20 @@ pub struct HydrationControl {
     threshold: AtomicU64,
     batch_size: AtomicU64,
     detect_zeroes: AtomicBool,
+    /// Bytes per second background hydration may read; 0 is unlimited.
+    rate_limit: AtomicU64,
     wake: (Mutex<bool>, Condvar),
 }
 
 impl HydrationControl {
-    /// New settings.
+    /// New settings, with no rate limit ([`HydrationControl::set_rate_limit`]).
     pub fn new(enabled: bool, threshold: u64, batch_size: u64, detect_zeroes: bool) -> Arc<Self> {
         Arc::new(HydrationControl {
             enabled: AtomicBool::new(enabled),
             threshold: AtomicU64::new(threshold.min(MAX_THRESHOLD)),
             batch_size: AtomicU64::new(batch_size.min(MAX_BATCH_SIZE)),
             detect_zeroes: AtomicBool::new(detect_zeroes),
+            rate_limit: AtomicU64::new(0),
             wake: (Mutex::new(false), Condvar::new()),
         })
     }
@@ -113,6 +122,19 @@ impl HydrationControl {
     /// Write all-zero source data as holes.
     pub fn detect_zeroes(&self) -> bool {
         self.detect_zeroes.load(Ordering::Acquire)
+    }
+
+    /// Bytes per second background hydration may read from the source; 0 is
+    /// unlimited.
+    pub fn rate_limit(&self) -> u64 {
+        self.rate_limit.load(Ordering::Acquire)
+    }
+
+    /// Sets the rate limit (0: unlimited); a hydrator waiting for budget
+    /// wakes up and applies it.
+    pub fn set_rate_limit(&self, bytes_per_second: u64) {
+        self.rate_limit.store(bytes_per_second, Ordering::Release);
+        self.wake();
     }
 
     fn wake(&self) {
@@ -205,6 +227,7 @@ fn run(
     t: HydratorTiming,
 ) {
     let mut announced_done = false;
+    let mut bucket: Option<TokenBucket> = None;
     while !stop.load(Ordering::Acquire) {
         let Some(engine) = weak.upgrade() else { return };
         let md = engine.metadata();
@@ -229,8 +252,22 @@ fn run(
             continue;
         }
         let batch = ctl.batch_size().max(1).min(room);
+        let (rate, now) = (ctl.rate_limit(), Instant::now());
+        let bucket = bucket
+            .get_or_insert_with(|| TokenBucket::new(rate, engine.geometry().region_size(), now));
+        bucket.set_rate(rate, now);
+        let batch = match bucket.pace(batch, now) {
+            Pace::Go(n) => n,
+            Pace::Wait(d) => {
+                drop(engine);
+                // Not longer than idle: the loop re-checks completion and mode.
+                ctl.sleep(d.min(t.idle_delay));
+                continue;
+            }
+        };
         match engine.hydrate_batch(batch, ctl.detect_zeroes()) {
-            Ok(HydrateStep::Hydrated { .. }) => {
+            Ok(HydrateStep::Hydrated { bytes_read, .. }) => {
+                bucket.charge(bytes_read);
                 if engine.ios_in_flight() > 0 {
                     drop(engine);
                     ctl.sleep(t.yield_delay);

@@ -30,6 +30,7 @@ pub mod commit;
 pub mod hydrator;
 pub mod locks;
 pub mod rate;
+pub mod throttle;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -282,6 +283,8 @@ pub enum HydrateStep {
         count: u64,
         /// Of which this many were holes of the source (zeroed, not read).
         holes: u64,
+        /// Bytes read from the source for them (what a rate limit charges).
+        bytes_read: u64,
     },
     /// Every unhydrated region looked at is busy (a guest request holds it).
     Busy,
@@ -951,8 +954,8 @@ impl Engine {
     /// unhydrated) from the source, then marks them. Holes of a sparse source
     /// are zeroed on the destination instead of read; with `detect_zeroes`,
     /// all-zero data read is written as zeroes (a hole) too. Returns the
-    /// number of hole regions.
-    fn copy_run(&self, first: u64, n: u64, detect_zeroes: bool) -> Result<u64> {
+    /// number of hole regions and the bytes read from the source.
+    fn copy_run(&self, first: u64, n: u64, detect_zeroes: bool) -> Result<(u64, u64)> {
         if self.md.mode() != Mode::Rw {
             return Err(EngineError::Metadata(MetadataError::ReadOnly));
         }
@@ -966,7 +969,7 @@ impl Engine {
             None => true,
             Some(ext) => ext.iter().any(|&(x, y)| x < b && a < y),
         };
-        let mut holes = 0;
+        let (mut holes, mut read) = (0, 0);
         let mut buf = Vec::new();
         let mut r = first;
         while r < first + n {
@@ -991,6 +994,7 @@ impl Engine {
                 )?;
                 self.dest_written();
                 bump(&self.hydration_bytes_read, b - a);
+                read += b - a;
             } else if data {
                 // In bounded chunks, whatever the batch size.
                 let mut pos = a;
@@ -999,6 +1003,7 @@ impl Engine {
                     buf.resize(n as usize, 0);
                     src.read_at(&mut buf, pos).map_err(EngineError::Source)?;
                     bump(&self.hydration_bytes_read, n);
+                    read += n;
                     if buf.iter().all(|&x| x == 0) {
                         self.zero_dest(pos, n)?;
                     } else {
@@ -1016,7 +1021,7 @@ impl Engine {
         for r in first..first + n {
             self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
         }
-        Ok(holes)
+        Ok((holes, read))
     }
 
     /// One background hydration step: copies up to `max` adjacent unhydrated
@@ -1043,7 +1048,7 @@ impl Engine {
                 continue;
             }
             let count = guards.len() as u64;
-            let holes = self.copy_run(first, count, detect_zeroes)?;
+            let (holes, bytes_read) = self.copy_run(first, count, detect_zeroes)?;
             drop(guards);
             self.hydration_cursor
                 .store((first + count) % nr, Ordering::Relaxed);
@@ -1052,6 +1057,7 @@ impl Engine {
                 first,
                 count,
                 holes,
+                bytes_read,
             });
         }
         Ok(HydrateStep::Busy)

@@ -201,6 +201,13 @@ impl Collector for Exporter {
         )?;
         gauge(
             e,
+            "hydration_rate_limit",
+            "Bytes per second background hydration may read from the source; 0 is unlimited.",
+            Some(&Unit::Other("bytes_per_second".into())),
+            s.hydration_rate_limit,
+        )?;
+        gauge(
+            e,
             "hydration_enabled",
             "Background hydration is enabled (1) or disabled (0).",
             None,
