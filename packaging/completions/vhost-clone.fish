@@ -56,6 +56,7 @@ complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l source
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l source-connections -d 'With an NBD source that allows several connections (NBD_FLAG_CAN_MULTI_CONN): how many to open, 1 to 16' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l hydration-threshold -d 'Regions in flight at most for background hydration (0 pauses it; at most 65536)' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l hydration-batch-size -d 'Adjacent regions copied together by background hydration (at most 4096)' -r
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l hydration-rate -d 'Bytes per second background hydration may read from the source, for a source shared with others (guest reads are never held back): digits with an optional binary K, M, G or T and an optional /s (100M = 100 MiB/s); 0 is unlimited. `message hydration-rate RATE` changes it at run time' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l io-engine -d 'How queues execute reads and writes that need no region copy: `uring` keeps many in flight per queue through io_uring, `sync` does one blocking call at a time; `auto` picks `uring` with --direct and `sync` otherwise' -r -f -a "auto\t'`uring` with --direct, `sync` otherwise'
 uring\t'io_uring, many requests in flight per queue'
 sync\t'One blocking system call at a time per queue'"
