@@ -177,6 +177,24 @@ fn exit_codes_follow_the_rule() {
                 "4096",
             ),
             case(
+                &["serve", "-s", &src, "-d", &new, "--hydration-rate", "100MB"],
+                2,
+                "not a rate in bytes per second",
+            ),
+            case(
+                &[
+                    "serve",
+                    "-s",
+                    &src,
+                    "-d",
+                    &new,
+                    "--hydration-rate",
+                    "99999999T",
+                ],
+                2,
+                "too large",
+            ),
+            case(
                 &["serve", "-s", &src, "-d", &new, "--io-engine", "fast"],
                 2,
                 "invalid value",
@@ -418,6 +436,12 @@ fn exit_codes_follow_the_rule() {
                 2,
                 "whole number",
             ),
+            case(
+                &["message", "-c", &ctl, "hydration-rate", "fast"],
+                2,
+                "not a rate in bytes per second",
+            ),
+            case(&["message", "-c", &ctl, "hydration-rate", "50M"], 0, ""),
             case(&["message", "-c", &ctl, "disable-hydration"], 0, ""),
             case(&["status", "-c", &ctl], 0, "hydrated: 0/128"),
         ],

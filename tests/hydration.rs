@@ -301,3 +301,79 @@ fn sparse_source_hydrates_reading_only_its_data() {
     let blocks = std::fs::metadata(&dp).unwrap().blocks() * 512;
     assert!(blocks < 64 << 20, "destination allocated {blocks} bytes");
 }
+
+#[test]
+fn a_rate_limit_paces_background_hydration_and_a_message_lifts_it() {
+    const REGION: u64 = 64 << 10;
+    const SIZE: u64 = 24 << 20;
+    const LIMIT: u64 = 8 << 20;
+    let src = Arc::new(SimDevice::from_image(image(SOURCE, SIZE / 512)));
+    let dst = Arc::new(SimDevice::new(SIZE));
+    let geo = Geometry::new(SIZE, REGION).unwrap();
+    let md = Arc::new(SimDevice::from_image(formatted_metadata(&geo)));
+    let eng = Arc::new(engine(src, dst.clone(), md, &geo).unwrap());
+    let ctl = HydrationControl::new(true, 64, 16, false);
+    let msg = |v: &str| {
+        vhost_clone::control::apply_message(&ctl, &["hydration-rate".into(), v.into()]).unwrap()
+    };
+    msg("8M");
+    assert_eq!(ctl.rate_limit(), LIMIT);
+    let t0 = Instant::now();
+    let h = Hydrator::start(&eng, ctl.clone(), HydratorTiming::default()).unwrap();
+
+    // Limited: over a second, at most the limit plus one 100 ms burst (a
+    // tolerant 1.3x), and not absurdly less.
+    std::thread::sleep(Duration::from_secs(1));
+    let read = eng.hydration_bytes_read();
+    let rate = read as f64 / t0.elapsed().as_secs_f64();
+    println!(
+        "hydration at a limit of 8 MiB/s: {:.2} MiB/s",
+        rate / (1 << 20) as f64
+    );
+    assert!(rate <= 1.3 * LIMIT as f64, "{rate} bytes/s over the limit");
+    assert!(
+        rate >= 0.5 * LIMIT as f64,
+        "{rate} bytes/s, far below the limit"
+    );
+
+    // Lowered to one region a second: background hydration nearly stops, the
+    // guest's reads of unhydrated data and partial writes are not held back.
+    msg("64KiB/s");
+    let before = eng.hydration_bytes_read();
+    let t = Instant::now();
+    let mut buf = vec![0u8; 2 << 20];
+    eng.read_at(&mut buf, SIZE - (2 << 20)).unwrap();
+    assert!(buf == image(SOURCE, SIZE / 512)[(SIZE - (2 << 20)) as usize..]);
+    eng.write_at(&write_data(7, SIZE / 512 - 1, 1), SIZE - 512)
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "guest I/O took {:?} under a 64 KiB/s limit",
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let crept = eng.hydration_bytes_read() - before;
+    // What was granted before the message, plus a region or two after it.
+    assert!(
+        crept <= 16 * REGION,
+        "read {crept} bytes at 64 KiB/s in 0.3 s"
+    );
+
+    // Lifted at run time: the rest (more than 13 MiB, over 1.6 s at the old
+    // limit) goes at full speed.
+    msg("0");
+    let t = Instant::now();
+    assert!(wait_until(Duration::from_secs(5), || eng
+        .metadata()
+        .all_hydrated()));
+    let took = t.elapsed();
+    println!("the rest, unlimited: {took:?}");
+    assert!(
+        took < Duration::from_millis(800),
+        "lifting the limit left {took:?}"
+    );
+    drop(h);
+    let mut want = image(SOURCE, SIZE / 512);
+    want[(SIZE - 512) as usize..].copy_from_slice(&write_data(7, SIZE / 512 - 1, 1));
+    assert!(dst.current_image() == want);
+}

@@ -290,6 +290,10 @@ fn a_scraper_sees_the_series_move_with_guest_io_and_hydration() {
     assert_eq!(s0.get("vhost_clone_metadata_mode{mode=\"ro\"}"), 0.0);
     assert_eq!(s0.get("vhost_clone_metadata_mode{mode=\"fail\"}"), 0.0);
     assert_eq!(s0.get("vhost_clone_hydration_rate_bytes_per_second"), 0.0);
+    assert_eq!(
+        s0.get("vhost_clone_hydration_rate_limit_bytes_per_second"),
+        0.0
+    );
     assert_eq!(s0.types["vhost_clone_commit_duration_seconds"], "histogram");
     let build = s0
         .samples
@@ -484,7 +488,16 @@ fn bad_metrics_addresses_are_refused_at_start() {
 #[test]
 fn status_tells_who_and_where_and_has_a_dmsetup_line() {
     let f = files();
-    let d = serve(&f, &["--no-hydration", "--hydration-threshold", "7"]);
+    let d = serve(
+        &f,
+        &[
+            "--no-hydration",
+            "--hydration-threshold",
+            "7",
+            "--hydration-rate",
+            "3MiB/s",
+        ],
+    );
     let s = status_json(&f.ctl);
     assert_eq!(s["pid"].as_u64(), Some(u64::from(d.pid())));
     assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
@@ -523,6 +536,30 @@ fn status_tells_who_and_where_and_has_a_dmsetup_line() {
     assert!(o.status.success());
     let plain = text(&o);
     assert!(plain.contains(&format!("pid {}", d.pid())), "{plain}");
+    // The rate limit, as given and as changed at run time, in all three views.
+    let limit_metric = "vhost_clone_hydration_rate_limit_bytes_per_second";
+    assert_eq!(s["hydration_rate_limit"].as_u64(), Some(3 << 20), "{s}");
+    assert!(plain.contains("rate limit 3 MiB/s;"), "{plain}");
+    assert_eq!(scrape(metrics_addr(&f)).get(limit_metric), (3 << 20) as f64);
+    let o = run(&["message", "-c", ctl, "hydration_rate", "1536k"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        status_json(&f.ctl)["hydration_rate_limit"].as_u64(),
+        Some(1536 << 10)
+    );
+    assert_eq!(
+        scrape(metrics_addr(&f)).get(limit_metric),
+        (1536 << 10) as f64
+    );
+    assert!(text(&run(&["status", "-c", ctl])).contains("rate limit 1536 KiB/s;"));
+    let o = run(&["message", "-c", ctl, "hydration-rate", "0"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        status_json(&f.ctl)["hydration_rate_limit"].as_u64(),
+        Some(0)
+    );
+    assert_eq!(scrape(metrics_addr(&f)).get(limit_metric), 0.0);
+    assert!(text(&run(&["status", "-c", ctl])).contains("rate limit unlimited;"));
     assert!(plain.contains(&format!("(commit {commit})")), "{plain}");
     assert!(plain.contains("metrics: http://127.0.0.1:"), "{plain}");
 
