@@ -374,5 +374,8 @@ mod tests {
             panic!("granted");
         };
         assert_eq!(b.pace(1, t0 - Duration::from_secs(5)), Pace::Wait(d));
+        // Nor later: time is counted from the newest instant seen.
+        assert!(matches!(b.pace(1, t0 + d / 2), Pace::Wait(_)));
+        assert_eq!(b.pace(1, t0 + d), Pace::Go(1));
     }
 }
