@@ -48,8 +48,10 @@ pub const DEFAULT_CONNECTIONS: usize = 4;
 /// Largest `--source-connections`.
 pub const MAX_CONNECTIONS: usize = 16;
 /// Largest part of a read sent as one request; larger reads are split and sent
-/// in parallel over the connections.
-const PART: u64 = 2 << 20;
+/// in parallel over the connections. A background hydration batch (16 regions
+/// of 64 KiB by default) becomes four parts, one per connection, instead of
+/// one request waited for on one connection.
+const PART: u64 = 256 << 10;
 /// Largest range of one block status request.
 const STATUS_SPAN: u64 = 1 << 30;
 /// First and largest pause between reconnect attempts.
@@ -178,6 +180,16 @@ struct Shared {
 #[derive(Debug)]
 pub struct NbdDevice {
     shared: Arc<Shared>,
+    /// The last block status reply, kept for the ranges after it.
+    extents: Mutex<ExtentCache>,
+}
+
+/// Block status runs `(start, end, is_data)` the server gave for `[start, end)`.
+#[derive(Debug, Default)]
+struct ExtentCache {
+    start: u64,
+    end: u64,
+    runs: Vec<(u64, u64, bool)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -514,7 +526,10 @@ impl NbdDevice {
                     s.run_slot(0, None)
                 })
                 .map_err(NbdError::Thread)?;
-                return Ok(NbdDevice { shared });
+                return Ok(NbdDevice {
+                    shared,
+                    extents: Mutex::default(),
+                });
             }
             (Err(e), _) => return Err(e),
         };
@@ -535,7 +550,10 @@ impl NbdDevice {
             )
             .map_err(NbdError::Thread)?;
         }
-        let dev = NbdDevice { shared };
+        let dev = NbdDevice {
+            shared,
+            extents: Mutex::default(),
+        };
         // Wait briefly for the first connection to be published.
         let _ = dev.shared.pick(Instant::now() + Duration::from_secs(5));
         tracing::info!(
@@ -715,13 +733,37 @@ impl BlockDevice for NbdDevice {
 
     fn data_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
         check_range("block-status", offset, len, self.size())?;
-        // Whether a connection has block status is its own: one without it
-        // answers at once, with no network round trip (see Conn::send).
-        let mut out: Vec<(u64, u64)> = Vec::new();
         let end = offset + len;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |a: u64, b: u64| match out.last_mut() {
+            Some(l) if l.1 == a => l.1 = b,
+            _ => out.push((a, b)),
+        };
         let mut pos = offset;
         while pos < end {
-            let n = (end - pos).min(STATUS_SPAN);
+            // The export never changes under a clone, so what the server said
+            // of a range stays true: answer from the last reply while it covers
+            // `pos`, and ask ahead otherwise (hydration walks the disk in order).
+            let hit = {
+                let c = lock(&self.extents);
+                (c.start <= pos && pos < c.end).then(|| {
+                    let stop = c.end.min(end);
+                    for &(a, b, data) in &c.runs {
+                        let (a, b) = (a.max(pos), b.min(stop));
+                        if data && a < b {
+                            push(a, b);
+                        }
+                    }
+                    stop
+                })
+            };
+            if let Some(stop) = hit {
+                pos = stop;
+                continue;
+            }
+            let n = (self.size() - pos).min(STATUS_SPAN);
+            // Whether a connection has block status is its own: one without it
+            // answers at once, with no network round trip (see Conn::send).
             let r = self.shared.run(vec![Part {
                 kind: PartKind::Status,
                 offset: pos,
@@ -729,7 +771,7 @@ impl BlockDevice for NbdDevice {
             }]);
             let runs = match r {
                 Ok(mut v) => match v.pop() {
-                    Some(PartReply::Extents(runs)) => runs,
+                    Some(PartReply::Extents(runs)) if !runs.is_empty() => runs,
                     _ => return Ok(None),
                 },
                 // A server error on block status: every byte may be data (a
@@ -737,19 +779,12 @@ impl BlockDevice for NbdDevice {
                 Err(e) if e.kind() != io::ErrorKind::TimedOut => return Ok(None),
                 Err(e) => return Err(io_err("block-status", pos, n, e)),
             };
-            let Some(last) = runs.last() else {
-                return Ok(None);
+            let covered = runs.last().map_or(pos, |l| l.1);
+            *lock(&self.extents) = ExtentCache {
+                start: pos,
+                end: covered,
+                runs,
             };
-            let stop = last.1;
-            for (a, b, data) in runs {
-                if data {
-                    match out.last_mut() {
-                        Some(l) if l.1 == a => l.1 = b,
-                        _ => out.push((a, b)),
-                    }
-                }
-            }
-            pos = stop;
         }
         Ok(Some(out))
     }
