@@ -11,8 +11,9 @@
 //! * It never copies a region the guest holds (try-lock) or has hydrated (the
 //!   bit is re-checked under the lock), and the bits go through the same
 //!   two-phase commit as everything else.
-//! * A failed copy leaves the region unhydrated, is logged, and is retried after
-//!   `retry_delay`.
+//! * A failed copy leaves the region unhydrated, is logged (once per run of
+//!   failures, and again every 60: a source outage fails every batch), and is
+//!   retried after `retry_delay`; the first success after failures is logged.
 //! * With a rate limit (`hydration-rate`, bytes per second, 0 unlimited) it
 //!   paces itself with a [`TokenBucket`]: a batch is capped to what the budget
 //!   holds (at least one region) and waits until the budget allows it; only the
@@ -227,6 +228,7 @@ fn run(
     t: HydratorTiming,
 ) {
     let mut announced_done = false;
+    let mut failures: u64 = 0;
     let mut bucket: Option<TokenBucket> = None;
     while !stop.load(Ordering::Acquire) {
         let Some(engine) = weak.upgrade() else { return };
@@ -268,6 +270,10 @@ fn run(
         match engine.hydrate_batch(batch, ctl.detect_zeroes()) {
             Ok(HydrateStep::Hydrated { bytes_read, .. }) => {
                 bucket.charge(bytes_read);
+                if failures > 0 {
+                    tracing::info!(failed_batches = failures, "background hydration resumed");
+                    failures = 0;
+                }
                 if engine.ios_in_flight() > 0 {
                     drop(engine);
                     ctl.sleep(t.yield_delay);
@@ -279,7 +285,14 @@ fn run(
             }
             Ok(HydrateStep::Done) => {}
             Err(e) => {
-                tracing::warn!(error = %crate::error_chain(&e), "background hydration failed; retrying later");
+                // A source outage fails every batch until it ends: say so once,
+                // then again every 60 failures, and once more when it resumes.
+                if failures % 60 == 0 {
+                    tracing::warn!(error = %crate::error_chain(&e), failed_batches = failures + 1, "background hydration failed; retrying later");
+                } else {
+                    tracing::debug!(error = %crate::error_chain(&e), "background hydration failed again");
+                }
+                failures += 1;
                 drop(engine);
                 ctl.sleep(t.retry_delay);
             }
