@@ -162,7 +162,9 @@ const MAIN: &[Allow] = &[
 /// Sending requests to an NBD source's server on a connection its thread made
 /// (`write` for unix sockets is in [`BASE`], `sendto` is TCP's), and ending a
 /// connection that stopped answering (`shutdown`): the threads that read the
-/// source (front, hydrator) and the main thread that closes it at exit.
+/// source (front, hydrator), and every thread that may drop the last reference
+/// to the engine, which closes the source (`NBD_CMD_DISC`, `shutdown`): main,
+/// committer, notify (control and metrics have both calls already).
 const NBD_REQUESTS: &[Allow] = &[Any(Sysno::sendto), Any(Sysno::shutdown)];
 
 /// An NBD source's connection threads (`crate::storage::nbd`): connecting to the
@@ -249,12 +251,12 @@ const NOTIFY: &[Allow] = &[
 pub fn kind_table(kind: ThreadKind) -> &'static [&'static [Allow]] {
     match kind {
         ThreadKind::Front => &[FRONT, DISK_IO, NBD_REQUESTS, SPAWN],
-        ThreadKind::Committer => &[COMMITTER, DISK_IO],
+        ThreadKind::Committer => &[COMMITTER, DISK_IO, NBD_REQUESTS],
         ThreadKind::Hydrator => &[HYDRATOR, DISK_IO, NBD_REQUESTS],
         ThreadKind::Control => &[CONTROL, SPAWN],
         ThreadKind::Signals => &[SIGNALS],
         ThreadKind::Metrics => &[METRICS],
-        ThreadKind::Notify => &[NOTIFY],
+        ThreadKind::Notify => &[NOTIFY, NBD_REQUESTS],
         ThreadKind::Main => &[MAIN, DISK_IO, NBD_REQUESTS],
         ThreadKind::Source => &[SOURCE],
     }
