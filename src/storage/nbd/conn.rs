@@ -500,3 +500,224 @@ impl Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CTX: u32 = 5;
+    const OFF: u64 = 1 << 20;
+    const LEN: u32 = 4096;
+    const COOKIE: u64 = 77;
+
+    fn negotiated() -> Negotiated {
+        Negotiated {
+            info: proto::ExportInfo {
+                size: 1 << 30,
+                flags: 0,
+                min_block: 1,
+                pref_block: 4096,
+                max_block: 1 << 20,
+            },
+            structured: true,
+            base_allocation: Some(CTX),
+        }
+    }
+
+    /// One chunk a hostile server may send.
+    #[derive(Debug, Clone)]
+    struct Chunk {
+        magic: u32,
+        flags: u16,
+        kind: u16,
+        cookie: u64,
+        /// Length field as sent (may disagree with the payload).
+        len: u32,
+        payload: Vec<u8>,
+    }
+
+    fn encode(c: &Chunk) -> Vec<u8> {
+        let mut v = c.magic.to_be_bytes().to_vec();
+        if c.magic == proto::SIMPLE_REPLY_MAGIC {
+            v.extend_from_slice(&(c.len % 3).to_be_bytes());
+            v.extend_from_slice(&c.cookie.to_be_bytes());
+        } else {
+            v.extend_from_slice(&c.flags.to_be_bytes());
+            v.extend_from_slice(&c.kind.to_be_bytes());
+            v.extend_from_slice(&c.cookie.to_be_bytes());
+            v.extend_from_slice(&c.len.to_be_bytes());
+        }
+        v.extend_from_slice(&c.payload);
+        v
+    }
+
+    fn chunk() -> impl Strategy<Value = Chunk> {
+        let magic = prop_oneof![
+            8 => Just(proto::STRUCTURED_REPLY_MAGIC),
+            1 => Just(proto::SIMPLE_REPLY_MAGIC),
+            1 => any::<u32>(),
+        ];
+        let kind = prop_oneof![
+            Just(proto::REPLY_TYPE_NONE),
+            Just(proto::REPLY_TYPE_OFFSET_DATA),
+            Just(proto::REPLY_TYPE_OFFSET_HOLE),
+            Just(proto::REPLY_TYPE_BLOCK_STATUS),
+            Just(proto::REPLY_TYPE_ERROR),
+            Just(proto::REPLY_TYPE_ERROR_OFFSET),
+            any::<u16>(),
+        ];
+        let cookie = prop_oneof![9 => Just(COOKIE), 1 => any::<u64>()];
+        let offset = prop_oneof![
+            Just(OFF),
+            (0u64..LEN as u64).prop_map(|d| OFF + d),
+            any::<u64>()
+        ];
+        (
+            magic,
+            0u16..4,
+            kind,
+            cookie,
+            offset,
+            0usize..LEN as usize + 64,
+            any::<u8>(),
+            prop::bool::weighted(0.1),
+        )
+            .prop_map(|(magic, flags, kind, cookie, off, n, fill, lie)| {
+                let mut payload = Vec::new();
+                match kind {
+                    proto::REPLY_TYPE_OFFSET_DATA => {
+                        payload.extend_from_slice(&off.to_be_bytes());
+                        payload.resize(8 + n, fill);
+                    }
+                    proto::REPLY_TYPE_OFFSET_HOLE => {
+                        payload.extend_from_slice(&off.to_be_bytes());
+                        payload.extend_from_slice(&(n as u32).to_be_bytes());
+                    }
+                    proto::REPLY_TYPE_BLOCK_STATUS => {
+                        payload.extend_from_slice(&CTX.to_be_bytes());
+                        for i in 0..(n % 5) {
+                            payload.extend_from_slice(&(n as u32 * i as u32).to_be_bytes());
+                            payload.extend_from_slice(&(fill as u32 & 3).to_be_bytes());
+                        }
+                    }
+                    _ => payload.resize(n % 40, fill),
+                }
+                let len = if lie {
+                    u32::MAX - n as u32
+                } else {
+                    payload.len() as u32
+                };
+                Chunk {
+                    magic,
+                    flags,
+                    kind,
+                    cookie,
+                    len,
+                    payload,
+                }
+            })
+    }
+
+    /// Runs one request against `server` bytes; returns its result.
+    fn against(kind: PartKind, server: &[u8]) -> std::result::Result<PartReply, PartError> {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (conn, reader) = Conn::new(0, Stream::Unix(ours), negotiated()).unwrap();
+        let waiter = Arc::new(Waiter::new(1));
+        let part = Part {
+            kind,
+            offset: OFF,
+            len: LEN,
+        };
+        conn.send(COOKIE, &part, &waiter, 0);
+        let mut theirs = theirs;
+        let mut req = [0u8; proto::REQUEST_LEN];
+        theirs.read_exact(&mut req).unwrap();
+        // The server's bytes, then EOF. A writer thread: the bytes may exceed
+        // the socket buffer.
+        let bytes = server.to_vec();
+        let w = std::thread::spawn(move || {
+            let _ = theirs.write_all(&bytes);
+        });
+        let stop = AtomicBool::new(false);
+        let why = conn.read_replies(reader, &stop);
+        conn.fail_all(&why);
+        w.join().unwrap();
+        let mut st = waiter.lock();
+        st.results[0].take().expect("every request is completed")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1500, .. ProptestConfig::default() })]
+        /// A hostile server's chunks never panic the reader, never leave a
+        /// request without an answer, and a successful read always has
+        /// exactly the requested length.
+        #[test]
+        fn hostile_replies_are_answered_or_refused(chunks in proptest::collection::vec(chunk(), 1..6), status in any::<bool>()) {
+            let bytes: Vec<u8> = chunks.iter().flat_map(encode).collect();
+            let kind = if status { PartKind::Status } else { PartKind::Read };
+            match against(kind, &bytes) {
+                Ok(PartReply::Data(d)) => {
+                    prop_assert!(!status);
+                    prop_assert_eq!(d.len(), LEN as usize);
+                }
+                Ok(PartReply::Extents(x)) => {
+                    prop_assert!(status);
+                    let mut pos = OFF;
+                    for (a, b, _) in x {
+                        prop_assert_eq!(a, pos);
+                        prop_assert!(b > a && b <= OFF + LEN as u64);
+                        pos = b;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn data(off: u64, bytes: &[u8], done: bool) -> Vec<u8> {
+        let mut payload = off.to_be_bytes().to_vec();
+        payload.extend_from_slice(bytes);
+        encode(&Chunk {
+            magic: proto::STRUCTURED_REPLY_MAGIC,
+            flags: if done { proto::REPLY_FLAG_DONE } else { 0 },
+            kind: proto::REPLY_TYPE_OFFSET_DATA,
+            cookie: COOKIE,
+            len: payload.len() as u32,
+            payload,
+        })
+    }
+
+    #[test]
+    fn chunks_in_any_order_make_the_read_and_bad_ones_end_the_connection() {
+        let half = LEN as usize / 2;
+        let mut v = data(OFF + half as u64, &vec![2u8; half], false);
+        v.extend(data(OFF, &vec![1u8; half], true));
+        match against(PartKind::Read, &v) {
+            Ok(PartReply::Data(d)) => {
+                assert!(d[..half].iter().all(|&b| b == 1) && d[half..].iter().all(|&b| b == 2))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Overlap, a gap at DONE, data outside, a foreign cookie.
+        let mut overlap = data(OFF, &vec![1u8; half + 1], false);
+        overlap.extend(data(OFF + half as u64, &vec![2u8; half], true));
+        let gap = data(OFF, &vec![1u8; half], true);
+        let outside = data(OFF + LEN as u64, &[1u8; 16], true);
+        let mut foreign = data(OFF, &vec![1u8; LEN as usize], true);
+        foreign[8..16].copy_from_slice(&(COOKIE + 1).to_be_bytes());
+        for (name, bytes) in [
+            ("overlap", overlap),
+            ("gap", gap),
+            ("outside", outside),
+            ("foreign", foreign),
+        ] {
+            match against(PartKind::Read, &bytes) {
+                Err(PartError::Disconnected(why)) => {
+                    assert!(why.contains("protocol error"), "{name}: {why}")
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
+}
