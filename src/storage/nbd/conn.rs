@@ -10,6 +10,12 @@
 //!   request) ends the connection: the stream can no longer be trusted to be in
 //!   step. The requests it held are completed with `Disconnected` and resent by
 //!   their callers on another connection.
+//! * The connection's sockets are closed by its own thread ([`Conn::close`],
+//!   after [`Conn::fail_all`]), never by a thread that sent a request on it:
+//!   those (the front, the hydrator) may hold the last reference to a dead
+//!   connection, and their seccomp filters allow sending and `shutdown`, not
+//!   what closing may take (std's debug builds check a descriptor with
+//!   `fcntl(F_GETFD)` before closing it).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -203,9 +209,11 @@ struct Pendings {
 #[derive(Debug)]
 pub(super) struct Conn {
     slot: usize,
-    writer: Mutex<Stream>,
-    /// A second handle to shut the socket down without the writer's lock.
-    control: Stream,
+    /// The socket requests are written to; `None` once closed.
+    writer: Mutex<Option<Stream>>,
+    /// A second handle to shut the socket down without the writer's lock;
+    /// `None` once closed.
+    control: Mutex<Option<Stream>>,
     pending: Mutex<Pendings>,
     neg: Negotiated,
     /// Why the connection was ended on purpose (reported instead of the EOF).
@@ -227,8 +235,8 @@ impl Conn {
         Ok((
             Conn {
                 slot,
-                writer: Mutex::new(stream),
-                control,
+                writer: Mutex::new(Some(stream)),
+                control: Mutex::new(Some(control)),
                 pending: Mutex::new(Pendings::default()),
                 neg,
                 killed: Mutex::new(None),
@@ -280,7 +288,12 @@ impl Conn {
             PartKind::Status => proto::CMD_BLOCK_STATUS,
         };
         let req = proto::encode_request(cmd, cookie, part.offset, part.len);
-        let r = lock(&self.writer).write_all(&req);
+        // Closed: `fail_all` ran before, and completed this request (it was
+        // pending then) or `dead` sent it back above.
+        let r = match lock(&self.writer).as_mut() {
+            Some(w) => w.write_all(&req),
+            None => Ok(()),
+        };
         if let Err(e) = r {
             // The reader sees the shutdown and fails everything pending, ours too.
             self.kill(&format!("sending a request failed: {e}"));
@@ -290,13 +303,28 @@ impl Conn {
     /// Ends the connection; its reader stops and its requests are resent.
     pub(super) fn kill(&self, why: &str) {
         lock(&self.killed).get_or_insert_with(|| why.to_string());
-        let _ = self.control.shutdown();
+        self.shutdown();
+    }
+
+    fn shutdown(&self) {
+        if let Some(c) = lock(&self.control).as_ref() {
+            let _ = c.shutdown();
+        }
+    }
+
+    /// Closes the sockets; for the connection's own thread, once its reader
+    /// ended and [`Conn::fail_all`] ran.
+    pub(super) fn close(&self) {
+        drop(lock(&self.writer).take());
+        drop(lock(&self.control).take());
     }
 
     /// Says goodbye (`NBD_CMD_DISC`, best effort) and ends the connection.
     pub(super) fn disconnect(&self) {
         if let Ok(mut w) = self.writer.try_lock() {
-            let _ = w.write_all(&proto::encode_request(proto::CMD_DISC, 0, 0, 0));
+            if let Some(w) = w.as_mut() {
+                let _ = w.write_all(&proto::encode_request(proto::CMD_DISC, 0, 0, 0));
+            }
         }
         self.kill("the source was closed");
     }
@@ -318,7 +346,7 @@ impl Conn {
     pub(super) fn read_replies(&self, mut r: Stream, _stop: &AtomicBool) -> String {
         loop {
             if let Err(why) = self.read_one(&mut r) {
-                let _ = self.control.shutdown();
+                self.shutdown();
                 return lock(&self.killed).clone().unwrap_or(why);
             }
         }

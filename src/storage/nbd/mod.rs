@@ -289,6 +289,7 @@ impl Shared {
                                 self.changed.notify_all();
                             }
                             conn.fail_all(&why);
+                            conn.close();
                             if self.stop.load(Ordering::Acquire) {
                                 return;
                             }
