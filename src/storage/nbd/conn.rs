@@ -222,6 +222,9 @@ pub(super) struct Conn {
 
 type Step = std::result::Result<(), String>;
 
+/// Why a connection is ended when a request on it got no answer in time.
+pub(super) const NO_ANSWER: &str = "a request got no answer within the timeout";
+
 fn proto_err(e: proto::ProtocolError) -> String {
     format!("protocol error from the server: {e}")
 }
@@ -312,6 +315,11 @@ impl Conn {
         }
     }
 
+    /// True when the connection was ended because a request on it timed out.
+    pub(super) fn timed_out(&self) -> bool {
+        lock(&self.killed).as_deref() == Some(NO_ANSWER)
+    }
+
     /// Closes the sockets; for the connection's own thread, once its reader
     /// ended and [`Conn::fail_all`] ran.
     pub(super) fn close(&self) {
@@ -346,8 +354,12 @@ impl Conn {
     pub(super) fn read_replies(&self, mut r: Stream, _stop: &AtomicBool) -> String {
         loop {
             if let Err(why) = self.read_one(&mut r) {
+                // The first reason stands: a kill before this error caused it
+                // (the socket was shut down), one after it is its consequence
+                // (a request sent on the dying connection could not be written).
+                let why = lock(&self.killed).get_or_insert(why).clone();
                 self.shutdown();
-                return lock(&self.killed).clone().unwrap_or(why);
+                return why;
             }
         }
     }

@@ -294,9 +294,15 @@ impl Shared {
                                 return;
                             }
                             tracing::warn!(uri = %self.uri(), connection = slot, error = %why, "NBD source connection lost; reconnecting");
-                            let mut h = lock(&self.health);
-                            h.disconnects += 1;
-                            h.last_error = Some(why);
+                            {
+                                let mut h = lock(&self.health);
+                                h.disconnects += 1;
+                                // Ended for a request's timeout: that request
+                                // recorded the error, with its cause.
+                                if !(conn.timed_out() && h.last_error.is_some()) {
+                                    h.last_error = Some(why);
+                                }
+                            }
                             // Reconnect at once the first time.
                             continue;
                         }
@@ -373,6 +379,9 @@ impl Shared {
         let waiter = Arc::new(Waiter::new(n));
         let mut on: Vec<Option<Arc<Conn>>> = vec![None; n];
         let mut to_send: Vec<usize> = (0..n).collect();
+        // Why a connection this request was on died last: the reason given
+        // when it times out (a server that breaks the protocol every time).
+        let mut last_why: Option<String> = None;
         loop {
             for i in to_send.drain(..) {
                 let conn = self.pick(deadline)?;
@@ -385,6 +394,7 @@ impl Shared {
                 for (i, slot) in st.results.iter_mut().enumerate() {
                     if let Some(Err(PartError::Disconnected(why))) = slot {
                         self.note_error(why);
+                        last_why = Some(std::mem::take(why));
                         *slot = None;
                         to_send.push(i);
                     }
@@ -411,7 +421,7 @@ impl Shared {
                     for (i, r) in w.results.iter().enumerate() {
                         if r.is_none() {
                             if let Some(c) = &on[i] {
-                                c.kill("a request got no answer within the timeout");
+                                c.kill(conn::NO_ANSWER);
                             }
                         }
                     }
@@ -419,8 +429,12 @@ impl Shared {
                     let mut h = lock(&self.health);
                     h.timeouts += 1;
                     let msg = format!(
-                        "the NBD source did not answer within {:?}",
-                        self.cfg.timeout
+                        "the NBD source did not answer within {:?}{}",
+                        self.cfg.timeout,
+                        last_why
+                            .as_ref()
+                            .map(|w| format!(" (last error: {w})"))
+                            .unwrap_or_default()
                     );
                     h.last_error = Some(msg.clone());
                     return Err(io::Error::new(io::ErrorKind::TimedOut, msg));
