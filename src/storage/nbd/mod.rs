@@ -17,7 +17,9 @@
 //!   by then fails with `TimedOut`, and the connection it waited on is dropped
 //!   (a server that answers nothing for that long is treated as gone).
 //! * A lost connection is re-established in the background with backoff, for
-//!   as long as the device lives. Requests it held are sent again on another
+//!   as long as the device lives (at once when it had lasted [`STABLE`]; a
+//!   server that ends every connection soon after negotiating is retried with
+//!   backoff, not in a loop). Requests it held are sent again on another
 //!   connection while their deadline allows (reads are idempotent).
 //! * Every reconnect must find the same export size, or it is refused.
 
@@ -57,6 +59,8 @@ const STATUS_SPAN: u64 = 1 << 30;
 /// First and largest pause between reconnect attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A connection that lasted this long is replaced without a pause when it ends.
+const STABLE: Duration = Duration::from_secs(1);
 
 /// How to reach and use an NBD source.
 #[derive(Debug, Clone)]
@@ -269,10 +273,10 @@ impl Shared {
             };
             match opened {
                 Ok((stream, neg)) => {
-                    backoff = BACKOFF_MIN;
                     ever_connected = true;
                     match Conn::new(slot, stream, neg) {
                         Ok((conn, reader)) => {
+                            let up = Instant::now();
                             let conn = Arc::new(conn);
                             {
                                 let mut live = lock(&self.live);
@@ -303,8 +307,15 @@ impl Shared {
                                     h.last_error = Some(why);
                                 }
                             }
-                            // Reconnect at once the first time.
-                            continue;
+                            // A connection that served a while is replaced at
+                            // once; one the server ended soon after negotiating
+                            // (it drops us, or breaks the protocol at once)
+                            // waits like a failed attempt, so that such a
+                            // server is not hammered with reconnects.
+                            if up.elapsed() >= STABLE {
+                                backoff = BACKOFF_MIN;
+                                continue;
+                            }
                         }
                         Err(e) => self.note_error(&format!("cannot set up a connection: {e}")),
                     }
