@@ -239,10 +239,10 @@ impl Shared {
         };
         stream.set_timeouts(Some(t)).map_err(connect_err)?;
         let mut s = stream;
-        let neg = handshake::negotiate(&mut s, &self.cfg.uri.export).map_err(|source| {
+        let neg = handshake::negotiate(&mut s, &self.cfg.uri.export).map_err(|e| {
             NbdError::Handshake {
                 uri: self.uri(),
-                source,
+                source: explain(e, t),
             }
         })?;
         // Replies are waited for without a socket timeout (deadlines are the
@@ -466,6 +466,29 @@ fn unreachable(e: &NbdError) -> bool {
                 ..
             }
     )
+}
+
+/// A negotiation I/O error in the operator's words: a socket timeout reads as
+/// EAGAIN ("Resource temporarily unavailable"), an early EOF as "failed to
+/// fill whole buffer".
+fn explain(e: HandshakeError, t: Duration) -> HandshakeError {
+    match e {
+        HandshakeError::Io(io)
+            if matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            HandshakeError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the server did not respond within {t:?}"),
+            ))
+        }
+        HandshakeError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => HandshakeError::Io(
+            io::Error::new(io.kind(), "the server closed the connection"),
+        ),
+        e => e,
+    }
 }
 
 impl NbdDevice {
