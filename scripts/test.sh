@@ -17,13 +17,20 @@ mkdir -p target
 # Tools the cargo tests use, installed here so that this script alone works on
 # a fresh machine (qemu-tests/setup.sh installs the boot tests' own, later): systemd-analyze and systemd-socket-activate (tests/systemd.rs;
 # systemd need not be PID 1), zsh and fish (tests/ops_files.rs loads the
-# generated completions), virt-xml-validate and xmllint (tests/libvirt_example.rs).
+# generated completions), virt-xml-validate and xmllint (tests/libvirt_example.rs),
+# NBD servers and tools (tests/nbd_source.rs: nbdkit with its file plugin and
+# delay, error and noextents filters; qemu-nbd from qemu-utils, which
+# qemu-tests/setup.sh later upgrades to QEMU 10; nbdinfo and nbdcopy from
+# libnbd-bin, for checking a server by hand).
 need=()
 command -v systemd-analyze >/dev/null && command -v systemd-socket-activate >/dev/null || need+=(systemd)
 command -v zsh >/dev/null || need+=(zsh)
 command -v fish >/dev/null || need+=(fish)
 command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
 command -v xmllint >/dev/null || need+=(libxml2-utils)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v qemu-nbd >/dev/null || need+=(qemu-utils)
 if [ "${#need[@]}" -gt 0 ]; then
   if ! command -v apt-get >/dev/null; then
     echo "missing packages: ${need[*]} (no apt-get to install them)" >&2
