@@ -410,6 +410,9 @@ impl Conn {
                 Ok(())
             }
             Err(why) => {
+                // Recorded before the request is woken: it may be sent again
+                // on this connection before the reader ends it, and fail.
+                lock(&self.killed).get_or_insert_with(|| why.clone());
                 pend.finish(Err(PartError::Disconnected(why.clone())));
                 Err(why)
             }
