@@ -814,6 +814,40 @@ fn a_hostile_server_gets_a_clear_error_no_garbage_and_no_hang() {
         }));
     }
 
+    // A violation on the first connection, then silence on the next: the
+    // timeout names the violation, and status keeps it.
+    let then_silent = Scripted::start(&dir.path().join("silent"), size, Hello::Full, |conn, r| {
+        Some(if conn == 0 {
+            nbd::data_chunk(
+                r.cookie ^ 1,
+                true,
+                r.offset,
+                &nbd::scripted_bytes(r.offset, r.len as u64),
+            )
+        } else {
+            Vec::new()
+        })
+    });
+    let dev = Arc::new(nbd::connect(&then_silent.uri(), Duration::from_secs(1)));
+    let e = ask(&dev, false).0.unwrap_err();
+    assert!(
+        e.contains("did not answer within 1s") && e.contains("cookie"),
+        "{e}"
+    );
+    wait_until(
+        Duration::from_secs(2),
+        "the silent connection ended",
+        || dev.status().disconnects >= 2,
+    );
+    let st = dev.status();
+    assert!(
+        st.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("cookie"),
+        "{st:?}"
+    );
+
     // Without structured replies: a read answered with more bytes than asked
     // returns the right bytes, and the surplus ends the connection.
     let extra = Scripted::start(&dir.path().join("extra"), size, Hello::Simple, |conn, r| {
