@@ -993,11 +993,26 @@ fn a_server_that_drops_every_connection_is_not_hammered() {
 fn serve_rides_out_the_server_going_away_and_coming_back() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("golden.img");
-    let content = data_file(&file, 8 * MIB);
-    let f = file.to_str().unwrap().to_string();
+    let content = Arc::new(data_file(&file, 8 * MIB));
+    // The same over a unix socket and over TCP (a new connection through the
+    // sandboxed connection threads, with connect's timeout).
+    let threads: Vec<_> = [Addr::Unix(dir.path().join("k.sock")), Addr::free_tcp()]
+        .into_iter()
+        .map(|addr| {
+            let (file, content) = (file.clone(), content.clone());
+            std::thread::spawn(move || rides_out(addr, &file, &content))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+fn rides_out(addr: Addr, file: &Path, content: &[u8]) {
+    let f = file.to_str().unwrap();
     let mut server = Server::nbdkit(
-        Addr::Unix(dir.path().join("k.sock")),
-        &["--filter=delay", "file", &f, "delay-read=200ms"],
+        addr.clone(),
+        &["--filter=delay", "file", f, "delay-read=200ms"],
     );
     let c = clone_dir();
     let mut d = c.serve(
@@ -1009,28 +1024,39 @@ fn serve_rides_out_the_server_going_away_and_coming_back() {
     });
     server.kill();
     let frozen_at = status_json(&c.ctl)["hydrated_regions"].as_u64().unwrap();
-    assert!(frozen_at < 128, "hydrated before the server went away");
-    // The guest: an unhydrated region fails (after the timeout), a hydrated one reads.
-    let mut g = Client::connect(&c.sock);
-    let t = Instant::now();
-    let (ret, _) = g.read(8 * MIB - 65536, 4096);
-    assert!(ret < 0, "a read from a gone source succeeded");
-    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
-    let (ret, got) = g.read(4096, 4096);
-    assert_eq!(ret, 0);
-    assert!(got[..] == content[4096..8192]);
-    // The daemon is alive and answers status, still rw.
-    std::thread::sleep(Duration::from_millis(1200));
-    assert!(d.0.try_wait().unwrap().is_none(), "the daemon exited");
+    assert!(
+        frozen_at < 128,
+        "{addr:?}: hydrated before the server went away"
+    );
+    // Past the timeout of the copy in flight: the daemon is alive and answers
+    // status at once, still rw.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        d.0.try_wait().unwrap().is_none(),
+        "{addr:?}: the daemon exited"
+    );
     let t = Instant::now();
     let s = status_json(&c.ctl);
     assert!(
         t.elapsed() < Duration::from_secs(1),
-        "status took {:?}",
+        "{addr:?}: status took {:?}",
         t.elapsed()
     );
-    assert_eq!(s["mode"], "rw", "{s}");
-    assert_eq!(s["complete"], false, "{s}");
+    assert_eq!(s["mode"], "rw", "{addr:?}: {s}");
+    assert_eq!(s["complete"], false, "{addr:?}: {s}");
+    // The guest: an unhydrated region fails (after the timeout), a hydrated one reads.
+    let mut g = Client::connect(&c.sock);
+    let t = Instant::now();
+    let (ret, _) = g.read(8 * MIB - 65536, 4096);
+    assert!(ret < 0, "{addr:?}: a read from a gone source succeeded");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "{addr:?}: {:?}",
+        t.elapsed()
+    );
+    let (ret, got) = g.read(4096, 4096);
+    assert_eq!(ret, 0);
+    assert!(got[..] == content[4096..8192]);
     // The server comes back (fast now): hydration completes, the guest reads.
     server.set_args(|a| a.retain(|x| x != "--filter=delay" && x != "delay-read=200ms"));
     server.start();
@@ -1042,7 +1068,7 @@ fn serve_rides_out_the_server_going_away_and_coming_back() {
     assert!(d.terminate().success());
     assert!(
         std::fs::read(&c.dst).unwrap() == content,
-        "destination differs"
+        "{addr:?}: destination differs"
     );
 }
 
