@@ -1044,6 +1044,13 @@ fn rides_out(addr: Addr, file: &Path, content: &[u8]) {
     );
     assert_eq!(s["mode"], "rw", "{addr:?}: {s}");
     assert_eq!(s["complete"], false, "{addr:?}: {s}");
+    let remote = &s["source_remote"];
+    assert_eq!(
+        (&remote["state"], &remote["connections"]),
+        (&"reconnecting".into(), &0.into()),
+        "{addr:?}: {s}"
+    );
+    assert!(remote["last_error"].is_string(), "{addr:?}: {s}");
     // The guest: an unhydrated region fails (after the timeout), a hydrated one reads.
     let mut g = Client::connect(&c.sock);
     let t = Instant::now();
@@ -1064,12 +1071,84 @@ fn rides_out(addr: Addr, file: &Path, content: &[u8]) {
     let (ret, got) = g.read(8 * MIB - 65536, 4096);
     assert_eq!(ret, 0);
     assert!(got[..] == content[(8 * MIB - 65536) as usize..(8 * MIB - 61440) as usize]);
+    let remote = status_json(&c.ctl)["source_remote"].clone();
+    assert_eq!(remote["state"], "connected", "{addr:?}: {remote}");
+    assert!(
+        remote["disconnects"].as_u64().unwrap() >= 1,
+        "{addr:?}: {remote}"
+    );
     drop(g);
     assert!(d.terminate().success());
     assert!(
         std::fs::read(&c.dst).unwrap() == content,
         "{addr:?}: destination differs"
     );
+}
+
+#[test]
+fn serve_starts_an_existing_clone_while_its_server_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("golden.img");
+    let content = data_file(&file, 4 * MIB);
+    let other = dir.path().join("other.img");
+    data_file(&other, 8 * MIB);
+    let f = file.to_str().unwrap().to_string();
+    let mut server = Server::nbdkit(Addr::Unix(dir.path().join("k.sock")), &["file", &f]);
+    // Two clones of the export, made while it is up.
+    let (c, c2) = (clone_dir(), clone_dir());
+    for c in [&c, &c2] {
+        let d = c.serve(&server.uri(), &["--no-hydration"]);
+        assert!(d.terminate().success());
+    }
+    server.kill();
+    // The server is down: the clone starts anyway, and says so.
+    let d = c.serve(&server.uri(), &["--source-timeout", "1"]);
+    let s = status_json(&c.ctl);
+    assert_eq!(s["source_remote"]["state"], "reconnecting", "{s}");
+    let mut g = Client::connect(&c.sock);
+    let t = Instant::now();
+    assert!(
+        g.read(MIB, 4096).0 < 0,
+        "a read from a gone source succeeded"
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    // It comes back: the clone hydrates.
+    server.start();
+    c.wait_complete(Duration::from_secs(15));
+    assert_eq!(
+        g.read(MIB, 4096).1[..],
+        content[MIB as usize..MIB as usize + 4096]
+    );
+    drop(g);
+    assert_eq!(status_json(&c.ctl)["source_remote"]["state"], "connected");
+    assert!(d.terminate().success());
+    assert!(
+        std::fs::read(&c.dst).unwrap() == content,
+        "destination differs"
+    );
+    // The other clone starts while the server is down, and the server comes
+    // back with an export of another size: refused; nothing hydrated; the
+    // daemon keeps running.
+    server.kill();
+    let mut d2 = c2.serve(&server.uri(), &["--source-timeout", "1"]);
+    let o = other.to_str().unwrap().to_string();
+    server.set_args(|a| *a.last_mut().unwrap() = o);
+    server.start();
+    wait_until(Duration::from_secs(8), "the other export seen", || {
+        let s = status_json(&c2.ctl);
+        s["source_remote"]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("another export")
+    });
+    let s = status_json(&c2.ctl);
+    assert_eq!(
+        (&s["hydrated_regions"], &s["source_remote"]["state"]),
+        (&0.into(), &"reconnecting".into()),
+        "{s}"
+    );
+    assert!(d2.0.try_wait().unwrap().is_none(), "the daemon exited");
+    assert!(d2.terminate().success());
 }
 
 #[test]
