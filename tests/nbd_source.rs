@@ -1251,3 +1251,38 @@ fn serve_refuses_a_wrong_export_and_an_export_of_another_size_before_writing() {
     );
     assert!(before == after, "a refused start changed the clone");
 }
+
+/// A sequential reader (background hydration) gets its next reads sent ahead:
+/// against a server that takes 300 ms per read, the next read is already
+/// answered when it is asked for, with the right bytes; a read elsewhere
+/// waits the full 300 ms.
+#[test]
+fn sequential_reads_are_sent_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("golden.img");
+    let content = nbd::sparse_file(&file, 16 * MIB, &[(0, 16 * MIB)]);
+    let f = file.to_str().unwrap();
+    let slow = Server::nbdkit(
+        Addr::Unix(dir.path().join("slow.sock")),
+        &["--filter=delay", "file", f, "delay-read=300ms"],
+    );
+    let dev = Arc::new(nbd::connect(&slow.uri(), Duration::from_secs(5)));
+    let at = |off: u64| content[off as usize..(off + MIB) as usize].to_vec();
+    let (r, took) = read(&dev, 0, MIB as usize, Duration::from_secs(5));
+    assert_eq!(r.unwrap(), at(0));
+    assert!(took >= Duration::from_millis(290), "{took:?}");
+    // The caller writes the first megabyte out meanwhile.
+    std::thread::sleep(Duration::from_millis(400));
+    for off in [MIB, 2 * MIB] {
+        let (r, took) = read(&dev, off, MIB as usize, Duration::from_secs(5));
+        assert_eq!(r.unwrap(), at(off));
+        assert!(
+            took < Duration::from_millis(200),
+            "read at {off} took {took:?}"
+        );
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let (r, took) = read(&dev, 9 * MIB, MIB as usize, Duration::from_secs(5));
+    assert_eq!(r.unwrap(), at(9 * MIB));
+    assert!(took >= Duration::from_millis(290), "{took:?}");
+}

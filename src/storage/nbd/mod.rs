@@ -54,6 +54,10 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// of 64 KiB by default) becomes four parts, one per connection, instead of
 /// one request waited for on one connection.
 const PART: u64 = 256 << 10;
+/// Smallest sequential read that sends the next ones ahead.
+const READ_AHEAD_MIN: u64 = 64 << 10;
+/// Reads of a sequential reader sent ahead.
+const READ_AHEAD_DEPTH: usize = 2;
 /// Largest range of one block status request.
 const STATUS_SPAN: u64 = 1 << 30;
 /// First and largest pause between reconnect attempts.
@@ -186,6 +190,8 @@ pub struct NbdDevice {
     shared: Arc<Shared>,
     /// The last block status reply, kept for the ranges after it.
     extents: Mutex<ExtentCache>,
+    /// Sequential read detection and the read sent ahead.
+    ahead: Mutex<ReadAhead>,
 }
 
 /// Block status runs `(start, end, is_data)` the server gave for `[start, end)`.
@@ -386,20 +392,36 @@ impl Shared {
     /// died, until the deadline.
     fn run(&self, parts: Vec<Part>) -> io::Result<Vec<PartReply>> {
         let deadline = Instant::now() + self.cfg.timeout;
-        let n = parts.len();
-        let waiter = Arc::new(Waiter::new(n));
-        let mut on: Vec<Option<Arc<Conn>>> = vec![None; n];
-        let mut to_send: Vec<usize> = (0..n).collect();
+        let mut f = InFlight::new(parts);
+        self.send(&mut f, deadline)?;
+        self.finish(f, deadline)
+    }
+
+    /// Sends the parts of `f` not sent yet, waiting for a connection until
+    /// `deadline` (pass `Instant::now()` not to wait).
+    fn send(&self, f: &mut InFlight, deadline: Instant) -> io::Result<()> {
+        while let Some(&i) = f.to_send.last() {
+            let conn = self.pick(deadline)?;
+            let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
+            conn.send(cookie, &f.parts[i], &f.waiter, i);
+            f.on[i] = Some(conn);
+            f.to_send.pop();
+        }
+        Ok(())
+    }
+
+    /// Waits for every part of `f`, resending those whose connection died,
+    /// until `deadline`.
+    fn finish(&self, mut f: InFlight, deadline: Instant) -> io::Result<Vec<PartReply>> {
+        let n = f.parts.len();
+        let waiter = f.waiter.clone();
         // Why a connection this request was on died last: the reason given
         // when it times out (a server that breaks the protocol every time).
         let mut last_why: Option<String> = None;
         loop {
-            for i in to_send.drain(..) {
-                let conn = self.pick(deadline)?;
-                let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-                conn.send(cookie, &parts[i], &waiter, i);
-                on[i] = Some(conn);
-            }
+            self.send(&mut f, deadline)?;
+            let on = &f.on;
+            let to_send = &mut f.to_send;
             let mut st = waiter.lock();
             loop {
                 for (i, slot) in st.results.iter_mut().enumerate() {
@@ -454,6 +476,38 @@ impl Shared {
             }
         }
     }
+}
+
+/// Parts of one request: sent (or waiting to be sent) and not yet waited for.
+#[derive(Debug)]
+struct InFlight {
+    parts: Vec<Part>,
+    waiter: Arc<Waiter>,
+    /// The connection each part was last sent on.
+    on: Vec<Option<Arc<Conn>>>,
+    /// Parts to send (again).
+    to_send: Vec<usize>,
+}
+
+impl InFlight {
+    fn new(parts: Vec<Part>) -> InFlight {
+        let n = parts.len();
+        InFlight {
+            waiter: Arc::new(Waiter::new(n)),
+            on: vec![None; n],
+            to_send: (0..n).rev().collect(),
+            parts,
+        }
+    }
+}
+
+/// Sequential reads: where the last read ended, and the read sent ahead of
+/// the next one.
+#[derive(Debug, Default)]
+struct ReadAhead {
+    next: u64,
+    /// Reads sent ahead, in order: `(start, end, parts)`.
+    windows: std::collections::VecDeque<(u64, u64, InFlight)>,
 }
 
 /// True for failures that say nothing about the export: nobody answered.
@@ -578,6 +632,7 @@ impl NbdDevice {
                 return Ok(NbdDevice {
                     shared,
                     extents: Mutex::default(),
+                    ahead: Mutex::default(),
                 });
             }
             (Err(e), _) => return Err(e),
@@ -602,6 +657,7 @@ impl NbdDevice {
         let dev = NbdDevice {
             shared,
             extents: Mutex::default(),
+            ahead: Mutex::default(),
         };
         // Wait briefly for the first connection to be published.
         let _ = dev.shared.pick(Instant::now() + Duration::from_secs(5));
@@ -654,34 +710,84 @@ impl NbdDevice {
 
     /// Reads `[offset, offset + buf.len())` (already range-checked) into `buf`,
     /// honouring the server's minimum block size.
-    fn read_into(&self, bufs: &mut [IoSliceMut<'_>], offset: u64, len: u64) -> io::Result<()> {
+    /// Reads the blocks around `[offset, offset + len)` (widened to the
+    /// server's minimum block size): the start of the first and the data of
+    /// each part, in order.
+    fn fetch(&self, offset: u64, len: u64) -> io::Result<(u64, Vec<Vec<u8>>)> {
         let info = &self.shared.neg.info;
         let min = info.min_block.max(1) as u64;
         let start = offset / min * min;
         let end = (offset + len).div_ceil(min) * min;
         let end = end.min(info.size.max(offset + len));
         let part = (info.max_block as u64 / min * min).clamp(min, PART.max(min));
-        let mut parts = Vec::new();
-        let mut pos = start;
-        while pos < end {
-            let n = (end - pos).min(part);
-            parts.push(Part {
-                kind: PartKind::Read,
-                offset: pos,
-                len: n as u32,
-            });
-            pos += n;
+        let split = |mut pos: u64, end: u64| {
+            let mut parts = Vec::new();
+            while pos < end {
+                let n = (end - pos).min(part);
+                parts.push(Part {
+                    kind: PartKind::Read,
+                    offset: pos,
+                    len: n as u32,
+                });
+                pos += n;
+            }
+            parts
+        };
+        let deadline = Instant::now() + self.shared.cfg.timeout;
+        let mut ra = lock(&self.ahead);
+        // The read sent ahead, if it is this one; otherwise ours goes out now
+        // (and what was sent ahead is dropped: the reader went elsewhere).
+        let hit = matches!(ra.windows.front(), Some((s, e, _)) if (*s, *e) == (start, end));
+        let mine = match ra.windows.pop_front() {
+            Some((_, _, f)) if hit => f,
+            _ => {
+                ra.windows.clear();
+                let mut f = InFlight::new(split(start, end));
+                self.shared.send(&mut f, deadline)?;
+                f
+            }
+        };
+        // A sequential reader (background hydration walks the disk in order)
+        // gets its next reads sent now, so the server works on them while the
+        // caller writes this one out. The export never changes, so data read
+        // early is still right; only a live connection is used, never waited for.
+        if hit || (ra.next == start && end - start >= READ_AHEAD_MIN) {
+            let len = end - start;
+            while ra.windows.len() < READ_AHEAD_DEPTH {
+                let from = ra.windows.back().map_or(end, |w| w.1);
+                if from >= info.size {
+                    break;
+                }
+                let to = (from + len).min(info.size);
+                let mut f = InFlight::new(split(from, to));
+                if self.shared.send(&mut f, Instant::now()).is_err() {
+                    break;
+                }
+                ra.windows.push_back((from, to, f));
+            }
         }
-        let replies = self.shared.run(parts)?;
+        ra.next = end;
+        drop(ra);
+        let replies = self.shared.finish(mine, deadline)?;
+        let mut out = Vec::with_capacity(replies.len());
+        for r in replies {
+            let PartReply::Data(data) = r else {
+                return Err(io::Error::other("internal: a read got a status reply"));
+            };
+            out.push(data);
+        }
+        Ok((start, out))
+    }
+
+    /// Reads `[offset, offset + len)` (already range-checked) into `bufs`.
+    fn read_into(&self, bufs: &mut [IoSliceMut<'_>], offset: u64, len: u64) -> io::Result<()> {
+        let (start, parts) = self.fetch(offset, len)?;
         // Scatter: skip (offset - start) bytes, copy len bytes into the iovecs.
         let mut skip = (offset - start) as usize;
         let mut bi = 0;
         let mut bo = 0;
         let mut left = len as usize;
-        for r in replies {
-            let PartReply::Data(data) = r else {
-                return Err(io::Error::other("internal: a read got a status reply"));
-            };
+        for data in parts {
             let mut d = &data[..];
             if skip >= d.len() {
                 skip -= d.len();
