@@ -20,6 +20,9 @@ sabotage() {
 
 # ---- files ------------------------------------------------------------------
 SRC='' DST='' META='' SOCK=''
+# SRC_URI: the source as vhost-clone opens it (serve and check), when it is
+# not the file SRC itself: an NBD URI of a server exporting SRC (case 11).
+SRC_URI=''
 # fresh_files: a new random source image and no destination yet
 fresh_files() {
 	SRC=$D/source.img DST=$D/dest.img META=$D/dest.meta SOCK=$D/disk.sock
@@ -73,7 +76,7 @@ daemon_start() {
 	rm -f "$SOCK"
 	case $BACKEND in
 	vhost-clone)
-		"$VHOST_CLONE" serve --source "$SRC" --dest "$DST" --metadata "$META" \
+		"$VHOST_CLONE" serve --source "${SRC_URI:-$SRC}" --dest "$DST" --metadata "$META" \
 			--socket-path "$SOCK" --num-queues 2 $DAEMON_ARGS $VHOST_CLONE_EXTRA_ARGS > "$log" 2>&1 &
 		;;
 	qsd)
@@ -191,7 +194,7 @@ offline_check() {
 	local rc
 	case $BACKEND in
 	vhost-clone)
-		"$VHOST_CLONE" check --source "$SRC" --dest "$DST" --metadata "$META" > "$D/check.log" 2>&1
+		"$VHOST_CLONE" check --source "${SRC_URI:-$SRC}" --dest "$DST" --metadata "$META" > "$D/check.log" 2>&1
 		rc=$?
 		[ $rc = 0 ] || { tail -20 "$D/check.log"; die "vhost-clone check: exit $rc"; }
 		;;
@@ -203,6 +206,47 @@ offline_check() {
 		;;
 	esac
 	note "offline check ok"
+}
+
+# hydration_state: "HYDRATED TOTAL" (regions) from the running daemon's status.
+# The status contract (vhost-clone only): `status --socket-path SOCK --json`
+# prints JSON with "hydrated_regions": N and "regions": M.
+hydration_state() {
+	local out h t
+	out=$("$VHOST_CLONE" status --socket-path "$SOCK" --json 2>&1) || { echo "status failed: $out" >&2; return 1; }
+	h=$(echo "$out" | grep -o '"hydrated_regions": *[0-9]*' | grep -o '[0-9]*$')
+	t=$(echo "$out" | grep -o '"regions": *[0-9]*' | grep -o '[0-9]*$')
+	[ -n "$h" ] && [ -n "$t" ] || { echo "status without region counts: $out" >&2; return 1; }
+	echo "$h $t"
+}
+
+# wait_hydrated: poll the daemon's status every second, for up to 180 s,
+# until every region is hydrated (cases 5 and 11).
+wait_hydrated() {
+	local t0=$SECONDS st errors=0
+	while :; do
+		if st=$(hydration_state); then
+			[ "${st% *}" = "${st#* }" ] && { note "hydrated ${st% *}/${st#* } regions"; return 0; }
+		else
+			errors=$((errors + 1))
+			[ $errors -ge 5 ] && die "vhost-clone status failed 5 times"
+		fi
+		((SECONDS - t0 > 180)) && die "hydration not complete after 180 s: ${st:-no status}"
+		sleep 1
+	done
+}
+
+# dest_equals_source "OFF:LEN ...": with the daemon stopped, the destination
+# FILE holds the source image's bytes in each span (compared with cmp)
+dest_equals_source() {
+	local s off len
+	for s in $1; do
+		off=${s%%:*} len=${s#*:}
+		cmp -s <(dd if="$SRC" bs=1M iflag=skip_bytes,count_bytes skip=$off count=$len 2> /dev/null) \
+			<(dd if="$DST" bs=1M iflag=skip_bytes,count_bytes skip=$off count=$len 2> /dev/null) ||
+			die "destination differs from the source in unwritten span $off+$len"
+	done
+	note "destination equals the source outside the written zones"
 }
 
 # corrupt OFF: overwrite 512 bytes of what the guest sees at OFF, behind the

@@ -54,6 +54,9 @@ command -v gcc > /dev/null && command -v make > /dev/null && [ -f /usr/lib/x86_6
 command -v dpkg-source > /dev/null || need+=(dpkg-dev)
 command -v xz > /dev/null || need+=(xz-utils)
 command -v zstd > /dev/null || need+=(zstd)
+# NBD servers for case 11: qemu-nbd comes with qemu-utils, nbdkit (and its
+# file plugin) is bookworm's
+command -v nbdkit > /dev/null || need+=(nbdkit)
 if [ ${#need[@]} -gt 0 ]; then
 	apt_update
 	say "installing ${need[*]}"
@@ -174,6 +177,8 @@ QEMU=$(command -v qemu-system-x86_64)
 QSD=$(command -v qemu-storage-daemon)
 QEMU_IMG=$(command -v qemu-img)
 QEMU_IO=$(command -v qemu-io)
+QEMU_NBD=$(command -v qemu-nbd)
+NBDKIT=$(command -v nbdkit)
 KERNEL=$KDIR/vmlinuz
 INITRD=$INITRD
 BUSYBOX=$BB

@@ -2,7 +2,7 @@
 # Case 5 (vhost-clone only): background hydration to completion while the
 # guest runs fio. The guest writes the standard workload and verifies it
 # twice more while the daemon copies the rest of the source. The host waits
-# until every region is hydrated (see wait_hydrated), stops the daemon, and
+# until every region is hydrated (wait_hydrated in lib.sh), stops the daemon, and
 # then: `vhost-clone check` passes; the source is unchanged; the destination
 # FILE ALONE equals source-with-guest-writes: the spans the guest never wrote
 # are compared byte for byte with the source on the host, and the written
@@ -11,24 +11,6 @@
 # Sabotage: overwrite 512 bytes of zone A in the destination file after the
 # daemon stopped.
 BACKENDS="vhost-clone"
-
-# wait_hydrated: poll the daemon's status until hydrated == total regions.
-#   $VHOST_CLONE status --socket-path SOCK --json (the control socket is SOCK.ctl)
-# prints JSON with "hydrated_regions": N and "regions": M.
-wait_hydrated() {
-	local t0=$SECONDS out h t errors=0
-	while :; do
-		if ! out=$("$VHOST_CLONE" status --socket-path "$SOCK" --json 2>&1); then
-			errors=$((errors + 1))
-			[ $errors -ge 5 ] && die "vhost-clone status failed 5 times: $out"
-		fi
-		h=$(echo "$out" | grep -o '"hydrated_regions": *[0-9]*' | grep -o '[0-9]*$')
-		t=$(echo "$out" | grep -o '"regions": *[0-9]*' | grep -o '[0-9]*$')
-		[ -n "$h" ] && [ -n "$t" ] && [ "$h" = "$t" ] && { note "hydrated $h/$t regions"; return 0; }
-		((SECONDS - t0 > 180)) && die "hydration not complete after 180 s: $out"
-		sleep 1
-	done
-}
 
 run_case() {
 	fresh_files
@@ -48,14 +30,7 @@ GUEST
 	source_unchanged
 	sabotage "overwrite 512 bytes of zone A in the destination file" corrupt $((ZA_OFF + 4096 * 1000 + 512))
 	# the destination alone: unwritten spans equal the source, byte for byte
-	local s off len
-	for s in $UNTOUCHED_SPANS $ZD_OFF:$ZD_LEN $ZM_OFF:$ZM_LEN; do
-		off=${s%%:*} len=${s#*:}
-		cmp -s <(dd if="$SRC" bs=1M iflag=skip_bytes,count_bytes skip=$off count=$len 2> /dev/null) \
-			<(dd if="$DST" bs=1M iflag=skip_bytes,count_bytes skip=$off count=$len 2> /dev/null) ||
-			die "destination differs from the source in unwritten span $off+$len"
-	done
-	note "destination equals the source outside the written zones"
+	dest_equals_source "$UNTOUCHED_SPANS $ZD_OFF:$ZD_LEN $ZM_OFF:$ZM_LEN"
 	# ... and holds the guest's writes: serve the bare file with QSD, verify
 	local dst=$DST
 	"$QSD" --blockdev driver=file,node-name=f,filename="$dst" \
