@@ -8,6 +8,10 @@
 //! aio=io_uring) on the same files, and alternates them case by case, round by round,
 //! so that the noise of a shared machine hits all of them alike. Ratios are ours
 //! divided by the better QSD of the same round.
+//!
+//! With `--nbd-source unix|tcp` the clone cases read their source through an NBD
+//! server the tool starts (qemu-nbd on the source image, issue 14): ours opens the
+//! export with its own NBD client, QSD's qcow2 overlay has an `nbd` node as backing.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -92,6 +96,16 @@ struct Args {
     /// copy no page-cache data on tmpfs: shows how much of the cost is the copy itself.
     #[arg(long)]
     sparse_source: bool,
+    /// Serve the source through an NBD server instead of as a file (issue 14):
+    /// the tool starts `qemu-nbd --read-only --shared=16` on the source image over a
+    /// unix socket (`unix`) or TCP on 127.0.0.1 (`tcp`). The clone cases then read
+    /// unhydrated regions over NBD: ours with `--source nbd+unix://...` (or `nbd://`),
+    /// QSD with its qcow2 overlay's backing an `nbd` blockdev node on the same export.
+    #[arg(long, value_name = "unix|tcp", value_parser = ["unix", "tcp"])]
+    nbd_source: Option<String>,
+    /// The qemu-nbd binary (with --nbd-source).
+    #[arg(long, default_value = "qemu-nbd")]
+    qemu_nbd: PathBuf,
 }
 
 // ---------------------------------------------------------------- cases
@@ -222,6 +236,7 @@ fn cases(a: &Args, direct: bool) -> Vec<Case> {
             Some(1.0),
         ),
         c("clone-randread-4k", Read, 4096, q, d, Rand, Clone, None),
+        c("clone-randread-4k-qd1", Read, 4096, 1, 1, Rand, Clone, None),
         c(
             "clone-flush-4k",
             WriteFlush,
@@ -272,6 +287,121 @@ struct Ctx {
     clone_meta: PathBuf,
     ovl: PathBuf,
     sock: PathBuf,
+    /// With --nbd-source: the server exporting `src`.
+    nbd: Option<NbdServer>,
+}
+
+impl Ctx {
+    /// The clone's source as our daemon and `qemu-img create -b` name it.
+    fn source_arg(&self) -> std::ffi::OsString {
+        match &self.nbd {
+            Some(n) => n.uri.clone().into(),
+            None => self.src.clone().into(),
+        }
+    }
+}
+
+/// The NBD server of --nbd-source: qemu-nbd exporting the source image read-only.
+struct NbdServer {
+    child: Child,
+    /// How it was reached: "unix" or "tcp".
+    kind: String,
+    /// The URI our daemon and qemu-img use.
+    uri: String,
+    /// QSD's `--blockdev` options for the same export (without node-name).
+    qsd_opts: String,
+}
+
+impl NbdServer {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| die(format!("no free TCP port: {e}")))
+}
+
+/// Starts qemu-nbd on the source image (which must exist): read-only, persistent
+/// (one client after another), 16 clients at once (so it offers multi-conn), export
+/// "src", qemu-nbd's default cache (the page cache). Returns once it accepts.
+fn start_nbd(c: &Ctx, kind: &str) -> NbdServer {
+    let mut cmd = Command::new(&c.a.qemu_nbd);
+    cmd.args([
+        "--read-only",
+        "--persistent",
+        "--shared=16",
+        "--format=raw",
+        "--export-name=src",
+    ]);
+    let sock = c.dir.join("nbd.sock");
+    let port = if kind == "tcp" { free_port() } else { 0 };
+    let (uri, qsd_opts) = if kind == "tcp" {
+        cmd.arg("--bind=127.0.0.1").arg(format!("--port={port}"));
+        (
+            format!("nbd://127.0.0.1:{port}/src"),
+            format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=src,read-only=on"),
+        )
+    } else {
+        rm(&sock);
+        cmd.arg(format!("--socket={}", sock.display()));
+        (
+            format!("nbd+unix:///src?socket={}", sock.display()),
+            format!(
+                "driver=nbd,server.type=unix,server.path={},export=src,read-only=on",
+                sock.display()
+            ),
+        )
+    };
+    cmd.arg(&c.src);
+    let log = c.dir.join("qemu-nbd.log");
+    let logf = File::create(&log).unwrap_or_else(|e| die(format!("{}: {e}", log.display())));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf)
+        .spawn()
+        .unwrap_or_else(|e| die(format!("spawn {cmd:?}: {e}")));
+    if let Ok(mut v) = CHILDREN.lock() {
+        v.push(child.id());
+    }
+    let t0 = Instant::now();
+    loop {
+        let up = if kind == "tcp" {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        } else {
+            UnixStream::connect(&sock).is_ok()
+        };
+        if up {
+            break;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            die(format!("qemu-nbd exited with {st}; see {}", log.display()));
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            die("qemu-nbd did not accept within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    NbdServer {
+        child,
+        kind: kind.to_string(),
+        uri,
+        qsd_opts,
+    }
+}
+
+fn stop_nbd(mut n: NbdServer) {
+    if let Ok(mut v) = CHILDREN.lock() {
+        v.retain(|p| *p != n.child.id());
+    }
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(n.child.id() as i32, libc::SIGTERM) };
+    let _ = n.child.wait();
 }
 
 /// Daemons started and not yet stopped: `die` ends them, so an error leaves none behind.
@@ -463,7 +593,7 @@ fn start_ours(c: &Ctx, target: Target, nq: usize) -> Daemon {
             rm(&c.clone);
             rm(&c.clone_meta);
             cmd.arg("--source")
-                .arg(&c.src)
+                .arg(c.source_arg())
                 .arg("--dest")
                 .arg(&c.clone)
                 .arg("--metadata")
@@ -507,16 +637,21 @@ fn start_qsd(c: &Ctx, b: Backend, target: Target, nq: usize) -> Daemon {
             run_cmd(
                 Command::new("qemu-img")
                     .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                    .arg(&c.src)
+                    .arg(c.source_arg())
                     .arg("-o")
                     .arg(format!("cluster_size={}", c.a.region_size))
                     .arg(&c.ovl)
                     .arg(c.size.to_string()),
             );
-            cmd.arg("--blockdev").arg(format!(
-                "driver=file,node-name=bf,filename={},read-only=on,cache.direct={cd},aio={aio}",
-                c.src.display()
-            ));
+            cmd.arg("--blockdev").arg(match &c.nbd {
+                // The backing is the NBD export itself (QEMU's NBD client: one
+                // connection; it has no multi-conn).
+                Some(n) => format!("{},node-name=bf", n.qsd_opts),
+                None => format!(
+                    "driver=file,node-name=bf,filename={},read-only=on,cache.direct={cd},aio={aio}",
+                    c.src.display()
+                ),
+            });
             cmd.arg("--blockdev").arg(format!(
                 "driver=file,node-name=of,filename={},cache.direct={cd},aio={aio}",
                 c.ovl.display()
@@ -802,6 +937,8 @@ struct RunResult {
     flushes: Option<u64>,
     /// Ours only: regions hydrated at the end of the run (clone cases).
     hydrated: Option<u64>,
+    /// With --nbd-source: CPU seconds qemu-nbd used during the run.
+    nbd_server_cpu_s: Option<f64>,
 }
 
 fn measure(c: &Ctx, d: &Daemon, case: &Case, b: Backend, round: usize) -> RunResult {
@@ -834,6 +971,7 @@ fn measure(c: &Ctx, d: &Daemon, case: &Case, b: Backend, round: usize) -> RunRes
     });
     let s0 = d.ctl.as_deref().and_then(|p| ours_status(c, p));
     let load = load1();
+    let srv0 = c.nbd.as_ref().map(|n| proc_cpu(n.pid()));
     let cpu0 = proc_cpu(d.pid());
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(c.seconds);
@@ -866,6 +1004,7 @@ fn measure(c: &Ctx, d: &Daemon, case: &Case, b: Backend, round: usize) -> RunRes
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let cpu1 = proc_cpu(d.pid());
+    let srv1 = c.nbd.as_ref().map(|n| proc_cpu(n.pid()));
     let s1 = d.ctl.as_deref().and_then(|p| ours_status(c, p));
     drop(blk);
     let mut lat: Vec<u32> = Vec::new();
@@ -920,6 +1059,7 @@ fn measure(c: &Ctx, d: &Daemon, case: &Case, b: Backend, round: usize) -> RunRes
         commits: delta(&|v| v["commits"].as_u64()),
         flushes: delta(&|v| v["io"]["flushes"].as_u64()),
         hydrated: get(&s1, &|v| v["hydrated_regions"].as_u64()),
+        nbd_server_cpu_s: srv0.zip(srv1).map(|(a, b)| b - a),
     }
 }
 
@@ -1365,7 +1505,7 @@ fn main() {
     let daemon_sum = sh(&format!("sha256sum {} | cut -c1-16", private.display()));
     let daemon_orig = daemon.clone();
     let daemon = private;
-    let c = Ctx {
+    let mut c = Ctx {
         src: dir.join("src.img"),
         dest: dir.join("dest.img"),
         dest_meta: dir.join("dest.meta"),
@@ -1373,6 +1513,7 @@ fn main() {
         clone_meta: dir.join("clone.meta"),
         ovl: dir.join("ovl.qcow2"),
         sock: dir.join("vc.sock"),
+        nbd: None,
         a: a.clone(),
         dir: dir.clone(),
         own_dir,
@@ -1395,6 +1536,7 @@ fn main() {
         "dir": dir.display().to_string(),
         "fs": sh(&format!("df -T {} | tail -1 | awk '{{print $2}}'", dir.display())),
         "direct": direct,
+        "nbd_source": a.nbd_source,
     });
     println!(
         "# vcbench {date}\ndaemon {} (built {}, main HEAD {})\nmachine: {} cores, kernel {}, cpu {}; dir {} ({}), O_DIRECT {}\nsize {} MiB, {} rounds x {} s, {} queues x QD{}, region {} B\nload average at start: {}",
@@ -1453,6 +1595,18 @@ fn main() {
         } else {
             make_source(&c);
         }
+        if let Some(kind) = &a.nbd_source {
+            let n = start_nbd(&c, kind);
+            println!(
+                "\nsource of the clone cases: NBD, qemu-nbd (pid {}) over {} at {}; ours: --source {}, QSD: qcow2 overlay with backing {}",
+                n.pid(),
+                n.kind,
+                n.uri,
+                n.uri,
+                n.qsd_opts
+            );
+            c.nbd = Some(n);
+        }
         println!("\n### Runs (in the order run)\n");
         println!("| round | case | backend | IOPS | MiB/s | p50 us | p99 us | CPU s | CPU s/Mreq | load1 | note |");
         println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
@@ -1479,6 +1633,9 @@ fn main() {
                         if let Some(h) = res.hydrated {
                             note += &format!("hydrated {h} ");
                         }
+                        if let Some(s) = res.nbd_server_cpu_s {
+                            note += &format!("qemu-nbd CPU {s:.2} s ");
+                        }
                     }
                     println!(
                         "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} |",
@@ -1498,6 +1655,9 @@ fn main() {
                 }
             }
         }
+    }
+    if let Some(n) = c.nbd.take() {
+        stop_nbd(n);
     }
     let sum = summarize(&all, &cs, rounds);
     if !all.is_empty() {
