@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::lock::{self, FileId, LockError, LockKind};
-use super::{check_range, iov_len, BlockDevice, IoFd, Result, StorageError};
+use super::{check_range, io_err, iov_len, BlockDevice, IoFd, Result, StorageError};
 
 /// `BLKDISCARD` from `<linux/fs.h>`: `_IO(0x12, 119)`.
 const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -127,7 +127,7 @@ impl FileDevice {
         }
         self.file
             .set_len(len)
-            .map_err(|e| Self::io_err("grow", 0, len, e))?;
+            .map_err(|e| io_err("grow", 0, len, e))?;
         self.size = len;
         Ok(())
     }
@@ -149,15 +149,6 @@ impl FileDevice {
 
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
-    }
-
-    fn io_err(op: &'static str, offset: u64, len: u64, source: io::Error) -> StorageError {
-        StorageError::Io {
-            op,
-            offset,
-            len,
-            source,
-        }
     }
 
     fn check_write(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
@@ -312,9 +303,9 @@ impl BlockDevice for FileDevice {
                 &mut bounce.as_mut_slice()[..round_up_direct(avail)],
                 start,
             )
-            .map_err(|e| Self::io_err("read", offset, len, e))?;
+            .map_err(|e| io_err("read", offset, len, e))?;
             if got < head + buf.len() {
-                return Err(Self::io_err(
+                return Err(io_err(
                     "read",
                     offset,
                     len,
@@ -326,7 +317,7 @@ impl BlockDevice for FileDevice {
         }
         self.file
             .read_exact_at(buf, offset)
-            .map_err(|e| Self::io_err("read", offset, len, e))
+            .map_err(|e| io_err("read", offset, len, e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -341,25 +332,25 @@ impl BlockDevice for FileDevice {
                 let mut bounce = AlignedBuf::zeroed(round_up_direct(head + buf.len()));
                 let blen = bounce.len();
                 read_full(&self.file, bounce.as_mut_slice(), start)
-                    .map_err(|e| Self::io_err("write", offset, len, e))?;
+                    .map_err(|e| io_err("write", offset, len, e))?;
                 bounce.as_mut_slice()[head..head + buf.len()].copy_from_slice(buf);
                 let end = (start + blen as u64).min(self.size.next_multiple_of(512));
                 let wlen = (end - start) as usize;
                 return self
                     .file
                     .write_all_at(&bounce.as_slice()[..wlen], start)
-                    .map_err(|e| Self::io_err("write", offset, len, e));
+                    .map_err(|e| io_err("write", offset, len, e));
             }
             let mut bounce = AlignedBuf::zeroed(buf.len());
             bounce.as_mut_slice().copy_from_slice(buf);
             return self
                 .file
                 .write_all_at(bounce.as_slice(), offset)
-                .map_err(|e| Self::io_err("write", offset, len, e));
+                .map_err(|e| io_err("write", offset, len, e));
         }
         self.file
             .write_all_at(buf, offset)
-            .map_err(|e| Self::io_err("write", offset, len, e))
+            .map_err(|e| io_err("write", offset, len, e))
     }
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
@@ -376,10 +367,9 @@ impl BlockDevice for FileDevice {
         let mut bufs = bufs;
         let mut off = offset;
         while !bufs.is_empty() {
-            let n =
-                preadv(self.fd(), bufs, off).map_err(|e| Self::io_err("read", offset, len, e))?;
+            let n = preadv(self.fd(), bufs, off).map_err(|e| io_err("read", offset, len, e))?;
             if n == 0 {
-                return Err(Self::io_err(
+                return Err(io_err(
                     "read",
                     offset,
                     len,
@@ -408,10 +398,9 @@ impl BlockDevice for FileDevice {
         let mut rest: &mut [IoSlice<'_>] = &mut owned;
         let mut off = offset;
         while !rest.is_empty() {
-            let n =
-                pwritev(self.fd(), rest, off).map_err(|e| Self::io_err("write", offset, len, e))?;
+            let n = pwritev(self.fd(), rest, off).map_err(|e| io_err("write", offset, len, e))?;
             if n == 0 {
-                return Err(Self::io_err(
+                return Err(io_err(
                     "write",
                     offset,
                     len,
@@ -428,9 +417,7 @@ impl BlockDevice for FileDevice {
         if self.read_only {
             return Ok(());
         }
-        self.file
-            .sync_data()
-            .map_err(|e| Self::io_err("flush", 0, 0, e))
+        self.file.sync_data().map_err(|e| io_err("flush", 0, 0, e))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -456,7 +443,7 @@ impl BlockDevice for FileDevice {
                 self.discard_ok.store(false, Ordering::Relaxed);
                 Err(StorageError::Unsupported { op: "discard" })
             }
-            Err(e) => Err(Self::io_err("discard", offset, len, e)),
+            Err(e) => Err(io_err("discard", offset, len, e)),
         }
     }
 
@@ -497,7 +484,7 @@ impl BlockDevice for FileDevice {
         match r {
             Ok(()) => Ok(()),
             Err(e) if is_unsupported(&e) => self.write_zero_buffers(offset, len),
-            Err(e) => Err(Self::io_err("write-zeroes", offset, len, e)),
+            Err(e) => Err(io_err("write-zeroes", offset, len, e)),
         }
     }
 
@@ -516,7 +503,7 @@ impl BlockDevice for FileDevice {
     fn data_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
         check_range("seek", offset, len, self.size)?;
         self.data_extents_impl(offset, len)
-            .map_err(|e| Self::io_err("seek", offset, len, e))
+            .map_err(|e| io_err("seek", offset, len, e))
     }
 }
 

@@ -123,6 +123,16 @@ impl StorageError {
     }
 }
 
+/// An I/O error of `op` on `[offset, offset + len)`.
+pub(crate) fn io_err(op: &'static str, offset: u64, len: u64, source: io::Error) -> StorageError {
+    StorageError::Io {
+        op,
+        offset,
+        len,
+        source,
+    }
+}
+
 /// Result type of the storage layer.
 pub type Result<T> = std::result::Result<T, StorageError>;
 

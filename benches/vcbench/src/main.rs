@@ -360,15 +360,7 @@ fn start_nbd(c: &Ctx, kind: &str) -> NbdServer {
     cmd.arg(&c.src);
     let log = c.dir.join("qemu-nbd.log");
     let logf = File::create(&log).unwrap_or_else(|e| die(format!("{}: {e}", log.display())));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().unwrap())
-        .stderr(logf)
-        .spawn()
-        .unwrap_or_else(|e| die(format!("spawn {cmd:?}: {e}")));
-    if let Ok(mut v) = CHILDREN.lock() {
-        v.push(child.id());
-    }
+    let mut child = spawn_logged(&mut cmd, logf);
     let t0 = Instant::now();
     loop {
         let up = if kind == "tcp" {
@@ -541,11 +533,10 @@ impl Daemon {
     }
 }
 
-fn spawn(cmd: &mut Command, sock: &Path, log: &Path) -> Daemon {
-    rm(sock);
-    let logf = File::options().create(true).append(true).open(log).unwrap();
-    let t0 = Instant::now();
-    let mut child = cmd
+/// Starts `cmd` with stdout and stderr into `logf`, remembered for the
+/// clean-up of children on exit.
+fn spawn_logged(cmd: &mut Command, logf: File) -> std::process::Child {
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(logf.try_clone().unwrap())
         .stderr(logf)
@@ -554,6 +545,14 @@ fn spawn(cmd: &mut Command, sock: &Path, log: &Path) -> Daemon {
     if let Ok(mut v) = CHILDREN.lock() {
         v.push(child.id());
     }
+    child
+}
+
+fn spawn(cmd: &mut Command, sock: &Path, log: &Path) -> Daemon {
+    rm(sock);
+    let logf = File::options().create(true).append(true).open(log).unwrap();
+    let t0 = Instant::now();
+    let mut child = spawn_logged(cmd, logf);
     loop {
         if UnixStream::connect(sock).is_ok() {
             break;
