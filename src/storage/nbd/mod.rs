@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 pub use handshake::{HandshakeError, Negotiated};
 pub use uri::{is_nbd_uri, NbdAddr, NbdUri, UriError};
 
-use super::{check_range, BlockDevice, Result, StorageError};
+use super::{check_range, io_err, BlockDevice, Result, StorageError};
 use conn::{Conn, Part, PartError, PartKind, PartReply, Stream, Waiter};
 
 /// Default of `--source-timeout`.
@@ -824,15 +824,6 @@ impl Drop for NbdDevice {
             c.disconnect();
         }
         s.changed.notify_all();
-    }
-}
-
-fn io_err(op: &'static str, offset: u64, len: u64, source: io::Error) -> StorageError {
-    StorageError::Io {
-        op,
-        offset,
-        len,
-        source,
     }
 }
 
