@@ -7,6 +7,7 @@
 //!   has exactly the fields of QEMU's vhost-user.json schema
 //!   (`VhostUserBackend`) and agrees with `--print-capabilities`, whose
 //!   features are all of the schema's block features.
+//! * the release build links no test-only crate (`cargo tree -e normal`).
 
 #[path = "binary/mod.rs"]
 mod binary;
@@ -357,5 +358,33 @@ fn zsh_and_fish_accept_their_completions() {
         assert!(out.starts_with("--read-only\t"), "{out}");
     } else {
         eprintln!("fish not installed: its completion is not checked");
+    }
+}
+
+/// What ships in the release binary has no test machinery: the simulated
+/// device's random generators come only with the `test-utils` feature.
+#[test]
+fn the_release_build_links_no_test_only_crate() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["tree", "-e", "normal", "--prefix", "none", "--offline"])
+        .args([
+            "--manifest-path",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+        ])
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(tree.contains("vhost-clone v"), "{tree}");
+    for name in ["rand_chacha ", "rand v0.8", "proptest ", "tempfile "] {
+        assert!(
+            !tree.lines().any(|l| l.starts_with(name)),
+            "{name} is a normal dependency:\n{tree}"
+        );
     }
 }

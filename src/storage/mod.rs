@@ -15,7 +15,8 @@
 //!   become durable only at [`BlockDevice::flush`]; [`SimDevice::crash`] keeps a
 //!   random (seeded) subset of the unflushed writes, in any order, possibly torn
 //!   at sector granularity. It is what the crash suite runs on, and it can inject
-//!   faults.
+//!   faults. Test machinery: built only for tests and with the `test-utils`
+//!   feature.
 //!
 //! Durability contract: after `flush()` returns `Ok`, every write that completed
 //! before `flush()` was called is durable. Nothing else is promised.
@@ -23,10 +24,12 @@
 mod file;
 pub mod lock;
 pub mod nbd;
+#[cfg(any(test, feature = "test-utils"))]
 mod sim;
 
 pub use file::{FileDevice, OpenOptions};
 pub use lock::{FileId, LockKind};
+#[cfg(any(test, feature = "test-utils"))]
 pub use sim::{CrashLog, DeviceId, Fault, LogEvent, Replayer, SimDevice};
 
 use std::fmt;
