@@ -299,7 +299,14 @@ impl Conn {
         };
         if let Err(e) = r {
             // The reader sees the shutdown and fails everything pending, ours too.
-            self.kill(&format!("sending a request failed: {e}"));
+            // A broken pipe is the server having closed the connection: say
+            // that, as the reader would a moment later.
+            match e.kind() {
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+                    self.kill("the server closed the connection")
+                }
+                _ => self.kill(&format!("sending a request failed: {e}")),
+            }
         }
     }
 
