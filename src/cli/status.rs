@@ -121,7 +121,7 @@ fn line(s: &Status) -> String {
         if s.hydration_enabled { "on" } else { "off" },
         s.io.errors
     ) + match &s.source_remote {
-        Some(n) if n.state != "connected" => ", source reconnecting",
+        Some(n) if !n.is_connected() => ", source reconnecting",
         _ => "",
     }
 }

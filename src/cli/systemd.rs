@@ -378,7 +378,7 @@ impl Shared {
                 "degraded: read-only metadata after a failed commit (see the log); {progress} hydrated"
             ),
             Mode::Rw if md.all_hydrated() => "hydrated: the source is no longer needed".into(),
-            Mode::Rw if e.source_status().is_some_and(|n| n.state != "connected") => {
+            Mode::Rw if e.source_status().is_some_and(|n| !n.is_connected()) => {
                 format!("source unreachable, reconnecting: {progress} hydrated")
             }
             Mode::Rw if h.enabled() && h.threshold() > 0 => format!(

@@ -21,7 +21,6 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -358,7 +357,7 @@ impl Conn {
     }
 
     /// Reads replies until the connection fails; returns why it ended.
-    pub(super) fn read_replies(&self, mut r: Stream, _stop: &AtomicBool) -> String {
+    pub(super) fn read_replies(&self, mut r: Stream) -> String {
         loop {
             if let Err(why) = self.read_one(&mut r) {
                 // The first reason stands: a kill before this error caused it
@@ -689,8 +688,7 @@ mod tests {
         let w = std::thread::spawn(move || {
             let _ = theirs.write_all(&bytes);
         });
-        let stop = AtomicBool::new(false);
-        let why = conn.read_replies(reader, &stop);
+        let why = conn.read_replies(reader);
         conn.fail_all(&why);
         w.join().unwrap();
         let mut st = waiter.lock();

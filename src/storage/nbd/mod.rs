@@ -159,6 +159,13 @@ pub struct RemoteStatus {
     pub block_status: bool,
 }
 
+impl RemoteStatus {
+    /// True while at least one connection is up (`state` is `connected`).
+    pub fn is_connected(&self) -> bool {
+        self.connections > 0
+    }
+}
+
 #[derive(Debug, Default)]
 struct Health {
     last_error: Option<String>,
@@ -292,7 +299,7 @@ impl Shared {
                             if slot == 0 || lock(&self.health).disconnects > 0 {
                                 tracing::info!(uri = %self.uri(), connection = slot, "NBD source connected");
                             }
-                            let why = conn.read_replies(reader, &self.stop);
+                            let why = conn.read_replies(reader);
                             {
                                 let mut live = lock(&self.live);
                                 live.retain(|c| !Arc::ptr_eq(c, &conn));
