@@ -6,7 +6,8 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use crate::engine::Engine;
-use crate::virtio::{BlockBackend, DirectIo};
+use crate::storage::aio::{AsyncIo, DirectIo};
+use crate::virtio::BlockBackend;
 
 /// A clone served to a guest.
 #[derive(Debug)]
@@ -50,7 +51,10 @@ impl BlockBackend for CloneDisk {
     /// of less than a block would be a read-modify-write of the covering block that two
     /// queues could interleave and lose; 512 otherwise.
     fn logical_block_size(&self) -> u32 {
-        let align = self.engine.dest().io_fd().map_or(1, |f| f.align);
+        let align = match self.engine.dest().async_io() {
+            Some(AsyncIo::Fd(f)) => f.align,
+            _ => 1,
+        };
         u32::try_from(align).map_or(512, |a| a.max(512))
     }
 
@@ -84,23 +88,11 @@ impl BlockBackend for CloneDisk {
         self.engine.metadata().write_cache().unwrap_or(true)
     }
 
-    fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<DirectIo> {
+    fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<DirectIo<'_>> {
         if write && self.readonly {
             return None;
         }
-        let io = self.engine.direct_io(write, offset, len)?;
-        Some(DirectIo {
-            fd: io.fd,
-            align: io.align,
-        })
-    }
-
-    fn direct_io_start(&self) {
-        self.engine.direct_io_start();
-    }
-
-    fn direct_io_done(&self, write: bool, len: u64, ok: bool) {
-        self.engine.direct_io_done(write, len, ok);
+        self.engine.direct_io(write, offset, len)
     }
 
     fn set_write_cache(&self, writeback: bool) {

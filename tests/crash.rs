@@ -32,7 +32,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use common::*;
-use vhost_clone::engine::{Engine, EngineConfig};
+use vhost_clone::engine::{DestFlush, Engine, EngineConfig};
 use vhost_clone::metadata::live::LiveMap;
 use vhost_clone::metadata::{load, Geometry, Metadata};
 use vhost_clone::storage::{BlockDevice, CrashLog, Replayer, SimDevice};
@@ -255,7 +255,11 @@ fn run_workload(seed: u64, mutate: bool, kinds: Kinds) -> Outcome {
                 }
                 r
             }
-            Op::Commit => w.eng.commit(false).map(|_| ()).map_err(|e| e.to_string()),
+            Op::Commit => w
+                .eng
+                .commit(DestFlush::IfRecording)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             Op::Hydrate => w
                 .eng
                 .hydrate_batch(rng.gen_range(1..5), rng.gen_bool(0.3))
@@ -479,7 +483,8 @@ fn check_one(
         // a restart: blocks that only the crashed commit's journal covered must
         // have been made whole when the store was opened.
         eng.metadata().set_write_cache(false);
-        eng.commit(false).map_err(|e| e.to_string())?;
+        eng.commit(DestFlush::IfRecording)
+            .map_err(|e| e.to_string())?;
         let reopened = engine(w.src.clone(), eng.dest().clone(), md_dev.clone(), &w.geo)
             .map_err(|e| format!("restart after a flag-only commit failed: {e}"))?;
         drop(reopened);

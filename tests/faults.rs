@@ -28,7 +28,7 @@ use sectors::{decode, image, write_data, GARBAGE, SECTOR, SOURCE};
 use vhost_clone::control::{self, ControlServer};
 use vhost_clone::disk::CloneDisk;
 use vhost_clone::engine::hydrator::HydrationControl;
-use vhost_clone::engine::{Engine, EngineConfig, EngineError};
+use vhost_clone::engine::{DestFlush, Engine, EngineConfig, EngineError};
 use vhost_clone::metadata::{Geometry, Metadata, MetadataError, Mode};
 use vhost_clone::storage::{Fault, FileDevice, OpenOptions, SimDevice};
 
@@ -293,7 +293,7 @@ fn periodic_commit_failure_degrades_too() {
     write_partial(&r.eng, 1, 21).unwrap();
     r.md.set_fault(Fault::Write, Some(libc::ENOSPC));
     // The periodic committer's path (no guest flush).
-    assert!(r.eng.commit(false).is_err());
+    assert!(r.eng.commit(DestFlush::IfRecording).is_err());
     let n = assert_read_only_mode(&r, "periodic commit");
     report("periodic commit", n);
 }

@@ -16,13 +16,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use vhost_clone::virtio::{BlockBackend, DirectIo, IoEngine};
+use vhost_clone::storage::aio::{DirectIo, DirectIoAccount, IoTarget};
+use vhost_clone::storage::IoFd;
+use vhost_clone::virtio::{BlockBackend, IoEngine};
 
 /// A file-backed disk that lets the front issue reads and writes itself, and counts.
 struct FileDisk {
     file: std::fs::File,
     size: u64,
+    /// Permits granted.
     direct_started: AtomicU64,
+    /// Permits ended, however.
+    direct_ended: AtomicU64,
+    /// Permits finished after their request was issued.
     direct_done: AtomicU64,
     direct_writes_done: AtomicU64,
     /// Value of `direct_done` at each flush.
@@ -37,6 +43,7 @@ impl FileDisk {
             file,
             size,
             direct_started: AtomicU64::new(0),
+            direct_ended: AtomicU64::new(0),
             direct_done: AtomicU64::new(0),
             direct_writes_done: AtomicU64::new(0),
             flushes_saw: std::sync::Mutex::new(Vec::new()),
@@ -87,20 +94,27 @@ impl BlockBackend for FileDisk {
         true
     }
     fn set_write_cache(&self, _writeback: bool) {}
-    fn direct_io(&self, _write: bool, _offset: u64, _len: u64) -> Option<DirectIo> {
-        Some(DirectIo {
+    fn direct_io(&self, write: bool, _offset: u64, len: u64) -> Option<DirectIo<'_>> {
+        let target = IoTarget::Fd(IoFd {
             fd: self.file.as_raw_fd(),
             align: 1,
-        })
+        });
+        Some(DirectIo::grant(self, target, write, len))
     }
-    fn direct_io_start(&self) {
+}
+
+impl DirectIoAccount for FileDisk {
+    fn started(&self) {
         self.direct_started.fetch_add(1, Ordering::SeqCst);
     }
-    fn direct_io_done(&self, write: bool, _len: u64, ok: bool) {
-        if write && ok {
-            self.direct_writes_done.fetch_add(1, Ordering::SeqCst);
+    fn finished(&self, write: bool, _len: u64, outcome: Option<bool>, _maybe_written: bool) {
+        if let Some(ok) = outcome {
+            if write && ok {
+                self.direct_writes_done.fetch_add(1, Ordering::SeqCst);
+            }
+            self.direct_done.fetch_add(1, Ordering::SeqCst);
         }
-        self.direct_done.fetch_add(1, Ordering::SeqCst);
+        self.direct_ended.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -190,7 +204,7 @@ fn batches_retire_in_publish_order_and_flush_waits_for_them() {
     }
     assert_eq!(
         disk.direct_started.load(Ordering::SeqCst),
-        disk.direct_done.load(Ordering::SeqCst)
+        disk.direct_ended.load(Ordering::SeqCst)
     );
     assert_eq!(disk.direct_done.load(Ordering::SeqCst), 20 * 30);
     assert_eq!(disk.direct_writes_done.load(Ordering::SeqCst), 20 * 6);
@@ -213,13 +227,18 @@ fn hostile_buffers_on_the_uring_path() {
     // A read into a buffer that runs past the end of guest memory: IOERR, nothing issued.
     g.write_mem(hdr, &header(VIRTIO_BLK_T_IN, 0));
     g.write_mem(status, &[0xee]);
-    let started = disk.direct_started.load(Ordering::SeqCst);
+    let issued = disk.direct_done.load(Ordering::SeqCst);
     let (_, len) = g.submit(0, &[rd(hdr, 16), wr(MEM_SIZE - 2048, 4096), wr(status, 1)]);
     assert!(len <= 1);
     if len == 1 {
         assert_eq!(g.read_mem(status, 1)[0], S_IOERR);
     }
-    assert_eq!(disk.direct_started.load(Ordering::SeqCst), started);
+    assert_eq!(disk.direct_done.load(Ordering::SeqCst), issued);
+    // Its permit was given back, not leaked.
+    assert_eq!(
+        disk.direct_started.load(Ordering::SeqCst),
+        disk.direct_ended.load(Ordering::SeqCst)
+    );
 
     // Overlapping read buffers are harmless here (no Rust references are formed): the
     // request completes and the overlapped bytes hold the later part of the data.

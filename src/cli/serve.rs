@@ -44,7 +44,7 @@ use crate::engine::commit::Committer;
 use crate::engine::hydrator::{
     self, HydrationControl, Hydrator, HydratorTiming, DEFAULT_BATCH_SIZE, DEFAULT_THRESHOLD,
 };
-use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::engine::{DestFlush, Engine, EngineConfig, EngineError};
 use crate::metadata::live::{Found, LiveError, LiveIdentity, LiveMap, DEFAULT_RUNTIME_DIR};
 use crate::metadata::{Metadata, MetadataError, Mode};
 use crate::metrics::{MetricsError, MetricsServer};
@@ -482,7 +482,9 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         .map_err(ServeError::Engine)?,
     );
     // 5. Recovery: the destination flushed, adopted bits committed.
-    engine.commit(true).map_err(ServeError::Recovery)?;
+    engine
+        .commit(DestFlush::Completed)
+        .map_err(ServeError::Recovery)?;
     if md.adopted() > 0 {
         tracing::info!(
             regions = md.adopted(),
@@ -634,7 +636,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
 
     // Shutdown, in reverse.
     services.stop();
-    let last = engine.commit(true);
+    let last = engine.commit(DestFlush::Completed);
     if last.is_ok() && md.mode() == Mode::Rw && !md.changed() {
         // Everything the live map holds is committed: nothing to adopt next time.
         if let Err(e) = md.live_map().remove_file() {

@@ -507,6 +507,7 @@ fn poll(fds: &[RawFd], timeout: Duration) -> io::Result<Option<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::DestFlush;
 
     fn named(names: &[&str]) -> Vec<(RawFd, String)> {
         names
@@ -654,7 +655,7 @@ mod tests {
         // A whole-region write hydrates region 0; its commit hangs in the flush.
         engine.write_at(&[7u8; 4096], 0).unwrap();
         let e2 = engine.clone();
-        let t = std::thread::spawn(move || e2.commit(true).map(|_| ()));
+        let t = std::thread::spawn(move || e2.commit(DestFlush::Completed).map(|_| ()));
         std::thread::sleep(Duration::from_millis(300));
         let why = shared.health(limit).unwrap_err();
         assert!(why.contains("commit has been running"), "{why}");

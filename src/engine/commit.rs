@@ -17,6 +17,22 @@ use std::time::{Duration, Instant};
 
 use crate::metadata::{CommitOutcome, MetadataError};
 
+/// What a commit owes the destination besides rule 1 (a commit that records
+/// bits always flushes the destination first, see
+/// [`crate::metadata::Metadata::commit`]). Callers say what they need; whether
+/// the destination is then flushed is decided in one place,
+/// [`crate::engine::Engine::commit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum DestFlush {
+    /// Nothing more: the periodic commit, a change of the write-cache mode.
+    #[default]
+    IfRecording,
+    /// Every destination write completed before the commit started must be
+    /// durable when it returns, even if there is nothing to record: a guest
+    /// flush, a shutdown.
+    Completed,
+}
+
 #[derive(Debug, Default)]
 struct GateState {
     running: bool,
@@ -25,8 +41,8 @@ struct GateState {
     /// The last commit that finished, and its result.
     done: u64,
     last: Option<Result<CommitOutcome, Arc<MetadataError>>>,
-    /// A waiter needs the next commit to flush the destination even if nothing changed.
-    want_dest_flush: bool,
+    /// What the waiters of the next commit need of the destination (the most any asked).
+    want: DestFlush,
     /// When the running commit started, and when the last one finished (for
     /// the service manager's watchdog: a commit that never ends is a hang).
     running_since: Option<Instant>,
@@ -55,16 +71,15 @@ impl CommitGate {
     }
 
     /// Waits for a commit that starts after this call, leading it if nobody else
-    /// does. `run(flush_dest_always)` performs one commit.
-    pub fn commit<F>(&self, flush_dest: bool, run: F) -> Result<CommitOutcome, Arc<MetadataError>>
+    /// does. `run(need)` performs one commit, for the most any of the callers it
+    /// serves needs.
+    pub fn commit<F>(&self, need: DestFlush, run: F) -> Result<CommitOutcome, Arc<MetadataError>>
     where
-        F: Fn(bool) -> Result<CommitOutcome, MetadataError>,
+        F: Fn(DestFlush) -> Result<CommitOutcome, MetadataError>,
     {
         let mut s = self.lock();
         let target = s.started + 1;
-        if flush_dest {
-            s.want_dest_flush = true;
-        }
+        s.want = s.want.max(need);
         loop {
             if s.done >= target {
                 if let Some(r) = &s.last {
@@ -75,10 +90,10 @@ impl CommitGate {
                 s.running = true;
                 s.started += 1;
                 let me = s.started;
-                let force = std::mem::take(&mut s.want_dest_flush);
+                let need = std::mem::take(&mut s.want);
                 s.running_since = Some(Instant::now());
                 drop(s);
-                let r = run(force).map_err(Arc::new);
+                let r = run(need).map_err(Arc::new);
                 s = self.lock();
                 s.running = false;
                 s.running_since = None;
@@ -254,7 +269,7 @@ mod tests {
         assert_eq!((idle.running_for, idle.since_last), (None, None));
         let g2 = gate.clone();
         let t = std::thread::spawn(move || {
-            g2.commit(false, |_| {
+            g2.commit(DestFlush::IfRecording, |_| {
                 std::thread::sleep(Duration::from_millis(200));
                 Ok(CommitOutcome::Nothing)
             })
@@ -281,8 +296,8 @@ mod tests {
         for _ in 0..16 {
             let (g, r) = (gate.clone(), runs.clone());
             threads.push(std::thread::spawn(move || {
-                g.commit(true, |force| {
-                    assert!(force);
+                g.commit(DestFlush::Completed, |need| {
+                    assert_eq!(need, DestFlush::Completed);
                     r.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(20));
                     Ok(CommitOutcome::Nothing)
@@ -305,8 +320,8 @@ mod tests {
         let f2 = forced.clone();
         // A slow, non-forcing (periodic) commit is running...
         let t = std::thread::spawn(move || {
-            g2.commit(false, |force| {
-                f2.lock().unwrap().push(force);
+            g2.commit(DestFlush::IfRecording, |need| {
+                f2.lock().unwrap().push(need);
                 std::thread::sleep(Duration::from_millis(100));
                 Ok(CommitOutcome::Nothing)
             })
@@ -314,13 +329,16 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         // ...a flush arriving now must get its own, forcing, commit.
         let f3 = forced.clone();
-        gate.commit(true, |force| {
-            f3.lock().unwrap().push(force);
+        gate.commit(DestFlush::Completed, |need| {
+            f3.lock().unwrap().push(need);
             Ok(CommitOutcome::Nothing)
         })
         .unwrap();
         t.join().unwrap().unwrap();
-        assert_eq!(*forced.lock().unwrap(), vec![false, true]);
+        assert_eq!(
+            *forced.lock().unwrap(),
+            vec![DestFlush::IfRecording, DestFlush::Completed]
+        );
     }
 
     #[test]

@@ -40,7 +40,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::metadata::{CommitOutcome, Geometry, Metadata, MetadataError, Mode};
-use crate::storage::{copy_range, iov_len, BlockDevice, IoFd, StorageError, SECTOR_SIZE};
+use crate::storage::aio::{DirectIo, DirectIoAccount, IoTarget};
+use crate::storage::{copy_range, iov_len, BlockDevice, StorageError, SECTOR_SIZE};
+pub use commit::DestFlush;
 use commit::{CommitGate, CommitLatency, Committer};
 use locks::RegionLocks;
 use rate::RateWindow;
@@ -248,6 +250,9 @@ pub struct Engine {
     commit_latency: CommitLatency,
     /// Hydrated regions sampled over the last seconds (see [`Engine::sample_hydration`]).
     rate: Mutex<RateWindow>,
+    /// Mutation switch (see [`Engine::set_uncounted_direct_writes`]).
+    #[cfg(feature = "test-hooks")]
+    uncounted_direct_writes: std::sync::atomic::AtomicBool,
 }
 
 /// `dest_flushed_at` of an engine that has not flushed the destination yet. A
@@ -348,6 +353,8 @@ impl Engine {
                 Instant::now(),
                 hydrated,
             )),
+            #[cfg(feature = "test-hooks")]
+            uncounted_direct_writes: Default::default(),
         })
     }
 
@@ -590,10 +597,9 @@ impl Engine {
         self.write(offset, &[IoSlice::new(buf)])
     }
 
-    /// Whether the caller may read or write `[offset, offset + len)` itself (the
-    /// io_uring path of the virtio front), instead of calling [`Engine::read`] /
-    /// [`Engine::write`], and on which file: the returned descriptor, at the same
-    /// offset.
+    /// A permit to read or write `[offset, offset + len)` directly (the io_uring
+    /// path of the virtio front), instead of calling [`Engine::read`] /
+    /// [`Engine::write`], on the permit's target at the same offset.
     ///
     /// - A write whose regions are all hydrated goes to the destination: such a
     ///   region's data lives there, it is never locked, and nothing but the guest
@@ -605,66 +611,42 @@ impl Engine {
     ///
     /// Everything else returns `None` and goes through the engine: writes to
     /// unhydrated regions (which copy, lock and mark), reads over both kinds,
-    /// invalid ranges, fail mode, devices without a file descriptor.
+    /// invalid ranges, fail mode, devices that take no direct requests.
     ///
-    /// This only looks. A caller that goes ahead calls [`Engine::direct_io_start`]
-    /// before it issues the I/O and [`Engine::direct_io_done`] once it completed,
-    /// before it tells the guest, so that the next flush knows a destination
-    /// write happened.
-    pub fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<IoFd> {
+    /// The permit counts the request as in flight until it ends; its
+    /// [`DirectIo::finish`] counts it, and a write (finished, failed or dropped)
+    /// counts as a destination write, so the next flush flushes the destination.
+    pub fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<DirectIo<'_>> {
         if len == 0 || self.check(offset, len).is_err() || self.check_mode().is_err() {
             return None;
         }
-        if self.md.all_hydrated() {
-            return self.dest.io_fd();
-        }
-        let (first, last) = (
-            self.geo.region_of(offset),
-            self.geo.region_of(offset + len - 1),
-        );
-        let hydrated = self.md.is_hydrated(first);
-        if !(first + 1..=last).all(|r| self.md.is_hydrated(r) == hydrated) {
-            return None;
-        }
-        match (hydrated, write) {
-            (true, _) => self.dest.io_fd(),
-            (false, false) => self.source.as_ref()?.io_fd(),
-            (false, true) => None,
-        }
-    }
-
-    /// Counts a request [`Engine::direct_io`] allowed as in flight.
-    pub fn direct_io_start(&self) {
-        self.stats().in_flight.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Ends a request started with [`Engine::direct_io_start`]: `ok` tells
-    /// whether all `len` bytes were transferred. A successful write counts as a
-    /// completed destination write (the next flush flushes the destination).
-    pub fn direct_io_done(&self, write: bool, len: u64, ok: bool) {
-        let st = self.stats();
-        if write {
-            bump(&st.writes, 1);
-            bump(&st.bytes_written, len);
-            if ok {
-                self.dest_written();
-            }
+        let dev = if self.md.all_hydrated() {
+            &self.dest
         } else {
-            bump(&st.reads, 1);
-            bump(&st.bytes_read, len);
-        }
-        if !ok {
-            bump(&st.errors, 1);
-            bump(
-                if write {
-                    &st.write_errors
-                } else {
-                    &st.read_errors
-                },
-                1,
+            let (first, last) = (
+                self.geo.region_of(offset),
+                self.geo.region_of(offset + len - 1),
             );
-        }
-        st.in_flight.fetch_sub(1, Ordering::AcqRel);
+            let hydrated = self.md.is_hydrated(first);
+            if !(first + 1..=last).all(|r| self.md.is_hydrated(r) == hydrated) {
+                return None;
+            }
+            match (hydrated, write) {
+                (true, _) => &self.dest,
+                (false, false) => self.source.as_ref()?,
+                (false, true) => return None,
+            }
+        };
+        let target = IoTarget::of(dev)?;
+        Some(DirectIo::grant(self, target, write, len))
+    }
+
+    /// Test-only mutation: direct writes are not counted as destination writes,
+    /// so a flush after them may skip the destination. Exists so the crash
+    /// suite's direct-I/O workloads can fail.
+    #[cfg(feature = "test-hooks")]
+    pub fn set_uncounted_direct_writes(&self, on: bool) {
+        self.uncounted_direct_writes.store(on, Ordering::SeqCst);
     }
 
     /// Writes zeroes over `[offset, offset + len)`.
@@ -862,31 +844,34 @@ impl Engine {
     /// destination and every region it hydrated is committed.
     pub fn flush(&self) -> Result<()> {
         bump(&self.stats().flushes, 1);
-        let r = self.commit(true).map(|_| ());
+        let r = self.commit(DestFlush::Completed).map(|_| ());
         self.count_err(|c| &c.flush_errors, r)
     }
 
-    /// Commits if anything changed (the periodic commit). With `flush_dest`,
-    /// flushes the destination even when nothing changed.
+    /// Commits what changed; `need` says what the caller needs of the
+    /// destination beyond that ([`DestFlush`]).
     ///
-    /// The one place that decides whether a commit with nothing to record
-    /// flushes the destination: when asked to, and something was written since
-    /// the last destination flush (or this process never flushed it). A commit
-    /// that records bits always flushes it ([`Metadata::commit`]).
-    pub fn commit(&self, flush_dest: bool) -> Result<CommitOutcome> {
+    /// The one place that decides whether the destination is flushed when
+    /// there is nothing to record: when the callers need completed writes
+    /// durable ([`DestFlush::Completed`]) and something was written since the
+    /// last destination flush (or this process never flushed it: design rule
+    /// 7). A commit that records bits always flushes it first (rule 1,
+    /// [`Metadata::commit`]).
+    pub fn commit(&self, need: DestFlush) -> Result<CommitOutcome> {
         self.check_mode()?;
         self.gate
-            .commit(flush_dest, |force| {
+            .commit(need, |need| {
                 // Writes completed before this point are covered by the flush below.
                 let writes = self.sum(|c| &c.dest_writes);
                 let dirty = writes != self.dest_flushed_at.load(Ordering::Acquire);
+                let flush_dest = need == DestFlush::Completed && dirty;
                 let started = Instant::now();
-                let out = self.md.commit(self.dest.as_ref(), force && dirty);
+                let out = self.md.commit(self.dest.as_ref(), flush_dest);
                 // Only commits that did I/O: a no-op or a refusal (ro, fail)
                 // would pile up near zero and hide the real durations.
                 let did_io = match &out {
                     Ok(CommitOutcome::Committed { .. }) => true,
-                    Ok(CommitOutcome::Nothing) => force && dirty,
+                    Ok(CommitOutcome::Nothing) => flush_dest,
                     Err(MetadataError::ReadOnly | MetadataError::Failed) => false,
                     Err(_) => true,
                 };
@@ -894,7 +879,7 @@ impl Engine {
                     self.commit_latency.observe(started.elapsed());
                 }
                 let out = out?;
-                if (force && dirty) || matches!(out, CommitOutcome::Committed { .. }) {
+                if flush_dest || matches!(out, CommitOutcome::Committed { .. }) {
                     // Commits are serialised by the gate: a plain store.
                     self.dest_flushed_at.store(writes, Ordering::Release);
                 }
@@ -907,7 +892,7 @@ impl Engine {
     /// not send it again after a reconnect, so it must survive a restart.
     pub fn set_write_cache(&self, writeback: bool) -> Result<()> {
         self.md.set_write_cache(writeback);
-        self.commit(false).map(|_| ())
+        self.commit(DestFlush::IfRecording).map(|_| ())
     }
 
     /// Test-only mutation: pretend this process already flushed the
@@ -926,7 +911,7 @@ impl Engine {
             if let Some(e) = weak.upgrade() {
                 // After a failure (ro/fail) commits are refused: do not retry every tick.
                 if e.md.changed() && e.md.mode() == Mode::Rw {
-                    if let Err(err) = e.commit(false) {
+                    if let Err(err) = e.commit(DestFlush::IfRecording) {
                         tracing::warn!(error = %err, "periodic commit failed");
                     }
                 }
@@ -1151,3 +1136,42 @@ fn copy_from_iov(bufs: &[IoSlice<'_>], start: usize, dst: &mut [u8]) {
 
 #[cfg(test)]
 mod tests;
+
+/// The accounting of [`Engine::direct_io`]'s permits: what [`Engine::read`] and
+/// [`Engine::write`] count for themselves.
+impl DirectIoAccount for Engine {
+    fn started(&self) {
+        self.stats().in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn finished(&self, write: bool, len: u64, outcome: Option<bool>, maybe_written: bool) {
+        let st = self.stats();
+        #[cfg(feature = "test-hooks")]
+        let maybe_written = maybe_written && !self.uncounted_direct_writes.load(Ordering::SeqCst);
+        if maybe_written {
+            // Before the requester is told: the next flush covers this write.
+            self.dest_written();
+        }
+        if let Some(ok) = outcome {
+            if write {
+                bump(&st.writes, 1);
+                bump(&st.bytes_written, len);
+            } else {
+                bump(&st.reads, 1);
+                bump(&st.bytes_read, len);
+            }
+            if !ok {
+                bump(&st.errors, 1);
+                bump(
+                    if write {
+                        &st.write_errors
+                    } else {
+                        &st.read_errors
+                    },
+                    1,
+                );
+            }
+        }
+        st.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}

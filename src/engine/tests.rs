@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::metadata::format::Layout;
+use crate::storage::aio::AsyncIo;
 use crate::storage::SimDevice;
 
 const RS: u64 = 4096;
@@ -308,37 +309,46 @@ fn direct_io_maps_single_kind_ranges_to_the_right_file() {
     let mdd = Arc::new(SimDevice::new(Layout::new(&geo).required_size()));
     let md = Arc::new(Metadata::format(mdd, geo).unwrap());
     let eng = Engine::new(Some(src.clone()), dst.clone(), md, EngineConfig::default()).unwrap();
-    let (s, d) = (src.io_fd().unwrap(), dst.io_fd().unwrap());
-    assert_ne!(s.fd, d.fd);
+    let fd = |d: &dyn crate::storage::BlockDevice| match d.async_io() {
+        Some(AsyncIo::Fd(f)) => Some(IoTarget::Fd(f)),
+        _ => None,
+    };
+    let (s, d) = (fd(src.as_ref()), fd(dst.as_ref()));
+    assert_ne!(s, d);
+    let target = |write, offset, len| {
+        eng.direct_io(write, offset, len)
+            .map(|p| p.target().clone())
+    };
 
     // Unhydrated: reads go to the source, writes through the engine.
-    assert_eq!(eng.direct_io(false, 0, 2 * RS), Some(s));
-    assert_eq!(eng.direct_io(true, 0, RS), None);
+    assert_eq!(target(false, 0, 2 * RS), s.clone());
+    assert_eq!(target(true, 0, RS), None);
     eng.write_at(&vec![7u8; RS as usize], 0).unwrap();
     // Hydrated: both go to the destination.
-    assert_eq!(eng.direct_io(false, 0, RS), Some(d));
-    assert_eq!(eng.direct_io(true, 512, 1024), Some(d));
+    assert_eq!(target(false, 0, RS), d.clone());
+    assert_eq!(target(true, 512, 1024), d.clone());
     // Mixed ranges, bad ranges: the engine.
-    assert_eq!(eng.direct_io(false, 0, 2 * RS), None, "hydrated and not");
+    assert_eq!(target(false, 0, 2 * RS), None, "hydrated and not");
     assert_eq!(
-        eng.direct_io(true, 0, 2 * RS),
+        target(true, 0, 2 * RS),
         None,
         "reaches an unhydrated region"
     );
-    assert_eq!(eng.direct_io(false, 0, 0), None, "empty");
-    assert_eq!(eng.direct_io(false, 1, 512), None, "unaligned");
-    assert_eq!(eng.direct_io(false, 3 * RS, 2 * RS), None, "past the end");
+    assert_eq!(target(false, 0, 0), None, "empty");
+    assert_eq!(target(false, 1, 512), None, "unaligned");
+    assert_eq!(target(false, 3 * RS, 2 * RS), None, "past the end");
     // Complete: everything to the destination.
     for r in 1..4 {
         eng.write_at(&vec![7u8; RS as usize], r * RS).unwrap();
     }
-    assert_eq!(eng.direct_io(false, 0, size), Some(d));
+    assert_eq!(target(false, 0, size), d.clone());
 }
 
-/// The io_uring path's writes bypass `Engine::write`; `direct_io_done` must make the
-/// next flush flush the destination, like any completed destination write.
+/// The io_uring path's writes bypass `Engine::write`; their permit must make the
+/// next flush flush the destination, like any completed destination write, and
+/// must count the request however it ends.
 #[test]
-fn direct_write_completion_makes_the_next_flush_flush_the_destination() {
+fn direct_write_permits_make_the_next_flush_flush_the_destination() {
     let r = rig(4, 0);
     r.eng.write_at(&[1u8; 512], 0).unwrap();
     r.eng.flush().unwrap();
@@ -350,15 +360,15 @@ fn direct_write_completion_makes_the_next_flush_flush_the_destination() {
         "nothing written: no destination flush"
     );
 
-    r.eng.direct_io_start();
+    let p = r.eng.direct_io(false, 0, 512).unwrap();
     assert_eq!(r.eng.ios_in_flight(), 1);
     // A read completing changes nothing.
-    r.eng.direct_io_done(false, 512, true);
+    p.finish(true);
     r.eng.flush().unwrap();
     assert_eq!(r.dst.flush_count(), f0);
 
-    r.eng.direct_io_start();
-    r.eng.direct_io_done(true, 512, true);
+    let p = r.eng.direct_io(true, 0, 512).unwrap();
+    p.finish(true);
     assert_eq!(r.eng.ios_in_flight(), 0);
     r.eng.flush().unwrap();
     assert_eq!(
@@ -369,12 +379,22 @@ fn direct_write_completion_makes_the_next_flush_flush_the_destination() {
     let c = r.eng.counters();
     assert_eq!((c.reads, c.writes), (1, 2));
 
-    // A failed write counts as an error, not as a write to flush.
-    r.eng.direct_io_start();
-    r.eng.direct_io_done(true, 512, false);
+    // A failed write counts as an error, and may have landed in part: flushed.
+    r.eng.direct_io(true, 0, 512).unwrap().finish(false);
     r.eng.flush().unwrap();
-    assert_eq!(r.dst.flush_count(), f0 + 1);
+    assert_eq!(r.dst.flush_count(), f0 + 2);
     assert_eq!(r.eng.counters().errors, 1);
+
+    // A cancelled permit was never issued: nothing to flush, nothing counted.
+    r.eng.direct_io(true, 0, 512).unwrap().cancel();
+    r.eng.flush().unwrap();
+    assert_eq!(r.dst.flush_count(), f0 + 2);
+    // A permit dropped unfinished may have been issued: flushed.
+    drop(r.eng.direct_io(true, 0, 512).unwrap());
+    assert_eq!(r.eng.ios_in_flight(), 0);
+    r.eng.flush().unwrap();
+    assert_eq!(r.dst.flush_count(), f0 + 3);
+    assert_eq!(r.eng.counters().writes, 3);
 }
 
 /// The engine of a restarted process on the devices of `r` (whose caches, like
@@ -488,11 +508,11 @@ fn commits_that_do_io_are_timed_and_no_ops_are_not() {
     e.flush().unwrap(); // first flush of the process: flushes the destination
     let n = e.commit_latency().snapshot().count;
     assert_eq!(n, 1);
-    e.commit(false).unwrap(); // nothing changed, nothing flushed
+    e.commit(DestFlush::IfRecording).unwrap(); // nothing changed, nothing flushed
     e.flush().unwrap(); // nothing written since the last flush
     assert_eq!(e.commit_latency().snapshot().count, n);
     e.write_at(&[1u8; 512], 0).unwrap();
-    e.commit(false).unwrap(); // a new state
+    e.commit(DestFlush::IfRecording).unwrap(); // a new state
     assert_eq!(e.commit_latency().snapshot().count, n + 1);
 }
 

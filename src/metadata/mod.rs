@@ -902,9 +902,11 @@ impl Metadata {
     }
 
     /// The two-phase commit. `dest` is the destination device; it is flushed
-    /// before anything is written to metadata. With `flush_dest_always`, the
-    /// destination is flushed even when nothing changed (a guest flush).
-    pub fn commit(&self, dest: &dyn BlockDevice, flush_dest_always: bool) -> Result<CommitOutcome> {
+    /// before anything is written to metadata (rule 1, whatever `flush_dest`
+    /// says). With `flush_dest`, it is flushed even when there is nothing to
+    /// record: the engine decided that a guest flush needs it
+    /// ([`crate::engine::Engine::commit`] is the one place that decides).
+    pub fn commit(&self, dest: &dyn BlockDevice, flush_dest: bool) -> Result<CommitOutcome> {
         let mut disk = lock(&self.disk);
         match self.mode() {
             Mode::Rw => {}
@@ -915,7 +917,7 @@ impl Metadata {
         let mut txn = self.pre_commit(&mut disk);
         if txn.count == 0 && txn.wce.is_none() {
             disk.spare = txn.dirty;
-            if flush_dest_always {
+            if flush_dest {
                 if let Err(e) = dest.flush() {
                     self.failed(&mut disk, "destination flush", None);
                     return Err(e.into());

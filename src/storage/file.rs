@@ -493,11 +493,11 @@ impl BlockDevice for FileDevice {
         (!self.direct).then_some(self.fd())
     }
 
-    fn io_fd(&self) -> Option<IoFd> {
-        Some(IoFd {
+    fn async_io(&self) -> Option<super::aio::AsyncIo> {
+        Some(super::aio::AsyncIo::Fd(IoFd {
             fd: self.fd(),
             align: if self.direct { DIRECT_ALIGN } else { 1 },
-        })
+        }))
     }
 
     fn data_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {

@@ -10,6 +10,10 @@
 //! * [`nbd::NbdDevice`] is a read-only source behind an NBD server (our own
 //!   client: negotiation, structured replies, block status, several
 //!   connections, reconnect and timeouts).
+//! * [`aio`] and [`queue`]: direct requests, issued asynchronously by a caller
+//!   on a device's file descriptor (io_uring) or, in tests, on the simulated
+//!   device, with a permit ([`aio::DirectIo`]) that counts them for the layer that
+//!   granted them.
 //! * [`lock`]: whole-file OFD locks (one daemon per clone) and file identity.
 //! * [`SimDevice`] is an in-memory device with a **volatile write cache**: writes
 //!   become durable only at [`BlockDevice::flush`]; [`SimDevice::crash`] keeps a
@@ -21,9 +25,11 @@
 //! Durability contract: after `flush()` returns `Ok`, every write that completed
 //! before `flush()` was called is durable. Nothing else is promised.
 
+pub mod aio;
 mod file;
 pub mod lock;
 pub mod nbd;
+pub mod queue;
 #[cfg(any(test, feature = "test-utils"))]
 mod sim;
 
@@ -203,12 +209,11 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         None
     }
 
-    /// The file descriptor and the alignment its reads and writes need, for callers
-    /// that issue their own I/O on the device (the io_uring path of the virtio
-    /// front). `align` is 1 for buffered files; with `O_DIRECT` every buffer
-    /// address, buffer length and offset must be a multiple of it. `None` for
-    /// devices without a file descriptor (the simulated device).
-    fn io_fd(&self) -> Option<IoFd> {
+    /// How callers may issue their own asynchronous reads and writes on the
+    /// device ([`aio`]: the io_uring path of the virtio front): on its file
+    /// descriptor, or emulated by the queue (the simulated device). `None` for
+    /// devices that take only these calls (the network source).
+    fn async_io(&self) -> Option<aio::AsyncIo> {
         None
     }
 
@@ -227,12 +232,14 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     }
 }
 
-/// A file descriptor to issue I/O on directly (see [`BlockDevice::io_fd`]).
+/// A file descriptor to issue I/O on directly (see [`BlockDevice::async_io`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IoFd {
     /// The open file; it lives as long as the device.
     pub fd: std::os::unix::io::RawFd,
-    /// Alignment of buffer addresses, buffer lengths and offsets (1: none).
+    /// Alignment of buffer addresses, buffer lengths and offsets (1: none): with
+    /// `O_DIRECT` every buffer address, buffer length and offset must be a
+    /// multiple of it.
     pub align: usize,
 }
 

@@ -363,6 +363,12 @@ impl BlockDevice for SimDevice {
         self.size
     }
 
+    /// Direct requests are emulated: the queue performs them with the calls
+    /// below, so they reach the crash log like any other write.
+    fn async_io(&self) -> Option<super::aio::AsyncIo> {
+        Some(super::aio::AsyncIo::Emulated)
+    }
+
     fn read_only(&self) -> bool {
         self.read_only
     }

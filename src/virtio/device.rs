@@ -11,7 +11,7 @@
 //! shared between them but the backend and a few atomics. GET_VRING_BASE (`stop_vring`)
 //! takes the queue's lock too, so it returns only after the requests that worker popped have
 //! been completed (the worker runs them synchronously, or through the queue's io_uring,
-//! which it drains before it lets go of the lock; see [`super::uring`]). Shutdown uses the
+//! which it drains before it lets go of the lock; see [`crate::storage::queue`]). Shutdown uses the
 //! same barrier: [`BlkDevice::quiesce`] sets a flag every queue loop checks before each pop,
 //! then takes each queue's lock, before the server closes the connection.
 //!
@@ -41,8 +41,9 @@ use super::request::{
     self, guest_io_slices, guest_io_slices_mut, GuestMemory, ParseLimits, ParsedChain, Request,
     STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
-use super::uring::{UringQueue, MAX_IOVECS};
 use super::{BlockBackend, IoEngine};
+use crate::storage::aio::DirectIo;
+use crate::storage::queue::{AsyncQueue, Retired, MAX_IOVECS};
 
 /// Guest memory shared with the vhost-user message handler.
 pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemory>;
@@ -62,7 +63,7 @@ pub struct QueueState {
     /// Requests completed with an error status or retired without one.
     pub failed: u64,
     /// The queue's io_uring, created on first use with [`IoEngine::Uring`].
-    uring: Option<UringQueue>,
+    uring: Option<AsyncQueue>,
     /// Creating the io_uring failed: the queue runs synchronously.
     uring_unavailable: bool,
 }
@@ -233,7 +234,7 @@ impl BlkDevice {
             return false;
         }
         if q.uring.is_none() {
-            match UringQueue::new(usize::from(self.geometry.queue_size)) {
+            match AsyncQueue::new(usize::from(self.geometry.queue_size)) {
                 Ok(u) => q.uring = Some(u),
                 Err(e) => {
                     warn!("cannot create an io_uring, the queue runs synchronously: {e}");
@@ -321,15 +322,19 @@ impl BlkDevice {
         popped
     }
 
-    /// io_uring queue loop (see [`super::uring`]): direct reads and writes are started
-    /// as they are popped, up to the ring's depth, and retired in order; any other
-    /// request waits for the queue to be idle and runs synchronously. Returns only when
-    /// the queue is idle and the avail ring empty, with the number of chains popped.
+    /// io_uring queue loop (see [`crate::storage::queue`]): reads and writes the backend
+    /// grants a permit for ([`BlockBackend::direct_io`]) are started as they are popped,
+    /// up to the ring's depth, and retired in order; any other request waits for the
+    /// queue to be idle and runs synchronously. Returns only when the queue is idle and
+    /// the avail ring empty, with the number of chains popped.
     fn drain_uring(&self, vring: &Vring, q: &mut QueueState) -> usize {
         let mem = self.mem.memory();
         let Some(mut uq) = q.uring.take() else {
             return 0;
         };
+        // The permits of the requests in flight, by tag; all are finished before
+        // this function returns (the queue is idle then).
+        let mut flight = Permits::default();
         let mut popped = 0;
         loop {
             let mut retired = false;
@@ -340,10 +345,12 @@ impl BlkDevice {
                 };
                 popped += 1;
                 let head = parsed.head;
-                if let Some((status_addr, write, offset, len, fd)) =
+                if let Some((status_addr, offset, len, permit)) =
                     self.direct_plan(&mem, &parsed, uq.next_iov())
                 {
-                    self.backend.direct_io_start();
+                    let write = permit.is_write();
+                    let target = permit.target().clone();
+                    let tag = flight.insert(head, status_addr, permit);
                     // SAFETY: the iovecs point into guest memory mapped by `mem`, which
                     // this function holds until it returns, and it returns only once the
                     // queue is idle (every request retired). This queue forms no Rust
@@ -351,15 +358,15 @@ impl BlkDevice {
                     // until it is idle, and headers and status bytes are read and written
                     // with volatile accesses. Other queues, like the guest, may touch the
                     // same bytes concurrently, as `request::guest_io_slices` documents
-                    // for guest memory in general. `fd` is the backend's, open while
-                    // `self.backend` lives.
-                    unsafe { uq.start(head, status_addr, write, fd, offset, len) };
+                    // for guest memory in general. The target's fd is the backend's,
+                    // open while `self.backend` lives.
+                    unsafe { uq.start(tag, &target, write, offset, len) };
                     continue;
                 }
                 // A barrier: everything started before it completes first.
                 while !uq.is_idle() {
                     uq.wait();
-                    if self.retire_uring(vring, q, &mem, &mut uq) {
+                    if self.retire_uring(vring, q, &mem, &mut uq, &mut flight) {
                         notify(vring);
                     }
                 }
@@ -367,7 +374,7 @@ impl BlkDevice {
                 retired |= self.complete(vring, q, &mem, head, parsed.status, status, written);
             }
             uq.submit();
-            retired |= self.retire_uring(vring, q, &mem, &mut uq);
+            retired |= self.retire_uring(vring, q, &mem, &mut uq, &mut flight);
             if retired {
                 notify(vring);
             }
@@ -381,13 +388,13 @@ impl BlkDevice {
     }
 
     /// Whether `parsed` can go to the io_uring, and with what: fills `iov` and returns
-    /// (status address, write, offset, length, fd).
+    /// (status address, offset, length, permit).
     fn direct_plan(
         &self,
         mem: &GuestMemory,
         parsed: &ParsedChain,
         iov: &mut Vec<libc::iovec>,
-    ) -> Option<(GuestAddress, bool, u64, u64, RawFd)> {
+    ) -> Option<(GuestAddress, u64, u64, DirectIo<'_>)> {
         let status_addr = parsed.status?;
         let (write, offset, len, data) = match parsed.request.as_ref().ok()? {
             Request::Read { offset, len, data } => (false, *offset, *len, data),
@@ -397,19 +404,19 @@ impl BlkDevice {
         };
         // The backend's check first: it is a bitmap lookup, and the chains it refuses
         // (copies, mixed ranges) would build their buffer lists twice otherwise.
-        let dio = self.backend.direct_io(write, offset, len)?;
-        request::guest_iovecs(mem, data, iov, MAX_IOVECS).ok()?;
-        if dio.align > 1 {
-            let a = dio.align;
-            let aligned = offset % a as u64 == 0
-                && iov
-                    .iter()
-                    .all(|v| (v.iov_base as usize) % a == 0 && v.iov_len % a == 0);
-            if !aligned {
-                return None;
-            }
+        let permit = self.backend.direct_io(write, offset, len)?;
+        let a = permit.target().align();
+        let usable = request::guest_iovecs(mem, data, iov, MAX_IOVECS).is_ok()
+            && (a <= 1
+                || (offset % a as u64 == 0
+                    && iov
+                        .iter()
+                        .all(|v| (v.iov_base as usize) % a == 0 && v.iov_len % a == 0)));
+        if !usable {
+            permit.cancel();
+            return None;
         }
-        Some((status_addr, write, offset, len, dio.fd))
+        Some((status_addr, offset, len, permit))
     }
 
     /// Retires the io_uring requests that finished, in order. Returns whether any was.
@@ -418,41 +425,45 @@ impl BlkDevice {
         vring: &Vring,
         q: &mut QueueState,
         mem: &GuestMemory,
-        uq: &mut UringQueue,
+        uq: &mut AsyncQueue,
+        flight: &mut Permits<'_>,
     ) -> bool {
         let mut retired = false;
         while let Some(r) = uq.next_retired() {
-            self.backend
-                .direct_io_done(r.write, r.len, r.status == STATUS_OK);
-            if r.status != STATUS_OK {
-                let op = if r.write { "write" } else { "read" };
-                let cause = match r.errno {
-                    0 => "unexpected end of file".to_string(),
-                    n => io::Error::from_raw_os_error(n).to_string(),
-                };
-                let e = io::Error::other(format!(
-                    "io_uring {op} of {} bytes at offset {} failed: {cause}",
-                    r.len, r.offset
-                ));
-                self.failed(op, r.offset, &e);
-            }
-            let written = if r.write || r.status != STATUS_OK {
+            let Some((head, status_addr, permit)) = flight.take(r.tag) else {
+                continue;
+            };
+            // Before the guest is told: a flush that follows covers this write.
+            permit.finish(r.result.is_ok());
+            let status = if let Err(errno) = r.result {
+                self.log_direct_failure(&r, errno)
+            } else {
+                STATUS_OK
+            };
+            let written = if r.write || status != STATUS_OK {
                 0
             } else {
                 // len <= 4 GiB - 1: virtio-queue ends chains that exceed 2^32 bytes.
                 u32::try_from(r.len).unwrap_or(u32::MAX)
             };
-            retired |= self.complete(
-                vring,
-                q,
-                mem,
-                r.head,
-                Some(r.status_addr),
-                r.status,
-                written,
-            );
+            retired |= self.complete(vring, q, mem, head, Some(status_addr), status, written);
         }
         retired
+    }
+
+    /// Logs a direct request that failed; returns the status for the guest.
+    fn log_direct_failure(&self, r: &Retired, errno: i32) -> u8 {
+        let op = if r.write { "write" } else { "read" };
+        let cause = match errno {
+            0 => "unexpected end of file".to_string(),
+            n => io::Error::from_raw_os_error(n).to_string(),
+        };
+        let e = io::Error::other(format!(
+            "io_uring {op} of {} bytes at offset {} failed: {cause}",
+            r.len, r.offset
+        ));
+        self.failed(op, r.offset, &e);
+        STATUS_IOERR
     }
 
     /// Runs a parsed chain synchronously: the status byte and the data bytes written.
@@ -714,5 +725,36 @@ impl VhostUserBackend for BlkDevice {
         let mut q = q.lock().unwrap_or_else(PoisonError::into_inner);
         self.process_queue(vring, &mut q);
         Ok(())
+    }
+}
+
+/// The permits of one queue's requests in flight, by the tag their queue knows
+/// them by (a slot index here, reused once retired).
+#[derive(Default)]
+struct Permits<'a> {
+    slots: Vec<Option<(u16, GuestAddress, DirectIo<'a>)>>,
+    free: Vec<usize>,
+}
+
+impl<'a> Permits<'a> {
+    fn insert(&mut self, head: u16, status: GuestAddress, permit: DirectIo<'a>) -> u64 {
+        let entry = Some((head, status, permit));
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = entry;
+                i as u64
+            }
+            None => {
+                self.slots.push(entry);
+                (self.slots.len() - 1) as u64
+            }
+        }
+    }
+
+    fn take(&mut self, tag: u64) -> Option<(u16, GuestAddress, DirectIo<'a>)> {
+        let i = usize::try_from(tag).ok()?;
+        let e = self.slots.get_mut(i)?.take()?;
+        self.free.push(i);
+        Some(e)
     }
 }

@@ -35,7 +35,8 @@ pub mod config;
 pub mod device;
 pub mod request;
 pub mod server;
-pub mod uring;
+
+use crate::storage::aio::DirectIo;
 
 pub use server::{print_capabilities, serve, serve_on, ShutdownSignal};
 
@@ -71,33 +72,16 @@ pub trait BlockBackend: Send + Sync + 'static {
     /// Records the guest's write-cache choice.
     fn set_write_cache(&self, writeback: bool);
 
-    /// Whether a read or write of `[offset, offset + len)` may be issued by the
-    /// front itself on the returned file descriptor, at the same offset, with
-    /// the guest's buffers (the io_uring path, see [`IoEngine::Uring`]). Must not
-    /// have side effects; `None` (the default) sends the request through
-    /// [`BlockBackend::read`] / [`BlockBackend::write`].
-    fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<DirectIo> {
+    /// A permit to issue a read or write of `[offset, offset + len)` itself, on
+    /// the permit's target, at the same offset, with the guest's buffers (the
+    /// io_uring path, see [`IoEngine::Uring`]). The front finishes the permit
+    /// before it tells the guest (or cancels it and sends the request through
+    /// [`BlockBackend::read`] / [`BlockBackend::write`]). `None` (the default)
+    /// always sends it there.
+    fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<DirectIo<'_>> {
         let _ = (write, offset, len);
         None
     }
-
-    /// Called before a request [`BlockBackend::direct_io`] allowed is issued.
-    fn direct_io_start(&self) {}
-
-    /// Called when such a request completed (`ok`: all `len` bytes transferred),
-    /// before the guest is told.
-    fn direct_io_done(&self, write: bool, len: u64, ok: bool) {
-        let _ = (write, len, ok);
-    }
-}
-
-/// A file descriptor the front may issue a request on (see [`BlockBackend::direct_io`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DirectIo {
-    /// The open file; it stays open while the backend lives.
-    pub fd: std::os::unix::io::RawFd,
-    /// Required alignment of buffer addresses, buffer lengths and the offset (1: none).
-    pub align: usize,
 }
 
 /// How a queue executes reads and writes.
