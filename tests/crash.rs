@@ -17,14 +17,26 @@
 //!   in progress at the death may have left its new value or the old one);
 //! * after the new process's first flush and then a power cut, the same holds.
 //!
-//! `VHOST_CLONE_CRASH_WORKLOADS=N` runs N workloads instead of the default.
-//! The mutation tests prove the suite can fail: with the destination flush
-//! removed from the commit, with the live map lost at a process death (the
-//! in-core bits die with the process), or with a restarted process whose first
-//! flush skips the destination, it must find a violation.
+//! Every workload runs with one of the two queue engines: requests one at a
+//! time through the engine (`--io-engine sync`), or as the virtio front's
+//! io_uring engine issues them (`--io-engine uring`): reads and writes the
+//! engine grants a permit for go to an asynchronous queue (emulated over the
+//! simulated devices: up to 8 in flight, completed in a seeded random order),
+//! anything else waits for the queue to drain. Crashes and deaths then also
+//! fall while requests are in flight.
+//!
+//! `VHOST_CLONE_CRASH_WORKLOADS=N` runs N workloads instead of the default
+//! (half with each queue engine).
+//! The mutation tests prove the suite can fail, with either queue engine: with
+//! the destination flush removed from the commit, with the live map lost at a
+//! process death (the in-core bits die with the process), or with a restarted
+//! process whose first flush skips the destination, it must find a violation;
+//! and with the direct queue, also when direct writes are not counted as
+//! destination writes (their permit's accounting).
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,6 +47,8 @@ use common::*;
 use vhost_clone::engine::{DestFlush, Engine, EngineConfig};
 use vhost_clone::metadata::live::LiveMap;
 use vhost_clone::metadata::{load, Geometry, Metadata};
+use vhost_clone::storage::aio::DirectIo;
+use vhost_clone::storage::queue::{AsyncQueue, Retired};
 use vhost_clone::storage::{BlockDevice, CrashLog, Replayer, SimDevice};
 
 const REGION: u64 = 4096;
@@ -55,6 +69,8 @@ enum Op {
     Flush,
     Commit,
     Hydrate,
+    /// Direct engine: let one request in flight complete, retire what finished.
+    Reap,
 }
 
 /// A sector range: whole regions, inside one region, or straddling.
@@ -98,8 +114,9 @@ fn gen_op(rng: &mut ChaCha8Rng) -> Op {
             let (a, n) = range(rng);
             Op::WriteZeroes(a, n)
         }
-        65..=79 => Op::Flush,
-        80..=86 => Op::Commit,
+        65..=76 => Op::Flush,
+        77..=82 => Op::Commit,
+        83..=89 => Op::Reap,
         _ => Op::Hydrate,
     }
 }
@@ -112,14 +129,118 @@ enum Hist {
     FlushAck(usize),
 }
 
-/// One operation of a workload, for the process-death check.
+/// One request of a workload, for the process-death check.
 struct OpRec {
     /// Log index when it started.
     start: usize,
+    /// Log index when it completed (returned, or was retired from the queue).
+    end: usize,
     /// The sector values it writes.
     vals: Vec<(u64, u64)>,
-    /// The live region map once it returned.
-    live_after: Vec<u64>,
+}
+
+/// How the workload issues the guest's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueueEngine {
+    /// Each request through the engine's calls, one at a time (`--io-engine sync`).
+    Sync,
+    /// As the virtio front's io_uring engine does (`--io-engine uring`): reads and
+    /// writes the engine grants a permit for go to an asynchronous queue, up to
+    /// [`DEPTH`] in flight, completed in a seeded random order by the emulated
+    /// queue; anything else first waits for the queue to drain (a barrier).
+    Direct,
+}
+
+/// Requests in flight at most with [`QueueEngine::Direct`].
+const DEPTH: usize = 8;
+
+/// A direct request in flight.
+struct Req<'e> {
+    permit: DirectIo<'e>,
+    /// Its index in the workload's requests.
+    op: usize,
+    first: u64,
+    n: u64,
+    /// The data to write, or the buffer read into (it must not move meanwhile: the
+    /// queue holds a pointer into it).
+    buf: Vec<u8>,
+    /// For a read: the value every sector must read as.
+    expect: Option<Vec<u64>>,
+}
+
+/// The asynchronous queue and what is in flight on it.
+struct Flight<'e> {
+    q: AsyncQueue,
+    reqs: HashMap<u64, Req<'e>>,
+}
+
+impl<'e> Flight<'e> {
+    fn overlaps(&self, first: u64, n: u64) -> bool {
+        self.reqs
+            .values()
+            .any(|r| r.first < first + n && first < r.first + r.n)
+    }
+
+    /// Starts a direct request over `req.buf`.
+    fn start(&mut self, tag: u64, req: Req<'e>) {
+        let (off, len) = (req.first * SECTOR as u64, req.n * SECTOR as u64);
+        let write = req.permit.is_write();
+        let target = req.permit.target().clone();
+        let iov = libc::iovec {
+            iov_base: req.buf.as_ptr() as *mut libc::c_void,
+            iov_len: req.buf.len(),
+        };
+        self.q.next_iov().push(iov);
+        self.reqs.insert(tag, req);
+        // SAFETY: the buffer is owned by the request kept in `self.reqs` until it is
+        // retired (a Vec's heap buffer does not move with the Vec), and nothing reads
+        // or writes it meanwhile; the target is a simulated device the queue holds.
+        unsafe { self.q.start(tag, &target, write, off, len) };
+    }
+
+    /// Retires what finished, in order: finishes each permit, records the request's
+    /// end, and checks what a read returned.
+    fn retire(&mut self, log: &CrashLog, ops: &mut [OpRec], bad: &mut Vec<String>) {
+        while let Some(Retired { tag, result, .. }) = self.q.next_retired() {
+            let Some(r) = self.reqs.remove(&tag) else {
+                bad.push(format!("the queue retired an unknown request {tag}"));
+                continue;
+            };
+            r.permit.finish(result.is_ok());
+            ops[r.op].end = log.len();
+            if let Err(e) = result {
+                bad.push(format!("direct request {tag} failed: errno {e}"));
+                continue;
+            }
+            if let Some(want) = &r.expect {
+                for (i, b) in r.buf.chunks(SECTOR).enumerate() {
+                    let s = r.first + i as u64;
+                    let got = decode(b, s);
+                    if got != Some(want[i]) {
+                        bad.push(format!(
+                            "direct read of sector {s} gave {got:?}, expected {}",
+                            want[i]
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lets one request complete, then retires what finished.
+    fn reap(&mut self, log: &CrashLog, ops: &mut [OpRec], bad: &mut Vec<String>) {
+        if !self.q.is_idle() {
+            self.q.wait();
+            self.retire(log, ops, bad);
+        }
+    }
+
+    /// Waits until nothing is in flight (a barrier).
+    fn drain(&mut self, log: &CrashLog, ops: &mut [OpRec], bad: &mut Vec<String>) {
+        while !self.q.is_idle() {
+            self.reap(log, ops, bad);
+        }
+    }
 }
 
 /// Which crash kinds to check, and which mutation of the restart to apply.
@@ -139,7 +260,22 @@ enum Kinds {
 struct Outcome {
     crash_points: u64,
     death_points: u64,
+    /// Requests that went to the asynchronous queue.
+    direct: u64,
+    /// Most requests in flight on it at once.
+    max_in_flight: usize,
     violations: Vec<String>,
+}
+
+/// A deliberate break of the code under test, to show that the suite fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mutation {
+    None,
+    /// The commit does not flush the destination before the metadata.
+    NoDestFlushInCommit,
+    /// Direct writes are not counted as destination writes, so a flush after
+    /// them may skip the destination.
+    UncountedDirectWrites,
 }
 
 struct World {
@@ -151,7 +287,7 @@ struct World {
     eng: Engine,
 }
 
-fn world(mutate: bool) -> World {
+fn world(mutation: Mutation) -> World {
     let geo = Geometry::new(SECTORS * SECTOR as u64, REGION).unwrap();
     let log = CrashLog::new();
     let src = Arc::new(SimDevice::from_image(image(SOURCE, SECTORS)).into_read_only());
@@ -160,8 +296,10 @@ fn world(mutate: bool) -> World {
     let dst = Arc::new(SimDevice::from_image(dst_init.clone()).with_log(log.clone(), DEST));
     let mdd = Arc::new(SimDevice::from_image(md_init.clone()).with_log(log.clone(), META));
     let eng = engine(src.clone(), dst, mdd, &geo).unwrap();
-    if mutate {
-        eng.metadata().set_skip_dest_flush(true);
+    match mutation {
+        Mutation::None => {}
+        Mutation::NoDestFlushInCommit => eng.metadata().set_skip_dest_flush(true),
+        Mutation::UncountedDirectWrites => eng.set_uncounted_direct_writes(true),
     }
     World {
         log,
@@ -184,31 +322,104 @@ fn read_tags(eng: &Engine, first: u64, n: u64) -> Result<Vec<Option<u64>>, Strin
         .collect())
 }
 
-fn run_workload(seed: u64, mutate: bool, kinds: Kinds) -> Outcome {
+/// What a workload recorded, for the crash checks.
+#[derive(Default)]
+struct Record {
+    /// What the power-cut model learns, in log order.
+    hist: Vec<Hist>,
+    /// Every request, in issue order.
+    ops: Vec<OpRec>,
+    /// The live region map after each step, with the log index then.
+    lives: Vec<(usize, Vec<u64>)>,
+}
+
+fn run_workload(seed: u64, mutation: Mutation, kinds: Kinds, qe: QueueEngine) -> Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let w = world(mutate);
+    let w = world(mutation);
     let mut out = Outcome::default();
     let mut cur = vec![SOURCE; SECTORS as usize];
-    let mut hist = Vec::new();
-    let mut ops = Vec::new();
+    let mut rec = Record::default();
+    let mut flight = (qe == QueueEngine::Direct).then(|| Flight {
+        q: AsyncQueue::emulated(DEPTH, seed),
+        reqs: HashMap::new(),
+    });
+    let mut bad = Vec::new();
     let mut next_tag = 100u64;
+    let live = |w: &World| w.eng.metadata().live_map().snapshot();
     for i in 0..OPS {
         let op = gen_op(&mut rng);
+        if let Some(f) = flight.as_mut() {
+            // A read or write the engine grants goes to the queue; not one that
+            // overlaps a request in flight (the guest orders those itself).
+            if let Op::Write(a, n) | Op::Read(a, n) = op {
+                if f.overlaps(a, n) {
+                    f.drain(&w.log, &mut rec.ops, &mut bad);
+                }
+                while !f.q.has_room() {
+                    f.reap(&w.log, &mut rec.ops, &mut bad);
+                }
+                let write = matches!(op, Op::Write(..));
+                let (off, len) = (a * SECTOR as u64, n * SECTOR as u64);
+                if let Some(permit) = w.eng.direct_io(write, off, len) {
+                    let at = w.log.len();
+                    let tag = next_tag;
+                    next_tag += 1;
+                    let (buf, expect, vals) = if write {
+                        let vals: Vec<(u64, u64)> = (a..a + n).map(|s| (s, tag)).collect();
+                        rec.hist.push(Hist::Issue(at, vals.clone()));
+                        (a..a + n).for_each(|s| cur[s as usize] = tag);
+                        (write_data(tag, a, n), None, vals)
+                    } else {
+                        let want = cur[a as usize..(a + n) as usize].to_vec();
+                        (vec![0u8; len as usize], Some(want), Vec::new())
+                    };
+                    rec.ops.push(OpRec {
+                        start: at,
+                        end: usize::MAX,
+                        vals,
+                    });
+                    let req = Req {
+                        permit,
+                        op: rec.ops.len() - 1,
+                        first: a,
+                        n,
+                        buf,
+                        expect,
+                    };
+                    f.start(tag, req);
+                    out.direct += 1;
+                    out.max_in_flight = out.max_in_flight.max(f.reqs.len());
+                    continue;
+                }
+            }
+            match op {
+                Op::Reap => {
+                    f.reap(&w.log, &mut rec.ops, &mut bad);
+                    rec.lives.push((w.log.len(), live(&w)));
+                    continue;
+                }
+                // Background work, not a guest request: no barrier.
+                Op::Commit | Op::Hydrate => {}
+                // Anything else runs once the queue is idle.
+                _ => f.drain(&w.log, &mut rec.ops, &mut bad),
+            }
+        }
         let at = w.log.len();
-        let issued = hist.len();
+        let issued = rec.hist.len();
         let res = match op {
             Op::Write(a, n) => {
                 let tag = next_tag;
                 next_tag += 1;
                 let vals: Vec<(u64, u64)> = (a..a + n).map(|s| (s, tag)).collect();
-                hist.push(Hist::Issue(at, vals));
+                rec.hist.push(Hist::Issue(at, vals));
                 (a..a + n).for_each(|s| cur[s as usize] = tag);
                 w.eng
                     .write_at(&write_data(tag, a, n), a * SECTOR as u64)
                     .map_err(|e| e.to_string())
             }
             Op::WriteZeroes(a, n) => {
-                hist.push(Hist::Issue(at, (a..a + n).map(|s| (s, ZERO)).collect()));
+                rec.hist
+                    .push(Hist::Issue(at, (a..a + n).map(|s| (s, ZERO)).collect()));
                 (a..a + n).for_each(|s| cur[s as usize] = ZERO);
                 w.eng
                     .write_zeroes(a * SECTOR as u64, n * SECTOR as u64)
@@ -228,7 +439,7 @@ fn run_workload(seed: u64, mutate: bool, kinds: Kinds) -> Outcome {
                         cur[s as usize] = ZERO;
                     }
                 }
-                hist.push(Hist::Issue(at, vals));
+                rec.hist.push(Hist::Issue(at, vals));
                 w.eng
                     .discard(a * SECTOR as u64, n * SECTOR as u64)
                     .map_err(|e| e.to_string())
@@ -251,7 +462,7 @@ fn run_workload(seed: u64, mutate: bool, kinds: Kinds) -> Outcome {
             Op::Flush => {
                 let r = w.eng.flush().map_err(|e| e.to_string());
                 if r.is_ok() {
-                    hist.push(Hist::FlushAck(w.log.len()));
+                    rec.hist.push(Hist::FlushAck(w.log.len()));
                 }
                 r
             }
@@ -265,26 +476,37 @@ fn run_workload(seed: u64, mutate: bool, kinds: Kinds) -> Outcome {
                 .hydrate_batch(rng.gen_range(1..5), rng.gen_bool(0.3))
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
+            Op::Reap => Ok(()),
         };
         if let Err(e) = res {
             out.violations
                 .push(format!("seed {seed}: op {i} {op:?} failed: {e}"));
         }
-        let vals = match hist.get(issued) {
+        let vals = match rec.hist.get(issued) {
             Some(Hist::Issue(_, v)) => v.clone(),
             _ => Vec::new(),
         };
-        ops.push(OpRec {
+        rec.ops.push(OpRec {
             start: at,
+            end: w.log.len(),
             vals,
-            live_after: w.eng.metadata().live_map().snapshot(),
         });
+        rec.lives.push((w.log.len(), live(&w)));
     }
+    if let Some(f) = flight.as_mut() {
+        f.drain(&w.log, &mut rec.ops, &mut bad);
+        rec.lives.push((w.log.len(), live(&w)));
+    }
+    drop(flight);
+    out.violations.extend(
+        bad.into_iter()
+            .map(|v| format!("seed {seed} ({qe:?}): {v}")),
+    );
     if kinds == Kinds::Both || kinds == Kinds::PowerCut {
-        check_crashes(seed, &w, &hist, &mut rng, &mut out);
+        check_crashes(seed, &w, &rec.hist, &mut rng, &mut out);
     }
     if kinds != Kinds::PowerCut && out.violations.is_empty() {
-        check_deaths(seed, &w, &ops, kinds, &mut rng, &mut out);
+        check_deaths(seed, &w, &rec, kinds, &mut rng, &mut out);
     }
     out
 }
@@ -293,7 +515,7 @@ fn run_workload(seed: u64, mutate: bool, kinds: Kinds) -> Outcome {
 fn check_deaths(
     seed: u64,
     w: &World,
-    ops: &[OpRec],
+    rec: &Record,
     kinds: Kinds,
     rng: &mut ChaCha8Rng,
     out: &mut Outcome,
@@ -302,23 +524,34 @@ fn check_deaths(
     points.push(w.log.len());
     let mut dst = Replayer::new(&w.log, DEST, w.dst_init.clone());
     let mut md = Replayer::new(&w.log, META, w.md_init.clone());
-    // Sector values once the requests before op `done` completed.
+    // Requests in the order they completed; requests that touch the same sectors
+    // never overlap in time, so this order is theirs.
+    let mut by_end: Vec<&OpRec> = rec.ops.iter().collect();
+    by_end.sort_by_key(|o| o.end);
+    // Sector values once the requests completed before the death.
     let mut done_vals = vec![SOURCE; SECTORS as usize];
-    let mut done = 0;
+    let (mut done, mut l) = (0, 0);
     let empty = vec![0u64; w.eng.metadata().live_map().words().len()];
+    let mut live_bits = &empty;
     for &p in &points {
-        // The op in progress at p: the last one that started at or before it.
-        while done + 1 < ops.len() && ops[done + 1].start <= p {
-            for &(s, t) in &ops[done].vals {
+        while done < by_end.len() && by_end[done].end <= p {
+            for &(s, t) in &by_end[done].vals {
                 done_vals[s as usize] = t;
             }
             done += 1;
         }
-        let in_progress = &ops[done];
-        let live_bits = match done {
-            0 => &empty,
-            i => &ops[i - 1].live_after,
-        };
+        while l < rec.lives.len() && rec.lives[l].0 <= p {
+            live_bits = &rec.lives[l].1;
+            l += 1;
+        }
+        // Requests in progress at the death: started, not completed (with the
+        // direct engine, up to DEPTH of them, on distinct sectors).
+        let in_progress: Vec<(u64, u64)> = rec
+            .ops
+            .iter()
+            .filter(|o| o.start <= p && p < o.end)
+            .flat_map(|o| o.vals.iter().copied())
+            .collect();
         dst.advance_to(p);
         md.advance_to(p);
         out.death_points += 1;
@@ -328,7 +561,7 @@ fn check_deaths(
             &md,
             live_bits,
             &done_vals,
-            &in_progress.vals,
+            &in_progress,
             kinds,
             rng,
         ) {
@@ -513,32 +746,55 @@ fn workloads() -> u64 {
         .unwrap_or(256)
 }
 
+/// The queue engine of workload `i`: alternating, so that each thread runs both.
+fn queue_engine(i: u64) -> QueueEngine {
+    if (i / 2) % 2 == 0 {
+        QueueEngine::Sync
+    } else {
+        QueueEngine::Direct
+    }
+}
+
 #[test]
 fn crash_suite() {
     let start = Instant::now();
     let n = workloads();
     let (mut points, mut deaths, mut violations) = (0u64, 0u64, Vec::new());
     // Two threads: the machine has two cores.
-    let results: Vec<Outcome> = std::thread::scope(|s| {
+    let results: Vec<(QueueEngine, Outcome)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..2u64)
             .map(|t| {
                 s.spawn(move || {
                     (0..n)
                         .filter(|i| i % 2 == t)
-                        .map(|i| run_workload(0xC1 ^ (i << 8), false, Kinds::Both))
+                        .map(|i| {
+                            let qe = queue_engine(i);
+                            (
+                                qe,
+                                run_workload(0xC1 ^ (i << 8), Mutation::None, Kinds::Both, qe),
+                            )
+                        })
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
         hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
-    for o in results {
+    let direct = results
+        .iter()
+        .filter(|(qe, _)| *qe == QueueEngine::Direct)
+        .count();
+    let (mut requests, mut depth) = (0, 0);
+    for (_, o) in results {
+        requests += o.direct;
+        depth = depth.max(o.max_in_flight);
         points += o.crash_points;
         deaths += o.death_points;
         violations.extend(o.violations);
     }
     println!(
-        "crash suite: {n} workloads, {points} power-cut points, {deaths} process-death points, {} violations, {:.1} s",
+        "crash suite: {n} workloads ({} sync, {direct} direct: {requests} requests through the queue, up to {depth} in flight), {points} power-cut points, {deaths} process-death points, {} violations, {:.1} s",
+        n as usize - direct,
         violations.len(),
         start.elapsed().as_secs_f64()
     );
@@ -548,59 +804,85 @@ fn crash_suite() {
         violations.join("\n")
     );
     if n >= 256 {
+        assert!(requests >= 1000, "only {requests} direct requests");
+        assert!(depth >= 4, "never more than {depth} requests in flight");
         assert!(points >= 10_000, "only {points} crash points");
         assert!(deaths >= 10_000, "only {deaths} process-death points");
     }
 }
 
-/// Runs mutated workloads until one finds a violation; returns the report line.
-fn mutation(what: &str, seed: u64, mutate: bool, kinds: Kinds) {
+/// Runs mutated workloads until one finds a violation, and prints it.
+fn mutation(what: &str, seed: u64, m: Mutation, kinds: Kinds, qe: QueueEngine) {
     let start = Instant::now();
     let mut found = None;
     let mut points = 0;
     for i in 0..64u64 {
-        let o = run_workload(seed ^ (i << 8), mutate, kinds);
+        let o = run_workload(seed ^ (i << 8), m, kinds, qe);
         points += o.crash_points + o.death_points;
         if let Some(v) = o.violations.first() {
             found = Some((i + 1, v.clone()));
             break;
         }
     }
-    let (runs, v) = found.unwrap_or_else(|| panic!("the crash suite did not notice {what}"));
+    let (runs, v) =
+        found.unwrap_or_else(|| panic!("the crash suite did not notice {what} ({qe:?})"));
     println!(
-        "mutation ({what}): caught after {runs} workloads, {points} crash points, {:.1} s: {v}",
+        "mutation ({what}, {qe:?} queue): caught after {runs} workloads, {points} crash points, {:.1} s: {v}",
         start.elapsed().as_secs_f64()
     );
 }
 
 #[test]
 fn mutation_skipping_the_destination_flush_is_caught() {
+    for qe in [QueueEngine::Sync, QueueEngine::Direct] {
+        mutation(
+            "no destination flush in commit",
+            0x5EED,
+            Mutation::NoDestFlushInCommit,
+            Kinds::PowerCut,
+            qe,
+        );
+    }
+}
+
+/// The direct engine's writes bypass the engine's write path; if their permits
+/// did not count them, a flush after only direct writes would skip the
+/// destination and a power cut would lose them.
+#[test]
+fn mutation_uncounted_direct_writes_is_caught() {
     mutation(
-        "no destination flush in commit",
-        0x5EED,
-        true,
+        "direct writes not counted as destination writes",
+        0xD1EC,
+        Mutation::UncountedDirectWrites,
         Kinds::PowerCut,
+        QueueEngine::Direct,
     );
 }
 
 #[test]
 fn mutation_losing_uncommitted_bits_at_a_process_death_is_caught() {
-    mutation(
-        "in-core bits lost at a process death",
-        0xDEAD,
-        false,
-        Kinds::DeathLosingLiveMap,
-    );
+    for qe in [QueueEngine::Sync, QueueEngine::Direct] {
+        mutation(
+            "in-core bits lost at a process death",
+            0xDEAD,
+            Mutation::None,
+            Kinds::DeathLosingLiveMap,
+            qe,
+        );
+    }
 }
 
 #[test]
 fn mutation_skipping_the_first_flush_after_a_restart_is_caught() {
-    mutation(
-        "first flush after a restart skips the destination",
-        0xF1F1,
-        false,
-        Kinds::DeathAssumingFlushed,
-    );
+    for qe in [QueueEngine::Sync, QueueEngine::Direct] {
+        mutation(
+            "first flush after a restart skips the destination",
+            0xF1F1,
+            Mutation::None,
+            Kinds::DeathAssumingFlushed,
+            qe,
+        );
+    }
 }
 
 #[test]
