@@ -13,17 +13,17 @@ use crate::virtio::BlockBackend;
 #[derive(Debug)]
 pub struct CloneDisk {
     engine: Arc<Engine>,
-    readonly: bool,
+    read_only: bool,
 }
 
 impl CloneDisk {
-    /// Wraps `engine`; with `readonly` the guest gets a read-only disk.
-    pub fn new(engine: Arc<Engine>, readonly: bool) -> CloneDisk {
-        CloneDisk { engine, readonly }
+    /// Wraps `engine`; with `read_only` the guest gets a read-only disk.
+    pub fn new(engine: Arc<Engine>, read_only: bool) -> CloneDisk {
+        CloneDisk { engine, read_only }
     }
 
     fn writable(&self) -> io::Result<()> {
-        if self.readonly {
+        if self.read_only {
             Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "read-only disk",
@@ -40,7 +40,7 @@ impl BlockBackend for CloneDisk {
     }
 
     fn read_only(&self) -> bool {
-        self.readonly
+        self.read_only
     }
 
     fn optimal_io_size(&self) -> u32 {
@@ -68,7 +68,7 @@ impl BlockBackend for CloneDisk {
     }
 
     fn flush(&self) -> io::Result<()> {
-        if self.readonly {
+        if self.read_only {
             return Ok(());
         }
         Ok(self.engine.flush()?)
@@ -89,7 +89,7 @@ impl BlockBackend for CloneDisk {
     }
 
     fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<DirectIo<'_>> {
-        if write && self.readonly {
+        if write && self.read_only {
             return None;
         }
         self.engine.direct_io(write, offset, len)

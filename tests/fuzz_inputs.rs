@@ -29,7 +29,7 @@ use vhost_clone::metadata::format::{Layout, BLOCK_SIZE};
 use vhost_clone::metadata::{load, Geometry, Metadata};
 use vhost_clone::storage::{BlockDevice, SimDevice};
 use vhost_clone::virtio::request::{
-    guest_io_slices, guest_io_slices_mut, parse_chain, GuestMemory, ParseLimits, Request,
+    guest_io_slices, guest_io_slices_mut, parse_chain, BlkRequest, GuestMemory, ParseLimits,
 };
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -368,11 +368,12 @@ fn request_parser_random_chains() {
                 let Ok(req) = &p.request else { continue };
                 prop_assert!(p.status.is_some());
                 match req {
-                    Request::Read { offset, len, data } | Request::Write { offset, len, data } => {
+                    BlkRequest::Read { offset, len, data }
+                    | BlkRequest::Write { offset, len, data } => {
                         prop_assert!(offset % block == 0 && len % block == 0);
                         prop_assert!(offset.checked_add(*len).is_some_and(|e| e <= DEV_SIZE));
                         prop_assert_eq!(data.iter().map(|s| u64::from(s.len)).sum::<u64>(), *len);
-                        if matches!(req, Request::Write { .. }) {
+                        if matches!(req, BlkRequest::Write { .. }) {
                             prop_assert!(!read_only);
                             if let Ok(sl) = guest_io_slices(&m, data) {
                                 prop_assert_eq!(
@@ -384,10 +385,10 @@ fn request_parser_random_chains() {
                             prop_assert_eq!(sl.iter().map(|s| s.len() as u64).sum::<u64>(), *len);
                         }
                     }
-                    Request::GetId { data } => {
+                    BlkRequest::GetId { data } => {
                         let _ = guest_io_slices_mut(&m, data);
                     }
-                    Request::Discard(r) | Request::WriteZeroes(r) => {
+                    BlkRequest::Discard(r) | BlkRequest::WriteZeroes(r) => {
                         prop_assert!(!read_only && discard);
                         for br in r {
                             prop_assert!(br.offset % block == 0 && br.len % block == 0);
@@ -397,7 +398,7 @@ fn request_parser_random_chains() {
                                 .is_some_and(|e| e <= DEV_SIZE));
                         }
                     }
-                    Request::Flush => {}
+                    BlkRequest::Flush => {}
                 }
             }
             Ok(n)

@@ -111,7 +111,7 @@ impl Slots for Guest {
 fn readonly_device() {
     let disk = MemDisk::new(1 << 20);
     let mut o = opts(1);
-    o.readonly = true;
+    o.read_only = true;
     let srv = Server::start(disk.clone(), o);
     let mut g = Guest::start(&srv.path, 1);
     assert!(g.has(F_RO));

@@ -564,7 +564,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         num_queues: plan.num_queues,
         queue_size: a.queue_size,
         serial: a.serial.clone(),
-        readonly: a.read_only,
+        read_only: a.read_only,
         discard: true,
         name: "vhost-clone".into(),
         io_engine: a.io_engine.resolve(a.direct),

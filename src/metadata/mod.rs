@@ -831,7 +831,7 @@ impl Metadata {
         }
         // The mode is checked under the transaction lock, which a failing commit
         // holds while it switches mode and reloads: a bit is either set before
-        // the reload (and kept, see `failed`) or refused.
+        // the reload (and kept, see `abort_commit`) or refused.
         let mut txn = lock(&self.txn);
         match self.mode() {
             Mode::Rw => {}
@@ -919,7 +919,7 @@ impl Metadata {
             disk.spare = txn.dirty;
             if flush_dest {
                 if let Err(e) = dest.flush() {
-                    self.failed(&mut disk, "destination flush", None);
+                    self.abort_commit(&mut disk, "destination flush", None);
                     return Err(e.into());
                 }
             }
@@ -927,7 +927,7 @@ impl Metadata {
         }
         let result = self.write_txn(&mut disk, dest, &txn);
         if let Err((step, _)) = &result {
-            self.failed(&mut disk, step, Some(&txn));
+            self.abort_commit(&mut disk, step, Some(&txn));
         }
         // Recycle the dirty set as the next spare (clearing only non-zero words).
         for w in txn.dirty.as_raw_mut_slice() {
@@ -1063,7 +1063,7 @@ impl Metadata {
     /// mode never commits; a restart adopts them after flushing the destination
     /// (rule 1). The mode switches under the transaction lock, so no bit is set
     /// after it.
-    fn failed(&self, disk: &mut DiskState, step: &str, aborted: Option<&Txn>) {
+    fn abort_commit(&self, disk: &mut DiskState, step: &str, aborted: Option<&Txn>) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         tracing::error!(step, "metadata commit failed; aborting the transaction");
         let mut t = lock(&self.txn);

@@ -14,17 +14,20 @@
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
-    VIRTIO_BLK_F_WRITE_ZEROES,
+    virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+use vm_memory::ByteValued;
+
+use crate::storage::SECTOR_SIZE;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-/// Sector size of the virtio-blk protocol, independent of `blk_size`.
-pub const SECTOR_SIZE: u64 = 512;
-/// log2 of [`SECTOR_SIZE`].
-pub const SECTOR_SHIFT: u32 = 9;
+/// log2 of [`SECTOR_SIZE`], the storage layer's sector, which is also the unit of
+/// the virtio-blk protocol (independent of `blk_size`).
+pub const SECTOR_SHIFT: u32 = SECTOR_SIZE.trailing_zeros();
 /// Most queues [`crate::virtio::serve`] accepts.
 pub const MAX_QUEUES: u16 = 64;
 /// Most discard / write-zeroes segments one request may carry (`max_discard_seg`,
@@ -47,9 +50,26 @@ pub const CONFIG_LEN: usize = 60;
 /// config offset) instead of 0; such reads are served as if the offset were 0.
 pub const LEGACY_CONFIG_OFFSET: u32 = 0x100;
 
+/// `virtio_blk_config` as plain bytes: vm-memory's [`ByteValued`] cannot be
+/// implemented for virtio-bindings' type directly (both are foreign here).
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct BlkConfig(virtio_blk_config);
+
+// SAFETY: `virtio_blk_config` is `repr(C, packed)` of integers and byte arrays only:
+// no padding, and every bit pattern is a valid value.
+unsafe impl ByteValued for BlkConfig {}
+
+// The fields this device fills end where CONFIG_LEN says, and `wce` sits at
+// CONFIG_WCE_OFFSET (SET_CONFIG parses it by offset).
+const _: () = {
+    assert!(std::mem::offset_of!(virtio_blk_config, max_secure_erase_sectors) == CONFIG_LEN);
+    assert!(std::mem::offset_of!(virtio_blk_config, wce) == CONFIG_WCE_OFFSET as usize);
+};
+
 /// What the device looks like to the guest, fixed for the life of one `serve` call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceGeometry {
+pub struct DeviceSpec {
     /// Device size in bytes (multiple of 512).
     pub size: u64,
     /// Number of request queues.
@@ -67,7 +87,7 @@ pub struct DeviceGeometry {
     pub block_size: u32,
 }
 
-impl DeviceGeometry {
+impl DeviceSpec {
     /// Capacity in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.size >> SECTOR_SHIFT
@@ -135,30 +155,33 @@ impl DeviceGeometry {
         f
     }
 
-    /// The config space with the given writeback value.
+    /// The config space with the given writeback value: the `virtio_blk_config` of the
+    /// kernel's headers (virtio-bindings), little-endian, up to [`CONFIG_LEN`].
     pub fn config_bytes(&self, writeback: bool) -> [u8; CONFIG_LEN] {
-        let mut c = [0u8; CONFIG_LEN];
-        let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
-        put(0, &self.capacity_sectors().to_le_bytes()); // capacity
-        put(8, &0u32.to_le_bytes()); // size_max (SIZE_MAX not offered)
-        put(12, &self.seg_max().to_le_bytes()); // seg_max
-                                                // 16..20: geometry (not offered)
-        put(20, &self.logical_block_size().to_le_bytes()); // blk_size
-        put(24, &[0]); // physical_block_exp (physical block = blk_size)
-        put(25, &[0]); // alignment_offset (blocks)
-        put(26, &1u16.to_le_bytes()); // min_io_size (blocks)
-        put(28, &self.opt_io_blocks().to_le_bytes()); // opt_io_size (blocks)
-        put(32, &[u8::from(writeback)]); // wce
-        put(34, &self.num_queues.to_le_bytes()); // num_queues
-        if !self.read_only && self.discard {
-            put(36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
-            put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_discard_seg
-            put(44, &self.discard_alignment_sectors().to_le_bytes()); // discard_sector_alignment
-            put(48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
-            put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
-            put(56, &[1]); // write_zeroes_may_unmap
-        }
-        c
+        let discard = !self.read_only && self.discard;
+        let le32 = |on: bool, v: u32| if on { v.to_le() } else { 0 };
+        let c = BlkConfig(virtio_blk_config {
+            capacity: self.capacity_sectors().to_le(),
+            // size_max (SIZE_MAX not offered), geometry (not offered),
+            // physical_block_exp (physical block = blk_size) and alignment_offset
+            // stay zero.
+            seg_max: self.seg_max().to_le(),
+            blk_size: self.logical_block_size().to_le(),
+            min_io_size: 1u16.to_le(),
+            opt_io_size: self.opt_io_blocks().to_le(),
+            wce: u8::from(writeback),
+            num_queues: self.num_queues.to_le(),
+            max_discard_sectors: le32(discard, MAX_DISCARD_SECTORS),
+            max_discard_seg: le32(discard, MAX_DISCARD_SEGMENTS),
+            discard_sector_alignment: le32(discard, self.discard_alignment_sectors()),
+            max_write_zeroes_sectors: le32(discard, MAX_DISCARD_SECTORS),
+            max_write_zeroes_seg: le32(discard, MAX_DISCARD_SEGMENTS),
+            write_zeroes_may_unmap: u8::from(discard),
+            ..Default::default()
+        });
+        let mut out = [0u8; CONFIG_LEN];
+        out.copy_from_slice(&c.as_slice()[..CONFIG_LEN]);
+        out
     }
 
     /// GET_CONFIG: exactly `size` bytes of the config space starting at `offset`, zero padded.
@@ -203,8 +226,8 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
 mod tests {
     use super::*;
 
-    fn geo() -> DeviceGeometry {
-        DeviceGeometry {
+    fn spec() -> DeviceSpec {
+        DeviceSpec {
             size: 1 << 30,
             num_queues: 2,
             queue_size: 128,
@@ -237,7 +260,7 @@ mod tests {
 
     #[test]
     fn config_values() {
-        let c = geo().config_bytes(true);
+        let c = spec().config_bytes(true);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2097152);
         assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 126);
         assert_eq!(u32::from_le_bytes(c[28..32].try_into().unwrap()), 128);
@@ -246,9 +269,41 @@ mod tests {
         assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 128);
     }
 
+    /// The struct lays the fields out at the offsets of the virtio spec (5.2.4), as
+    /// this device filled them byte by byte before, read-only and writable.
+    #[test]
+    fn config_space_matches_the_spec_offsets() {
+        for g in [
+            spec(),
+            DeviceSpec {
+                read_only: true,
+                ..spec()
+            },
+        ] {
+            let mut want = [0u8; CONFIG_LEN];
+            let mut put = |off: usize, b: &[u8]| want[off..off + b.len()].copy_from_slice(b);
+            put(0, &g.capacity_sectors().to_le_bytes());
+            put(12, &g.seg_max().to_le_bytes());
+            put(20, &g.logical_block_size().to_le_bytes());
+            put(26, &1u16.to_le_bytes());
+            put(28, &g.opt_io_blocks().to_le_bytes());
+            put(32, &[0]);
+            put(34, &g.num_queues.to_le_bytes());
+            if !g.read_only {
+                put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+                put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+                put(44, &g.discard_alignment_sectors().to_le_bytes());
+                put(48, &MAX_DISCARD_SECTORS.to_le_bytes());
+                put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+                put(56, &[1]);
+            }
+            assert_eq!(g.config_bytes(false), want, "{g:?}");
+        }
+    }
+
     #[test]
     fn get_config_is_exactly_size() {
-        let g = geo();
+        let g = spec();
         assert_eq!(g.read_config(0, 57, true).len(), 57);
         assert_eq!(g.read_config(0, 96, true).len(), 96);
         assert_eq!(g.read_config(200, 4, true), vec![0; 4]);
@@ -267,13 +322,13 @@ mod tests {
 
     #[test]
     fn block_size_is_advertised_above_512() {
-        let g = geo();
+        let g = spec();
         assert_eq!(g.features() & (1 << VIRTIO_BLK_F_BLK_SIZE), 0);
         let c = g.config_bytes(true);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
-        let g = DeviceGeometry {
+        let g = DeviceSpec {
             block_size: 4096,
-            ..geo()
+            ..spec()
         };
         assert_ne!(g.features() & (1 << VIRTIO_BLK_F_BLK_SIZE), 0);
         let c = g.config_bytes(true);
@@ -281,17 +336,17 @@ mod tests {
         // opt_io_size in blocks, discard alignment in sectors.
         assert_eq!(u32::from_le_bytes(c[28..32].try_into().unwrap()), 16);
         assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 128);
-        let g = DeviceGeometry {
+        let g = DeviceSpec {
             block_size: 4096,
             optimal_io_size: 0,
-            ..geo()
+            ..spec()
         };
         assert_eq!(g.discard_alignment_sectors(), 8);
     }
 
     #[test]
     fn readonly_features() {
-        let mut g = geo();
+        let mut g = spec();
         g.read_only = true;
         let f = g.features();
         assert_ne!(f & (1 << VIRTIO_BLK_F_RO), 0);

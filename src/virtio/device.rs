@@ -36,9 +36,9 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::config::{self, DeviceGeometry, SERIAL_LEN};
+use super::config::{self, DeviceSpec, SERIAL_LEN};
 use super::request::{
-    self, guest_io_slices, guest_io_slices_mut, GuestMemory, ParseLimits, ParsedChain, Request,
+    self, guest_io_slices, guest_io_slices_mut, BlkRequest, GuestMemory, ParseLimits, ParsedChain,
     STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 use super::{BlockBackend, IoEngine};
@@ -72,7 +72,7 @@ pub struct QueueState {
 pub struct BlkDevice {
     backend: Arc<dyn BlockBackend>,
     io_engine: IoEngine,
-    geometry: DeviceGeometry,
+    spec: DeviceSpec,
     limits: ParseLimits,
     serial: [u8; SERIAL_LEN],
     mem: AtomicGuestMemory,
@@ -96,7 +96,7 @@ impl BlkDevice {
     /// A device for one connection.
     pub fn new(
         backend: Arc<dyn BlockBackend>,
-        geometry: DeviceGeometry,
+        spec: DeviceSpec,
         serial: &str,
         mem: AtomicGuestMemory,
         io_engine: IoEngine,
@@ -105,19 +105,19 @@ impl BlkDevice {
         let b = serial.as_bytes();
         let n = b.len().min(SERIAL_LEN);
         s[..n].copy_from_slice(&b[..n]);
-        let exit_events = (0..geometry.num_queues)
+        let exit_events = (0..spec.num_queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(BlkDevice {
             backend,
             io_engine,
-            limits: ParseLimits::from(&geometry),
-            geometry,
+            limits: ParseLimits::from(&spec),
+            spec,
             serial: s,
             mem,
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
-            queues: (0..usize::from(geometry.num_queues))
+            queues: (0..usize::from(spec.num_queues))
                 .map(|index| {
                     Mutex::new(QueueState {
                         index,
@@ -234,7 +234,7 @@ impl BlkDevice {
             return false;
         }
         if q.uring.is_none() {
-            match AsyncQueue::new(usize::from(self.geometry.queue_size)) {
+            match AsyncQueue::new(usize::from(self.spec.queue_size)) {
                 Ok(u) => q.uring = Some(u),
                 Err(e) => {
                     warn!("cannot create an io_uring, the queue runs synchronously: {e}");
@@ -397,9 +397,11 @@ impl BlkDevice {
     ) -> Option<(GuestAddress, u64, u64, DirectIo<'_>)> {
         let status_addr = parsed.status?;
         let (write, offset, len, data) = match parsed.request.as_ref().ok()? {
-            Request::Read { offset, len, data } => (false, *offset, *len, data),
+            BlkRequest::Read { offset, len, data } => (false, *offset, *len, data),
             // Write-through writes need a flush before completion: synchronous path.
-            Request::Write { offset, len, data } if self.writeback() => (true, *offset, *len, data),
+            BlkRequest::Write { offset, len, data } if self.writeback() => {
+                (true, *offset, *len, data)
+            }
             _ => return None,
         };
         // The backend's check first: it is a bitmap lookup, and the chains it refuses
@@ -462,7 +464,7 @@ impl BlkDevice {
             "io_uring {op} of {} bytes at offset {} failed: {cause}",
             r.len, r.offset
         ));
-        self.failed(op, r.offset, &e);
+        self.error_status(op, r.offset, &e);
         STATUS_IOERR
     }
 
@@ -513,10 +515,10 @@ impl BlkDevice {
 
     /// Run a validated request. Returns the status byte and the data bytes written into
     /// guest buffers.
-    fn execute(&self, mem: &GuestMemory, req: &Request) -> (u8, u32) {
+    fn execute(&self, mem: &GuestMemory, req: &BlkRequest) -> (u8, u32) {
         let ok = STATUS_OK;
         match req {
-            Request::Read { offset, len, data } => {
+            BlkRequest::Read { offset, len, data } => {
                 let mut bufs = match guest_io_slices_mut(mem, data) {
                     Ok(b) => b,
                     Err(e) => return (e.status(), 0),
@@ -524,40 +526,40 @@ impl BlkDevice {
                 match self.backend.read(*offset, &mut bufs) {
                     // len <= 4 GiB - 1: virtio-queue ends chains that exceed 2^32 bytes.
                     Ok(()) => (ok, u32::try_from(*len).unwrap_or(u32::MAX)),
-                    Err(e) => (self.failed("read", *offset, &e), 0),
+                    Err(e) => (self.error_status("read", *offset, &e), 0),
                 }
             }
-            Request::Write { offset, len, data } => {
+            BlkRequest::Write { offset, len, data } => {
                 let bufs = match guest_io_slices(mem, data) {
                     Ok(b) => b,
                     Err(e) => return (e.status(), 0),
                 };
                 debug_assert_eq!(bufs.iter().map(|b| b.len() as u64).sum::<u64>(), *len);
                 if let Err(e) = self.backend.write(*offset, &bufs) {
-                    return (self.failed("write", *offset, &e), 0);
+                    return (self.error_status("write", *offset, &e), 0);
                 }
                 (self.write_through(), 0)
             }
-            Request::Flush => match self.backend.flush() {
+            BlkRequest::Flush => match self.backend.flush() {
                 Ok(()) => (ok, 0),
-                Err(e) => (self.failed("flush", 0, &e), 0),
+                Err(e) => (self.error_status("flush", 0, &e), 0),
             },
-            Request::GetId { data } => match request::scatter(mem, data, &self.serial) {
+            BlkRequest::GetId { data } => match request::scatter(mem, data, &self.serial) {
                 Ok(n) => (ok, n),
                 Err(e) => (e.status(), 0),
             },
-            Request::Discard(ranges) => {
+            BlkRequest::Discard(ranges) => {
                 for r in ranges {
                     if let Err(e) = self.backend.discard(r.offset, r.len) {
-                        return (self.failed("discard", r.offset, &e), 0);
+                        return (self.error_status("discard", r.offset, &e), 0);
                     }
                 }
                 (self.write_through(), 0)
             }
-            Request::WriteZeroes(ranges) => {
+            BlkRequest::WriteZeroes(ranges) => {
                 for r in ranges {
                     if let Err(e) = self.backend.write_zeroes(r.offset, r.len, r.unmap) {
-                        return (self.failed("write-zeroes", r.offset, &e), 0);
+                        return (self.error_status("write-zeroes", r.offset, &e), 0);
                     }
                 }
                 (self.write_through(), 0)
@@ -572,13 +574,13 @@ impl BlkDevice {
         }
         match self.backend.flush() {
             Ok(()) => STATUS_OK,
-            Err(e) => self.failed("flush (write-through)", 0, &e),
+            Err(e) => self.error_status("flush (write-through)", 0, &e),
         }
     }
 
     /// A backend error for a guest request: logged (the first 20, then every
     /// 1000th, so that a failing disk cannot flood the log) and turned into a status.
-    fn failed(&self, op: &'static str, offset: u64, e: &io::Error) -> u8 {
+    fn error_status(&self, op: &'static str, offset: u64, e: &io::Error) -> u8 {
         let status = io_status(e);
         if status == STATUS_UNSUPP {
             debug!(op, offset, "unsupported: {e}");
@@ -625,15 +627,15 @@ impl VhostUserBackend for BlkDevice {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        usize::from(self.geometry.num_queues)
+        usize::from(self.spec.num_queues)
     }
 
     fn max_queue_size(&self) -> usize {
-        usize::from(self.geometry.queue_size)
+        usize::from(self.spec.queue_size)
     }
 
     fn features(&self) -> u64 {
-        self.geometry.features()
+        self.spec.features()
     }
 
     fn acked_features(&self, features: u64) {
@@ -649,7 +651,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.geometry
+        self.spec
             .read_config(offset, size, self.backend.write_cache())
     }
 
@@ -674,7 +676,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.geometry.num_queues).map(|i| 1u64 << i).collect()
+        (0..self.spec.num_queues).map(|i| 1u64 << i).collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

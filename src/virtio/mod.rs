@@ -112,7 +112,7 @@ pub struct ServeOptions {
     /// Answer to VIRTIO_BLK_T_GET_ID, at most 20 bytes.
     pub serial: String,
     /// Offer VIRTIO_BLK_F_RO and refuse writes (also forced on when the backend is read-only).
-    pub readonly: bool,
+    pub read_only: bool,
     /// Offer VIRTIO_BLK_F_DISCARD and VIRTIO_BLK_F_WRITE_ZEROES (ignored when read-only).
     pub discard: bool,
     /// Name of the vhost-user daemon threads (diagnostics only).
@@ -129,7 +129,7 @@ impl Default for ServeOptions {
             num_queues: 1,
             queue_size: 128,
             serial: String::from("vhost-clone"),
-            readonly: false,
+            read_only: false,
             discard: true,
             name: String::from("vhost-clone"),
             io_engine: IoEngine::Sync,

@@ -19,7 +19,7 @@
 //!   device.
 //!
 //! The result is a [`ParsedChain`]: the head, where the status byte goes (if anywhere), and
-//! either a [`Request`] or a [`RequestError`] that maps to `VIRTIO_BLK_S_IOERR` or
+//! either a [`BlkRequest`] or a [`RequestError`] that maps to `VIRTIO_BLK_S_IOERR` or
 //! `VIRTIO_BLK_S_UNSUPP`. Data buffers stay as guest addresses until execution, when
 //! [`guest_io_slices`] / [`guest_io_slices_mut`] turn them into `IoSlice`s over guest memory
 //! with no copy.
@@ -37,7 +37,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::config::{DeviceGeometry, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use super::config::{DeviceSpec, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
+use crate::storage::SECTOR_SIZE;
 
 /// Status byte: success.
 pub const STATUS_OK: u8 = 0;
@@ -89,7 +90,7 @@ pub struct ByteRange {
 /// A validated block request. Offsets and lengths are in bytes, multiples of 512, inside the
 /// device.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
+pub enum BlkRequest {
     /// VIRTIO_BLK_T_IN: read `len` bytes at `offset` into `data` (device-writable).
     Read {
         /// Byte offset.
@@ -149,16 +150,16 @@ pub enum RequestError {
         len: u32,
     },
     /// Fewer than 16 readable bytes for the request header.
-    #[error("Request header too short ({0} readable bytes)")]
+    #[error("BlkRequest header too short ({0} readable bytes)")]
     ShortHeader(u64),
-    /// Request type not implemented (or not offered).
+    /// BlkRequest type not implemented (or not offered).
     #[error("Unsupported request type {0}")]
     Unsupported(u32),
     /// Data descriptors with the wrong direction for the request type.
     #[error("Data descriptors with the wrong direction for request type {0}")]
     WrongDirection(u32),
     /// A read or write without data.
-    #[error("Request type {0} without data")]
+    #[error("BlkRequest type {0} without data")]
     NoData(u32),
     /// Data length not a multiple of 512.
     #[error("Data length {0} is not a multiple of 512")]
@@ -220,7 +221,7 @@ pub struct ParsedChain {
     /// Guest address of the status byte, when the chain has a valid writable byte for it.
     pub status: Option<GuestAddress>,
     /// The request, or why it is refused.
-    pub request: Result<Request, RequestError>,
+    pub request: Result<BlkRequest, RequestError>,
 }
 
 /// What the parser needs to know about the device.
@@ -239,8 +240,8 @@ pub struct ParseLimits {
     pub block_size: u64,
 }
 
-impl From<&DeviceGeometry> for ParseLimits {
-    fn from(g: &DeviceGeometry) -> Self {
+impl From<&DeviceSpec> for ParseLimits {
+    fn from(g: &DeviceSpec) -> Self {
         ParseLimits {
             size: g.size,
             read_only: g.read_only,
@@ -315,7 +316,7 @@ fn parse_descriptors(
     mem: &GuestMemory,
     descs: &[Desc],
     limits: &ParseLimits,
-) -> Result<Request, RequestError> {
+) -> Result<BlkRequest, RequestError> {
     // Readable before writable.
     if let Some(first_w) = descs.iter().position(|d| d.write) {
         if descs[first_w..].iter().any(|d| !d.write) {
@@ -380,7 +381,7 @@ fn parse_descriptors(
             }
             let offset = check_range(sector, in_len, limits.size)?;
             check_blocks(offset, in_len, limits.block_size)?;
-            Ok(Request::Read {
+            Ok(BlkRequest::Read {
                 offset,
                 len: in_len,
                 data: writable,
@@ -398,19 +399,19 @@ fn parse_descriptors(
             }
             let offset = check_range(sector, out_len, limits.size)?;
             check_blocks(offset, out_len, limits.block_size)?;
-            Ok(Request::Write {
+            Ok(BlkRequest::Write {
                 offset,
                 len: out_len,
                 data: data_out,
             })
         }
         // Data buffers of a flush are ignored (Linux sends none), as is its sector field.
-        VIRTIO_BLK_T_FLUSH => Ok(Request::Flush),
+        VIRTIO_BLK_T_FLUSH => Ok(BlkRequest::Flush),
         VIRTIO_BLK_T_GET_ID => {
             if out_len != 0 || in_len == 0 {
                 return Err(RequestError::WrongDirection(req_type));
             }
-            Ok(Request::GetId { data: writable })
+            Ok(BlkRequest::GetId { data: writable })
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             if !limits.discard {
@@ -425,9 +426,9 @@ fn parse_descriptors(
             let wz = req_type == VIRTIO_BLK_T_WRITE_ZEROES;
             let ranges = parse_segments(mem, &data_out, out_len, wz, limits)?;
             Ok(if wz {
-                Request::WriteZeroes(ranges)
+                BlkRequest::WriteZeroes(ranges)
             } else {
-                Request::Discard(ranges)
+                BlkRequest::Discard(ranges)
             })
         }
         other => Err(RequestError::Unsupported(other)),
@@ -737,7 +738,7 @@ mod tests {
         assert_eq!(p.status, Some(GuestAddress(0x30000)));
         assert_eq!(
             p.request,
-            Ok(Request::Read {
+            Ok(BlkRequest::Read {
                 offset: 1024,
                 len: 1024,
                 data: smallvec::smallvec![GuestSegment {
@@ -762,7 +763,7 @@ mod tests {
             &limits(),
         );
         assert_eq!(p.status, Some(GuestAddress(0x20200)));
-        assert!(matches!(p.request, Ok(Request::Read { len: 512, .. })));
+        assert!(matches!(p.request, Ok(BlkRequest::Read { len: 512, .. })));
     }
 
     #[test]
@@ -844,7 +845,7 @@ mod tests {
         ];
         assert_eq!(
             parse(&m, &c, &limits()).request,
-            Ok(Request::Discard(vec![ByteRange {
+            Ok(BlkRequest::Discard(vec![ByteRange {
                 offset: 4096,
                 len: 4096,
                 unmap: false
@@ -1004,7 +1005,7 @@ mod tests {
             ],
             &limits(),
         );
-        let Ok(Request::Read { data, .. }) = p.request else {
+        let Ok(BlkRequest::Read { data, .. }) = p.request else {
             panic!("{:?}", p.request)
         };
         assert_eq!(
@@ -1040,10 +1041,10 @@ mod tests {
                 let p = parse_chain(chain, &limits());
                 if let Ok(req) = &p.request {
                     match req {
-                        Request::Read { data, .. } | Request::GetId { data } => {
+                        BlkRequest::Read { data, .. } | BlkRequest::GetId { data } => {
                             let _ = guest_io_slices_mut(&m, data);
                         }
-                        Request::Write { data, .. } => {
+                        BlkRequest::Write { data, .. } => {
                             let _ = guest_io_slices(&m, data);
                         }
                         _ => {}

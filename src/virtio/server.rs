@@ -32,10 +32,11 @@ use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::config::{DeviceGeometry, MAX_BLOCK_SIZE, MAX_QUEUES, SECTOR_SIZE, SERIAL_LEN};
+use super::config::{DeviceSpec, MAX_BLOCK_SIZE, MAX_QUEUES, SERIAL_LEN};
 use super::device::BlkDevice;
 use super::{BlockBackend, Result, ServeOptions, VirtioError};
 use crate::socket::{BoundSocket, SocketError};
+use crate::storage::SECTOR_SIZE;
 
 impl From<SocketError> for VirtioError {
     fn from(e: SocketError) -> VirtioError {
@@ -140,20 +141,20 @@ pub fn serve_on(
     socket: &BoundSocket,
     shutdown: &ShutdownSignal,
 ) -> Result<()> {
-    let geometry = validate(&*backend, opts)?;
+    let spec = validate(&*backend, opts)?;
     let unix_listener = socket.listener().try_clone().map_err(VirtioError::Setup)?;
     info!(
-        size = geometry.size,
-        queues = geometry.num_queues,
-        read_only = geometry.read_only,
+        size = spec.size,
+        queues = spec.num_queues,
+        read_only = spec.read_only,
         io_engine = ?opts.io_engine,
         "vhost-user-blk listening"
     );
     let mut listener = Listener::from(unix_listener);
-    accept_loop(&backend, opts, geometry, &mut listener, shutdown)
+    accept_loop(&backend, opts, spec, &mut listener, shutdown)
 }
 
-fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceGeometry> {
+fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceSpec> {
     let size = backend.size();
     if size % SECTOR_SIZE != 0 {
         return Err(VirtioError::InvalidBackendSize(size));
@@ -188,11 +189,11 @@ fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceGeo
             opts.serial.len()
         )));
     }
-    Ok(DeviceGeometry {
+    Ok(DeviceSpec {
         size,
         num_queues: opts.num_queues,
         queue_size: opts.queue_size,
-        read_only: opts.readonly || backend.read_only(),
+        read_only: opts.read_only || backend.read_only(),
         discard: opts.discard,
         optimal_io_size: backend.optimal_io_size(),
         block_size,
@@ -202,7 +203,7 @@ fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceGeo
 fn accept_loop(
     backend: &Arc<dyn BlockBackend>,
     opts: &ServeOptions,
-    geometry: DeviceGeometry,
+    spec: DeviceSpec,
     listener: &mut Listener,
     shutdown: &ShutdownSignal,
 ) -> Result<()> {
@@ -214,7 +215,7 @@ fn accept_loop(
                 info!("shutdown requested; no longer accepting connections");
                 return Ok(());
             }
-            Some(_) => serve_connection(backend, opts, geometry, listener, shutdown)?,
+            Some(_) => serve_connection(backend, opts, spec, listener, shutdown)?,
             None => {}
         }
         if shutdown.is_triggered() {
@@ -227,7 +228,7 @@ fn accept_loop(
 fn serve_connection(
     backend: &Arc<dyn BlockBackend>,
     opts: &ServeOptions,
-    geometry: DeviceGeometry,
+    spec: DeviceSpec,
     listener: &mut Listener,
     shutdown: &ShutdownSignal,
 ) -> Result<()> {
@@ -235,7 +236,7 @@ fn serve_connection(
     let device = Arc::new(
         BlkDevice::new(
             backend.clone(),
-            geometry,
+            spec,
             &opts.serial,
             mem.clone(),
             opts.io_engine,
