@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use nix::sys::signal::{SigSet, Signal};
 
 use super::stores::{MetadataState, StoreOptions, StorePaths, Stores};
 use super::systemd::{self, Notifier, Watched};
@@ -243,32 +244,22 @@ pub enum ServeError {
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread, and so in every
 /// thread it starts afterwards. Returns the set.
-fn block_signals() -> io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it fully.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
+fn block_signals() -> io::Result<SigSet> {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
     }
-    // SAFETY: `set` is initialised; the old mask is not needed (null).
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
+    set.thread_block()?;
     Ok(set)
 }
 
 /// Turns the blocked signals of `set` into `shutdown.trigger()` on a thread.
-fn start_signal_thread(set: libc::sigset_t, shutdown: ShutdownSignal) -> io::Result<()> {
+fn start_signal_thread(set: SigSet, shutdown: ShutdownSignal) -> io::Result<()> {
     crate::sandbox::spawn(ThreadKind::Signals, "signals", move || loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: `set` is initialised and blocked in every thread; `sig` is a valid out pointer.
-        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+        // `set` is blocked in every thread, so its signals wait here.
+        if let Ok(sig) = set.wait() {
             tracing::info!(
-                signal = sig,
+                signal = %sig,
                 "stopping: no new requests, finishing those in flight, then a final commit"
             );
             shutdown.trigger();

@@ -304,19 +304,14 @@ impl LiveMap {
         }
         // Allocate every page now: a store into a hole of a full tmpfs would
         // raise SIGBUS inside set_hydrated; here it is an error at start-up.
-        // SAFETY: fallocate on an open descriptor with a valid range; mode 0
-        // only allocates (the file is already this long, nothing changes size).
-        if unsafe {
-            libc::fallocate(
-                std::os::unix::io::AsRawFd::as_raw_fd(&file),
-                0,
-                0,
-                len as libc::off_t,
-            )
-        } != 0
-        {
-            return Err(err(io::Error::last_os_error()));
-        }
+        // (mode 0 only allocates: the file is already this long.)
+        nix::fcntl::fallocate(
+            &file,
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            len as libc::off_t,
+        )
+        .map_err(|e| err(e.into()))?;
         // SAFETY: a new shared, read-write mapping of `len` bytes of an open file
         // of exactly that size; the kernel picks the address. Nothing else in
         // this process maps or truncates the file while the LiveMap lives.

@@ -38,11 +38,10 @@ pub enum Allow {
 
 use Allow::{Any, Arg};
 
-// ioctl requests (linux/fs.h, asm-generic/ioctls.h).
-const BLKDISCARD: u64 = 0x1277;
-const BLKZEROOUT: u64 = 0x127f;
-const FIONBIO: u64 = 0x5421;
-const FIOCLEX: u64 = 0x5451;
+// ioctl requests: the storage layer's, and std's (asm-generic/ioctls.h).
+use crate::storage::{BLKDISCARD, BLKZEROOUT};
+const FIONBIO: u64 = libc::FIONBIO;
+const FIOCLEX: u64 = libc::FIOCLEX;
 
 /// What every thread needs: the allocator, std's thread start and exit, locks and
 /// condition variables, clocks, logging to stderr, naming the thread, and stacking a

@@ -9,12 +9,36 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::lock::{self, FileId, LockError, LockKind};
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
+
 use super::{check_range, io_err, iov_len, BlockDevice, IoFd, Result, StorageError};
 
-/// `BLKDISCARD` from `<linux/fs.h>`: `_IO(0x12, 119)`.
-const BLKDISCARD: libc::c_ulong = 0x1277;
-/// `BLKZEROOUT` from `<linux/fs.h>`: `_IO(0x12, 127)`.
-const BLKZEROOUT: libc::c_ulong = 0x127f;
+/// `BLKDISCARD` from `<linux/fs.h>`: `_IO(0x12, 119)`, with a `u64[2]` range.
+pub const BLKDISCARD: u64 = nix::request_code_none!(0x12, 119);
+/// `BLKZEROOUT` from `<linux/fs.h>`: `_IO(0x12, 127)`, with a `u64[2]` range.
+pub const BLKZEROOUT: u64 = nix::request_code_none!(0x12, 127);
+
+nix::ioctl_write_ptr_bad!(
+    /// BLKDISCARD on `fd` over `[range[0], range[0] + range[1])`.
+    ///
+    /// # Safety
+    ///
+    /// `data` points to a live `[u64; 2]`.
+    blk_discard,
+    BLKDISCARD,
+    [u64; 2]
+);
+nix::ioctl_write_ptr_bad!(
+    /// BLKZEROOUT on `fd` over `[range[0], range[0] + range[1])`.
+    ///
+    /// # Safety
+    ///
+    /// `data` points to a live `[u64; 2]`.
+    blk_zeroout,
+    BLKZEROOUT,
+    [u64; 2]
+);
 /// Alignment used for `O_DIRECT` bounce buffers and checks.
 const DIRECT_ALIGN: usize = 4096;
 /// Chunk size of zero-filled writes when the device cannot zero a range itself.
@@ -175,33 +199,31 @@ impl FileDevice {
         Ok(())
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    fn fallocate(&self, mode: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
         let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
         loop {
-            // SAFETY: fallocate only reads its integer arguments; the fd is owned by self.
-            let r = unsafe { libc::fallocate(self.fd(), mode, off, l) };
-            if r == 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            match fallocate(&self.file, mode, off, l) {
+                Err(Errno::EINTR) => continue,
+                r => return r.map_err(io::Error::from),
             }
         }
     }
 
-    fn blk_ioctl(&self, req: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+    /// BLKDISCARD (`zero`: BLKZEROOUT) over `[offset, offset + len)`.
+    fn blk_ioctl(&self, zero: bool, offset: u64, len: u64) -> io::Result<()> {
         let range: [u64; 2] = [offset, len];
-        // SAFETY: BLKDISCARD/BLKZEROOUT read a `u64[2]` from the pointer, which points to
-        // a live, properly sized array for the duration of the call.
-        let r = unsafe { libc::ioctl(self.fd(), req as _, range.as_ptr()) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        // SAFETY: both ioctls read a `u64[2]` from the pointer, which points to a
+        // live array for the duration of the call; the fd is owned by self.
+        let r = unsafe {
+            if zero {
+                blk_zeroout(self.fd(), &range)
+            } else {
+                blk_discard(self.fd(), &range)
+            }
+        };
+        r.map(drop).map_err(io::Error::from)
     }
 
     fn lseek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
@@ -429,10 +451,10 @@ impl BlockDevice for FileDevice {
             return Err(StorageError::Unsupported { op: "discard" });
         }
         let r = if self.block_device {
-            self.blk_ioctl(BLKDISCARD, offset, len)
+            self.blk_ioctl(false, offset, len)
         } else {
             self.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                 offset,
                 len,
             )
@@ -462,17 +484,17 @@ impl BlockDevice for FileDevice {
             return Ok(());
         }
         let r = if self.block_device {
-            self.blk_ioctl(BLKZEROOUT, offset, len)
+            self.blk_ioctl(true, offset, len)
         } else {
             self.fallocate(
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                 offset,
                 len,
             )
             .or_else(|e| {
                 if is_unsupported(&e) {
                     self.fallocate(
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                         offset,
                         len,
                     )
