@@ -16,6 +16,13 @@
 //! | write zeroes | as write | destination zeroing (fallocate) where possible |
 //! | flush | - | group commit (pre-commit, destination flush, metadata commit) |
 //!
+//! Layout: request mapping (read, write, discard, write zeroes, flush) is here;
+//! [`commit`] schedules and gates commits ([`DestFlush`]: whether a commit
+//! flushes the destination); `hydrate.rs` copies regions; `direct.rs` grants
+//! direct-I/O permits and counts them; `counters.rs` keeps the sharded I/O
+//! counters; `iov.rs` holds the scatter-gather helpers; [`locks`], [`rate`],
+//! [`throttle`] and [`hydrator`] are what their names say.
+//!
 //! Invariants:
 //! * A region's bit is set (in core) only after its data write completed, and it
 //!   reaches the metadata's durable state only through [`crate::metadata::Metadata::commit`],
@@ -27,7 +34,11 @@
 //!   in arrival order. Reads never wait: until the bit is set the source is right.
 
 pub mod commit;
+mod counters;
+mod direct;
+mod hydrate;
 pub mod hydrator;
+mod iov;
 pub mod locks;
 pub mod rate;
 pub mod throttle;
@@ -37,13 +48,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use crate::metadata::{CommitOutcome, Geometry, Metadata, MetadataError, Mode};
-use crate::storage::aio::{DirectIo, DirectIoAccount, IoTarget};
-use crate::storage::{copy_range, iov_len, BlockDevice, StorageError, SECTOR_SIZE};
+use crate::storage::{iov_len, BlockDevice, StorageError, SECTOR_SIZE};
 pub use commit::DestFlush;
 use commit::{CommitGate, CommitLatency, Committer};
+pub use counters::Counters;
+use counters::{bump, AtomicCounters, CounterOf, InFlight, COUNTER_SHARDS};
+pub use hydrate::HydrateStep;
+use iov::{copy_from_iov, sub_iov, sub_iov_mut, with_scratch};
 use locks::RegionLocks;
 use rate::RateWindow;
 
@@ -119,102 +131,6 @@ impl Default for EngineConfig {
     }
 }
 
-/// I/O counters, for status.
-#[derive(Debug, Default, Serialize, serde::Deserialize, Clone, Copy)]
-pub struct Counters {
-    /// Read requests.
-    pub reads: u64,
-    /// Write requests.
-    pub writes: u64,
-    /// Discard requests.
-    pub discards: u64,
-    /// Write-zeroes requests.
-    pub write_zeroes: u64,
-    /// Flush requests.
-    pub flushes: u64,
-    /// Bytes read.
-    pub bytes_read: u64,
-    /// Bytes written.
-    pub bytes_written: u64,
-    /// Regions copied because a guest wrote part of them.
-    pub guest_hydrations: u64,
-    /// Regions copied by background hydration.
-    pub background_hydrations: u64,
-    /// Regions marked without copy (overwritten, discarded or zeroed whole).
-    pub overwrites: u64,
-    /// Requests that failed (all kinds; the `*_errors` fields split it).
-    pub errors: u64,
-    /// Bytes discarded (the requests' lengths).
-    #[serde(default)]
-    pub bytes_discarded: u64,
-    /// Bytes zeroed by write-zeroes requests.
-    #[serde(default)]
-    pub bytes_zeroed: u64,
-    /// Read requests that failed.
-    #[serde(default)]
-    pub read_errors: u64,
-    /// Write requests that failed.
-    #[serde(default)]
-    pub write_errors: u64,
-    /// Flush requests that failed.
-    #[serde(default)]
-    pub flush_errors: u64,
-    /// Discard requests that failed.
-    #[serde(default)]
-    pub discard_errors: u64,
-    /// Write-zeroes requests that failed.
-    #[serde(default)]
-    pub write_zeroes_errors: u64,
-}
-
-/// Counter shards: each thread adds to its own (cache-line aligned) shard, so
-/// that queue threads on different CPUs do not bounce a shared cache line on
-/// every request; readers sum the shards.
-const COUNTER_SHARDS: usize = 16;
-
-/// The shard of the calling thread.
-fn shard_index() -> usize {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    thread_local! {
-        static INDEX: usize = (NEXT.fetch_add(1, Ordering::Relaxed) as usize) % COUNTER_SHARDS;
-    }
-    INDEX.with(|i| *i)
-}
-
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct AtomicCounters {
-    /// Guest requests being served (incremented and decremented by the same thread).
-    in_flight: AtomicU64,
-    /// Completed destination writes (see `Engine::dest_flushed_at`).
-    dest_writes: AtomicU64,
-    reads: AtomicU64,
-    writes: AtomicU64,
-    discards: AtomicU64,
-    write_zeroes: AtomicU64,
-    flushes: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-    guest_hydrations: AtomicU64,
-    background_hydrations: AtomicU64,
-    overwrites: AtomicU64,
-    errors: AtomicU64,
-    bytes_discarded: AtomicU64,
-    bytes_zeroed: AtomicU64,
-    read_errors: AtomicU64,
-    write_errors: AtomicU64,
-    flush_errors: AtomicU64,
-    discard_errors: AtomicU64,
-    write_zeroes_errors: AtomicU64,
-}
-
-/// Selects one counter of a shard (the per-kind error counters).
-type CounterOf = fn(&AtomicCounters) -> &AtomicU64;
-
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
-
 /// Wraps a storage error with the device it came from.
 type ErrWrap = fn(StorageError) -> EngineError;
 
@@ -260,42 +176,6 @@ pub struct Engine {
 /// previous one completed and never flushed: its first flush must reach the
 /// destination although its own counters say nothing was written (design rule 7).
 const DEST_NEVER_FLUSHED: u64 = u64::MAX;
-
-/// Counts a guest request as in flight for its lifetime.
-struct InFlight<'a>(&'a AtomicU64);
-
-impl<'a> InFlight<'a> {
-    fn new(c: &'a AtomicU64) -> Self {
-        c.fetch_add(1, Ordering::AcqRel);
-        InFlight(c)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// The result of one background hydration step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HydrateStep {
-    /// Regions `first..first + count` were hydrated.
-    Hydrated {
-        /// First region.
-        first: u64,
-        /// Number of regions.
-        count: u64,
-        /// Of which this many were holes of the source (zeroed, not read).
-        holes: u64,
-        /// Bytes read from the source for them (what a rate limit charges).
-        bytes_read: u64,
-    },
-    /// Every unhydrated region looked at is busy (a guest request holds it).
-    Busy,
-    /// Every region is hydrated.
-    Done,
-}
 
 impl Engine {
     /// Builds an engine over opened devices and metadata. `source` may be `None`
@@ -389,18 +269,6 @@ impl Engine {
         self.sum(|c| &c.in_flight)
     }
 
-    /// This thread's counter shard.
-    fn stats(&self) -> &AtomicCounters {
-        &self.shards[shard_index()]
-    }
-
-    /// The sum of one counter over the shards.
-    fn sum(&self, f: impl Fn(&AtomicCounters) -> &AtomicU64) -> u64 {
-        self.shards
-            .iter()
-            .fold(0u64, |t, c| t.wrapping_add(f(c).load(Ordering::Acquire)))
-    }
-
     /// The state of a network source (`None` for a file source or none).
     pub fn source_status(&self) -> Option<crate::storage::nbd::RemoteStatus> {
         self.source.as_ref()?.remote_status()
@@ -420,30 +288,6 @@ impl Engine {
     /// finished (the systemd watchdog's health check).
     pub fn commit_activity(&self) -> commit::CommitActivity {
         self.gate.activity()
-    }
-
-    /// A snapshot of the I/O counters.
-    pub fn counters(&self) -> Counters {
-        Counters {
-            reads: self.sum(|c| &c.reads),
-            writes: self.sum(|c| &c.writes),
-            discards: self.sum(|c| &c.discards),
-            write_zeroes: self.sum(|c| &c.write_zeroes),
-            flushes: self.sum(|c| &c.flushes),
-            bytes_read: self.sum(|c| &c.bytes_read),
-            bytes_written: self.sum(|c| &c.bytes_written),
-            guest_hydrations: self.sum(|c| &c.guest_hydrations),
-            background_hydrations: self.sum(|c| &c.background_hydrations),
-            overwrites: self.sum(|c| &c.overwrites),
-            errors: self.sum(|c| &c.errors),
-            bytes_discarded: self.sum(|c| &c.bytes_discarded),
-            bytes_zeroed: self.sum(|c| &c.bytes_zeroed),
-            read_errors: self.sum(|c| &c.read_errors),
-            write_errors: self.sum(|c| &c.write_errors),
-            flush_errors: self.sum(|c| &c.flush_errors),
-            discard_errors: self.sum(|c| &c.discard_errors),
-            write_zeroes_errors: self.sum(|c| &c.write_zeroes_errors),
-        }
     }
 
     /// Durations of the commits this process ran that did I/O (wrote a new
@@ -595,58 +439,6 @@ impl Engine {
     /// Convenience: writes one buffer.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.write(offset, &[IoSlice::new(buf)])
-    }
-
-    /// A permit to read or write `[offset, offset + len)` directly (the io_uring
-    /// path of the virtio front), instead of calling [`Engine::read`] /
-    /// [`Engine::write`], on the permit's target at the same offset.
-    ///
-    /// - A write whose regions are all hydrated goes to the destination: such a
-    ///   region's data lives there, it is never locked, and nothing but the guest
-    ///   writes it again (a set bit is never cleared).
-    /// - A read whose regions are all hydrated reads the destination; a read whose
-    ///   regions are all unhydrated reads the source, as [`Engine::read`] does
-    ///   (reads never copy or wait, and the source never changes: a region that
-    ///   becomes hydrated meanwhile holds the same data on both).
-    ///
-    /// Everything else returns `None` and goes through the engine: writes to
-    /// unhydrated regions (which copy, lock and mark), reads over both kinds,
-    /// invalid ranges, fail mode, devices that take no direct requests.
-    ///
-    /// The permit counts the request as in flight until it ends; its
-    /// [`DirectIo::finish`] counts it, and a write (finished, failed or dropped)
-    /// counts as a destination write, so the next flush flushes the destination.
-    pub fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<DirectIo<'_>> {
-        if len == 0 || self.check(offset, len).is_err() || self.check_mode().is_err() {
-            return None;
-        }
-        let dev = if self.md.all_hydrated() {
-            &self.dest
-        } else {
-            let (first, last) = (
-                self.geo.region_of(offset),
-                self.geo.region_of(offset + len - 1),
-            );
-            let hydrated = self.md.is_hydrated(first);
-            if !(first + 1..=last).all(|r| self.md.is_hydrated(r) == hydrated) {
-                return None;
-            }
-            match (hydrated, write) {
-                (true, _) => &self.dest,
-                (false, false) => self.source.as_ref()?,
-                (false, true) => return None,
-            }
-        };
-        let target = IoTarget::of(dev)?;
-        Some(DirectIo::grant(self, target, write, len))
-    }
-
-    /// Test-only mutation: direct writes are not counted as destination writes,
-    /// so a flush after them may skip the destination. Exists so the crash
-    /// suite's direct-I/O workloads can fail.
-    #[cfg(feature = "test-hooks")]
-    pub fn set_uncounted_direct_writes(&self, on: bool) {
-        self.uncounted_direct_writes.store(on, Ordering::SeqCst);
     }
 
     /// Writes zeroes over `[offset, offset + len)`.
@@ -918,260 +710,7 @@ impl Engine {
             }
         })
     }
-
-    /// Hydrates region `r` if it is not hydrated yet. Returns true when it copied.
-    pub fn hydrate_region(&self, r: u64) -> Result<bool> {
-        if r >= self.geo.nr_regions() {
-            return Err(EngineError::Metadata(MetadataError::OutOfRange {
-                region: r,
-                nr: self.geo.nr_regions(),
-            }));
-        }
-        let _guard = self.locks.lock(r);
-        if self.md.is_hydrated(r) {
-            return Ok(false);
-        }
-        self.copy_run(r, 1, false)?;
-        Ok(true)
-    }
-
-    /// Copies regions `first..first + n` (all locked by the caller, all
-    /// unhydrated) from the source, then marks them. Holes of a sparse source
-    /// are zeroed on the destination instead of read; with `detect_zeroes`,
-    /// all-zero data read is written as zeroes (a hole) too. Returns the
-    /// number of hole regions and the bytes read from the source.
-    fn copy_run(&self, first: u64, n: u64, detect_zeroes: bool) -> Result<(u64, u64)> {
-        if self.md.mode() != Mode::Rw {
-            return Err(EngineError::Metadata(MetadataError::ReadOnly));
-        }
-        let src = self.source_dev(first)?;
-        let start = self.geo.region_start(first);
-        let end = self.geo.region_end(first + n - 1);
-        let extents = src
-            .data_extents(start, end - start)
-            .map_err(EngineError::Source)?;
-        let has_data = |a: u64, b: u64| match &extents {
-            None => true,
-            Some(ext) => ext.iter().any(|&(x, y)| x < b && a < y),
-        };
-        let (mut holes, mut read) = (0, 0);
-        let mut buf = Vec::new();
-        let mut r = first;
-        while r < first + n {
-            // A run of regions of one kind (data or hole).
-            let data = has_data(self.geo.region_start(r), self.geo.region_end(r));
-            let mut e = r + 1;
-            while e < first + n
-                && has_data(self.geo.region_start(e), self.geo.region_end(e)) == data
-            {
-                e += 1;
-            }
-            let (a, b) = (self.geo.region_start(r), self.geo.region_end(e - 1));
-            if data && !detect_zeroes {
-                copy_range(src.as_ref(), self.dest.as_ref(), a, b - a, &mut buf).map_err(
-                    |(from_source, e)| {
-                        if from_source {
-                            EngineError::Source(e)
-                        } else {
-                            EngineError::Dest(e)
-                        }
-                    },
-                )?;
-                self.dest_written();
-                bump(&self.hydration_bytes_read, b - a);
-                read += b - a;
-            } else if data {
-                // In bounded chunks, whatever the batch size.
-                let mut pos = a;
-                while pos < b {
-                    let n = (b - pos).min(crate::storage::COPY_CHUNK);
-                    buf.resize(n as usize, 0);
-                    src.read_at(&mut buf, pos).map_err(EngineError::Source)?;
-                    bump(&self.hydration_bytes_read, n);
-                    read += n;
-                    if buf.iter().all(|&x| x == 0) {
-                        self.zero_dest(pos, n)?;
-                    } else {
-                        self.dest.write_at(&buf, pos).map_err(EngineError::Dest)?;
-                        self.dest_written();
-                    }
-                    pos += n;
-                }
-            } else {
-                self.zero_dest(a, b - a)?;
-                holes += e - r;
-            }
-            r = e;
-        }
-        for r in first..first + n {
-            self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
-        }
-        Ok((holes, read))
-    }
-
-    /// One background hydration step: copies up to `max` adjacent unhydrated
-    /// regions that no guest request is working on, starting at the cursor.
-    pub fn hydrate_batch(&self, max: u64, detect_zeroes: bool) -> Result<HydrateStep> {
-        let nr = self.geo.nr_regions();
-        let mut from = self.hydration_cursor.load(Ordering::Relaxed) % nr;
-        for _ in 0..64 {
-            let Some(first) = self.md.next_unhydrated(from) else {
-                return Ok(HydrateStep::Done);
-            };
-            let mut guards = Vec::new();
-            let mut r = first;
-            while r < nr && (r - first) < max.max(1) && !self.md.is_hydrated(r) {
-                match self.locks.try_lock(r) {
-                    // Re-check under the lock: it may have been hydrated meanwhile.
-                    Some(g) if !self.md.is_hydrated(r) => guards.push(g),
-                    _ => break,
-                }
-                r += 1;
-            }
-            if guards.is_empty() {
-                from = (first + 1) % nr;
-                continue;
-            }
-            let count = guards.len() as u64;
-            let (holes, bytes_read) = self.copy_run(first, count, detect_zeroes)?;
-            drop(guards);
-            self.hydration_cursor
-                .store((first + count) % nr, Ordering::Relaxed);
-            bump(&self.stats().background_hydrations, count);
-            return Ok(HydrateStep::Hydrated {
-                first,
-                count,
-                holes,
-                bytes_read,
-            });
-        }
-        Ok(HydrateStep::Busy)
-    }
-
-    /// One background hydration step of a single region; returns it, or `None`
-    /// when nothing is left (or everything left is busy).
-    pub fn hydrate_next(&self) -> Result<Option<u64>> {
-        match self.hydrate_batch(1, false)? {
-            HydrateStep::Hydrated { first, .. } => Ok(Some(first)),
-            _ => Ok(None),
-        }
-    }
-}
-
-/// Runs `f` on a per-thread scratch buffer of `len` bytes whose contents are
-/// unspecified. Buffers up to 1 MiB are kept and reused, so that a partial write
-/// to an unhydrated region does not allocate (and zero) a region buffer each time.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    const KEEP: usize = 1 << 20;
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    if len > KEEP {
-        return f(&mut vec![0u8; len]);
-    }
-    SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut v) => {
-            if v.len() < len {
-                v.resize(len, 0);
-            }
-            f(&mut v[..len])
-        }
-        // Not re-entered today; stay correct if it ever is.
-        Err(_) => f(&mut vec![0u8; len]),
-    })
-}
-
-/// The byte range `[start, start + len)` of a scatter list, as a new list.
-fn sub_iov_mut<'b>(
-    bufs: &'b mut [IoSliceMut<'_>],
-    mut start: usize,
-    mut len: usize,
-) -> Vec<IoSliceMut<'b>> {
-    let mut out = Vec::new();
-    for b in bufs.iter_mut() {
-        if len == 0 {
-            break;
-        }
-        let bl = b.len();
-        if start >= bl {
-            start -= bl;
-            continue;
-        }
-        let take = (bl - start).min(len);
-        out.push(IoSliceMut::new(&mut b[start..start + take]));
-        start = 0;
-        len -= take;
-    }
-    out
-}
-
-/// The byte range `[start, start + len)` of a gather list, as a new list.
-fn sub_iov<'b>(bufs: &'b [IoSlice<'_>], mut start: usize, mut len: usize) -> Vec<IoSlice<'b>> {
-    let mut out = Vec::new();
-    for b in bufs {
-        if len == 0 {
-            break;
-        }
-        let bl = b.len();
-        if start >= bl {
-            start -= bl;
-            continue;
-        }
-        let take = (bl - start).min(len);
-        out.push(IoSlice::new(&b[start..start + take]));
-        start = 0;
-        len -= take;
-    }
-    out
-}
-
-/// Copies `dst.len()` bytes starting at byte `start` of a gather list into `dst`.
-fn copy_from_iov(bufs: &[IoSlice<'_>], start: usize, dst: &mut [u8]) {
-    let mut done = 0;
-    for s in sub_iov(bufs, start, dst.len()) {
-        dst[done..done + s.len()].copy_from_slice(&s);
-        done += s.len();
-    }
 }
 
 #[cfg(test)]
 mod tests;
-
-/// The accounting of [`Engine::direct_io`]'s permits: what [`Engine::read`] and
-/// [`Engine::write`] count for themselves.
-impl DirectIoAccount for Engine {
-    fn started(&self) {
-        self.stats().in_flight.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn finished(&self, write: bool, len: u64, outcome: Option<bool>, maybe_written: bool) {
-        let st = self.stats();
-        #[cfg(feature = "test-hooks")]
-        let maybe_written = maybe_written && !self.uncounted_direct_writes.load(Ordering::SeqCst);
-        if maybe_written {
-            // Before the requester is told: the next flush covers this write.
-            self.dest_written();
-        }
-        if let Some(ok) = outcome {
-            if write {
-                bump(&st.writes, 1);
-                bump(&st.bytes_written, len);
-            } else {
-                bump(&st.reads, 1);
-                bump(&st.bytes_read, len);
-            }
-            if !ok {
-                bump(&st.errors, 1);
-                bump(
-                    if write {
-                        &st.write_errors
-                    } else {
-                        &st.read_errors
-                    },
-                    1,
-                );
-            }
-        }
-        st.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}

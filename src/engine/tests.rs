@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::metadata::format::Layout;
-use crate::storage::aio::AsyncIo;
+use crate::storage::aio::{AsyncIo, IoTarget};
 use crate::storage::SimDevice;
 
 const RS: u64 = 4096;
