@@ -3,7 +3,7 @@
 //! This module owns:
 //! * [`Geometry`] (`geometry.rs`): device size, region size and region
 //!   arithmetic (u64, checked).
-//! * The on-disk format ([`format`], documented in `docs/metadata-format.md`):
+//! * The on-disk format ([`mod@format`], documented in `docs/metadata-format.md`):
 //!   two superblock slots, the bitmap in place, and a two-slot journal.
 //! * Opening a store ([`load`], `recovery.rs`): its recovery steps, which
 //!   validate everything and change nothing.

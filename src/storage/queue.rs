@@ -29,7 +29,7 @@
 //! - **No abandoned I/O.** Dropping a queue waits for the kernel to finish what it
 //!   has: the buffers may be reused the moment the queue is gone. (Emulated
 //!   requests not yet performed simply never happen, like I/O lost with a process.)
-//! - **A bounded ring.** Only readv and writev can be submitted ([`restrict`]), since
+//! - **A bounded ring.** Only readv and writev can be submitted (`restrict`), since
 //!   the ring's submissions bypass seccomp.
 
 use std::collections::VecDeque;
@@ -247,7 +247,7 @@ impl AsyncQueue {
         }
     }
 
-    /// The submission opcodes the ring accepts ([`restrict`]).
+    /// The submission opcodes the ring accepts (`restrict`).
     pub const ALLOWED_OPCODES: [u8; 2] = [opcode::Readv::CODE, opcode::Writev::CODE];
 
     /// Whether another request may be started.

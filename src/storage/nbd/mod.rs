@@ -2,7 +2,7 @@
 //! rbd-nbd, another host), spoken to by our own client.
 //!
 //! Layout: [`uri`] parses NBD URIs, [`proto`] is the wire format (pure
-//! parsers, fuzzed), [`handshake`] the fixed-newstyle negotiation, [`conn`] one
+//! parsers, fuzzed), [`handshake`] the fixed-newstyle negotiation, `conn` one
 //! connection and its reply reader. This file owns the pool of connections, the
 //! reconnect loop, deadlines and the [`BlockDevice`] face.
 //!
@@ -17,7 +17,7 @@
 //!   by then fails with `TimedOut`, and the connection it waited on is dropped
 //!   (a server that answers nothing for that long is treated as gone).
 //! * A lost connection is re-established in the background with backoff, for
-//!   as long as the device lives (at once when it had lasted [`STABLE`]; a
+//!   as long as the device lives (at once when it had lasted `STABLE`; a
 //!   server that ends every connection soon after negotiating is retried with
 //!   backoff, not in a loop). Requests it held are sent again on another
 //!   connection while their deadline allows (reads are idempotent).
