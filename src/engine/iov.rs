@@ -25,6 +25,20 @@ pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     })
 }
 
+/// The part of the next buffer (`bl` bytes long) that `[start, start + len)`
+/// covers, if any; moves the range past that buffer.
+fn piece(bl: usize, start: &mut usize, len: &mut usize) -> Option<std::ops::Range<usize>> {
+    if *start >= bl {
+        *start -= bl;
+        return None;
+    }
+    let take = (bl - *start).min(*len);
+    let r = *start..*start + take;
+    *start = 0;
+    *len -= take;
+    Some(r)
+}
+
 /// The byte range `[start, start + len)` of a scatter list, as a new list.
 pub(super) fn sub_iov_mut<'b>(
     bufs: &'b mut [IoSliceMut<'_>],
@@ -36,15 +50,9 @@ pub(super) fn sub_iov_mut<'b>(
         if len == 0 {
             break;
         }
-        let bl = b.len();
-        if start >= bl {
-            start -= bl;
-            continue;
+        if let Some(r) = piece(b.len(), &mut start, &mut len) {
+            out.push(IoSliceMut::new(&mut b[r]));
         }
-        let take = (bl - start).min(len);
-        out.push(IoSliceMut::new(&mut b[start..start + take]));
-        start = 0;
-        len -= take;
     }
     out
 }
@@ -60,15 +68,9 @@ pub(super) fn sub_iov<'b>(
         if len == 0 {
             break;
         }
-        let bl = b.len();
-        if start >= bl {
-            start -= bl;
-            continue;
+        if let Some(r) = piece(b.len(), &mut start, &mut len) {
+            out.push(IoSlice::new(&b[r]));
         }
-        let take = (bl - start).min(len);
-        out.push(IoSlice::new(&b[start..start + take]));
-        start = 0;
-        len -= take;
     }
     out
 }
@@ -79,5 +81,45 @@ pub(super) fn copy_from_iov(bufs: &[IoSlice<'_>], start: usize, dst: &mut [u8]) 
     for s in sub_iov(bufs, start, dst.len()) {
         dst[done..done + s.len()].copy_from_slice(&s);
         done += s.len();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every sub-range of a list of buffers (an empty one among them) is the same
+    /// bytes as the sub-range of their concatenation, for both list kinds.
+    #[test]
+    fn sub_lists_are_the_sub_ranges_of_the_concatenation() {
+        let flat: Vec<u8> = (0..10).collect();
+        let lens = [3usize, 0, 5, 2];
+        for start in 0..=10 {
+            for len in 0..=10 - start {
+                let mut parts: Vec<Vec<u8>> = Vec::new();
+                let mut at = 0;
+                for l in lens {
+                    parts.push(flat[at..at + l].to_vec());
+                    at += l;
+                }
+                let want = &flat[start..start + len];
+                let g: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+                let got: Vec<u8> = sub_iov(&g, start, len)
+                    .iter()
+                    .flat_map(|s| s.to_vec())
+                    .collect();
+                assert_eq!(got, want, "gather {start}+{len}");
+                let mut dst = vec![0u8; len];
+                copy_from_iov(&g, start, &mut dst);
+                assert_eq!(dst, want, "copy {start}+{len}");
+                let mut m: Vec<IoSliceMut<'_>> =
+                    parts.iter_mut().map(|p| IoSliceMut::new(p)).collect();
+                let got: Vec<u8> = sub_iov_mut(&mut m, start, len)
+                    .iter()
+                    .flat_map(|s| s.to_vec())
+                    .collect();
+                assert_eq!(got, want, "scatter {start}+{len}");
+            }
+        }
     }
 }
