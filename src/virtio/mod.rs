@@ -10,12 +10,15 @@
 //! the status byte the backend's answer maps to.
 //!
 //! Layout:
-//! - [`config`]: feature bits, protocol features and the `virtio_blk_config` byte layout.
-//! - [`request`]: parsing and validation of one descriptor chain into a typed request, and
-//!   the construction of `IoSlice`s over guest memory. Everything a guest sends is hostile
-//!   input here.
-//! - [`device`]: the `VhostUserBackend` implementation, per-queue state and the queue loop
-//!   (EVENT_IDX notification suppression, write-through handling).
+//! - [`config`]: feature bits, protocol features, [`config::DeviceSpec`] and the config
+//!   space (the kernel's `virtio_blk_config`).
+//! - [`request`]: parsing and validation of one descriptor chain into a [`request::BlkRequest`]
+//!   (framing, then one parser per request type), and the construction of `IoSlice`s and
+//!   iovecs over guest memory. Everything a guest sends is hostile input here.
+//! - [`device`]: the `VhostUserBackend` implementation, per-queue state and the queue loops
+//!   (EVENT_IDX notification suppression, write-through handling; the io_uring engine keeps
+//!   the requests the backend grants a [`DirectIo`] permit for in a
+//!   [`crate::storage::queue::AsyncQueue`]).
 //! - [`server`]: [`serve`], the listener loop that builds one `VhostUserDaemon` per
 //!   connection, and [`print_capabilities`].
 //!
