@@ -12,7 +12,7 @@
 //! * `vhost-clone serve` refuses to start (non-zero exit, an `error:` line naming it);
 //! * neither of them changed the metadata file (never silently repaired).
 
-use crate::support::daemon::{run, text, BIN};
+use crate::support::daemon::{run, s, text, BIN};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -38,10 +38,6 @@ struct Clone {
     src: PathBuf,
     dst: PathBuf,
     md: Vec<u8>,
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// `create`, then commits through the library.

@@ -17,15 +17,12 @@
 //!   sequence that exposed a recovery bug, fixed by rewriting journal-covered
 //!   blocks in place when a store is opened (see its comment).
 
-use crate::support::daemon::{run, text, BIN};
-use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::daemon::{clone_files, run, s, text, Client, CloneFiles, Daemon};
 use crate::support::sectors::{decode, image, write_data, GARBAGE, SOURCE};
-use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vhost_clone::metadata::format::Layout;
@@ -36,190 +33,38 @@ const SIZE: u64 = 8 << 20;
 const SECTORS: u64 = SIZE / 512;
 const BUF: usize = 1 << 20;
 
-struct Files {
-    _dir: tempfile::TempDir,
-    src: PathBuf,
-    dst: PathBuf,
-    sock: PathBuf,
+/// A clone whose destination starts as recognisable garbage: it must never be
+/// read back.
+fn files() -> CloneFiles {
+    let src = image(SOURCE, SECTORS);
+    let f = clone_files(SIZE, |i| src[i as usize]);
+    std::fs::write(&f.dst, image(GARBAGE, SECTORS)).unwrap();
+    f
 }
 
-fn files() -> Files {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("golden.img");
-    std::fs::write(&src, image(SOURCE, SECTORS)).unwrap();
-    // The destination starts as recognisable garbage: it must never be read back.
-    let dst = dir.path().join("clone.img");
-    std::fs::write(&dst, image(GARBAGE, SECTORS)).unwrap();
-    let sock = dir.path().join("clone.sock");
-    Files {
-        _dir: dir,
-        src,
-        dst,
-        sock,
-    }
-}
-
-struct Daemon(Child);
-
-impl Daemon {
-    fn start(f: &Files, extra: &[&str]) -> Daemon {
-        use std::os::unix::fs::MetadataExt;
-        // A killed daemon leaves its socket behind; the new one replaces it.
-        let stale = std::fs::symlink_metadata(&f.sock)
-            .ok()
-            .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()));
-        let child = Command::new(BIN)
-            .arg("serve")
-            .args([
-                "--source",
-                f.src.to_str().unwrap(),
-                "--dest",
-                f.dst.to_str().unwrap(),
-            ])
-            .args(["--socket-path", f.sock.to_str().unwrap()])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("VHOST_CLONE_DAEMON_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .unwrap();
-        // Owned from here on, so that a failed wait below still kills it.
-        let d = Daemon(child);
-        let t = Instant::now();
-        while !f.sock.exists()
-            || std::fs::symlink_metadata(&f.sock)
-                .ok()
-                .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
-                == stale
-        {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        SIGNALLED.store(false, std::sync::atomic::Ordering::SeqCst);
-        d
-    }
-
-    fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
-
-    fn wait(&mut self) -> std::process::ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return s;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "daemon did not exit");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `serve` of `f` with `extra`, replacing the socket a killed daemon left.
+fn serve(f: &CloneFiles, extra: &[&str]) -> Daemon {
+    let mut args = vec!["--source", s(&f.src), "--dest", s(&f.dst)];
+    args.extend_from_slice(&["--socket-path", s(&f.sock)]);
+    args.extend_from_slice(extra);
+    let d = Daemon::restart(&args, &f.sock);
+    SIGNALLED.store(false, Ordering::SeqCst);
+    d
 }
 
 /// Set when the daemon was sent a signal (reset at each start). The two tests
 /// that use it run one at a time (see `SERIAL`).
-static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Sends `sig` to `pid` after `after`, from another thread.
-fn signal_later(pid: i32, sig: i32, after: Duration) -> std::thread::JoinHandle<()> {
+fn signal_later(pid: u32, sig: i32, after: Duration) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         std::thread::sleep(after);
-        SIGNALLED.store(true, std::sync::atomic::Ordering::SeqCst);
+        SIGNALLED.store(true, Ordering::SeqCst);
         // SAFETY: kill only sends a signal to our own child's pid (still unreaped).
-        unsafe { libc::kill(pid, sig) };
+        unsafe { libc::kill(pid as i32, sig) };
     })
-}
-
-struct Client {
-    _b: Blkio,
-    q: Blkioq,
-    buf: *mut u8,
-}
-
-impl Client {
-    fn connect(sock: &Path) -> Client {
-        let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
-        b.set_str("path", sock.to_str().unwrap()).unwrap();
-        b.connect().unwrap();
-        b.set_i32("num-queues", 1).unwrap();
-        let mut started = b.start().unwrap();
-        let q = started.queues.remove(0);
-        let region = b.alloc_mem_region(BUF).unwrap();
-        b.map_mem_region(&region).unwrap();
-        let buf = region.addr as *mut u8;
-        drop(started);
-        Client { _b: b, q, buf }
-    }
-
-    fn mem(&mut self) -> &mut [u8] {
-        // SAFETY: the region is BUF bytes owned by the Blkio instance kept alive in self.
-        unsafe { std::slice::from_raw_parts_mut(self.buf, BUF) }
-    }
-
-    /// Waits for the one request in flight: `Some(ret)`, or `None` once the daemon
-    /// was signalled and no completion came (or do_io failed).
-    fn wait(&mut self) -> Option<i32> {
-        let t0 = Instant::now();
-        let mut signalled_at: Option<Instant> = None;
-        loop {
-            let mut c = [const { MaybeUninit::<Completion>::uninit() }; 1];
-            let mut timeout = Duration::from_millis(100);
-            match self.q.do_io(&mut c, 1, Some(&mut timeout), None) {
-                // SAFETY: do_io initialised the first completion.
-                Ok(1) => return Some(unsafe { c[0].assume_init_ref() }.ret),
-                Ok(_) => {}
-                // do_io reports its own timeout as an error: keep waiting,
-                // unless the daemon was signalled (then it may be gone).
-                Err(e) => {
-                    if SIGNALLED.load(std::sync::atomic::Ordering::SeqCst) {
-                        return None;
-                    }
-                    if e.errno().raw_os_error() != libc::ETIME {
-                        eprintln!("do_io failed with no signal sent: {e}");
-                        return None;
-                    }
-                }
-            }
-            if SIGNALLED.load(std::sync::atomic::Ordering::SeqCst) {
-                let at = *signalled_at.get_or_insert_with(Instant::now);
-                if at.elapsed() > Duration::from_millis(500) {
-                    return None;
-                }
-            }
-            assert!(t0.elapsed() < Duration::from_secs(30), "request hung");
-        }
-    }
-
-    fn write(&mut self, off: u64, data: &[u8]) -> Option<i32> {
-        self.mem()[..data.len()].copy_from_slice(data);
-        self.q
-            .write(off, self.buf, data.len(), 0, ReqFlags::empty());
-        self.wait()
-    }
-
-    fn flush(&mut self) -> Option<i32> {
-        self.q.flush(0, ReqFlags::empty());
-        self.wait()
-    }
-
-    fn read(&mut self, off: u64, len: usize) -> Vec<u8> {
-        self.q.read(off, self.buf, len, 0, ReqFlags::empty());
-        assert_eq!(self.wait(), Some(0), "read at {off}");
-        self.mem()[..len].to_vec()
-    }
 }
 
 /// What each sector may read back as after a crash.
@@ -258,7 +103,9 @@ impl Model {
     fn verify(&mut self, c: &mut Client, strict: bool, what: &str) -> u64 {
         let mut checked = 0;
         for chunk in 0..(SIZE / BUF as u64) {
-            let data = c.read(chunk * BUF as u64, BUF);
+            let off = chunk * BUF as u64;
+            let (r, data) = c.read(off, BUF);
+            assert_eq!(r, 0, "{what}: read at {off}");
             for (i, sec) in data.chunks(512).enumerate() {
                 let s = chunk * (BUF as u64 / 512) + i as u64;
                 let si = s as usize;
@@ -300,7 +147,7 @@ fn workload(c: &mut Client, m: &mut Model, rng: &mut ChaCha8Rng, limit: Duration
     };
     while t0.elapsed() < limit {
         if rng.gen_ratio(1, 5) {
-            match c.flush() {
+            match c.try_flush() {
                 Some(0) => {
                     m.flushed();
                     st.flushes += 1;
@@ -317,7 +164,7 @@ fn workload(c: &mut Client, m: &mut Model, rng: &mut ChaCha8Rng, limit: Duration
         for s in first..first + n {
             m.later[s as usize].push(tag);
         }
-        match c.write(first * 512, &write_data(tag, first, n)) {
+        match c.try_write(first * 512, &write_data(tag, first, n)) {
             Some(0) => {
                 for s in first..first + n {
                     m.acked[s as usize] = Some(tag);
@@ -339,8 +186,8 @@ fn sigterm_during_writes_and_flushes_commits_everything() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for round in 0..3u64 {
         let extra: &[&str] = if round == 1 { &["--no-hydration"] } else { &[] };
-        let mut d = Daemon::start(&f, extra);
-        let mut c = Client::connect(&f.sock);
+        let mut d = serve(&f, extra);
+        let mut c = Client::connect_watching(&f.sock, &SIGNALLED);
         if round > 0 {
             m.verify(&mut c, true, &format!("after SIGTERM round {}", round - 1));
         }
@@ -368,8 +215,8 @@ fn sigterm_during_writes_and_flushes_commits_everything() {
         ]);
         assert!(o.status.success(), "check after SIGTERM: {}", text(&o));
     }
-    let d = Daemon::start(&f, &[]);
-    let mut c = Client::connect(&f.sock);
+    let d = serve(&f, &[]);
+    let mut c = Client::connect_watching(&f.sock, &SIGNALLED);
     m.verify(&mut c, true, "after the last SIGTERM");
     drop(c);
     drop(d);
@@ -400,8 +247,8 @@ fn sigkill_at_random_moments_loses_no_acknowledged_write() {
         if rng.gen_bool(0.5) {
             extra.extend_from_slice(&["--io-engine", "uring"]);
         }
-        let d = Daemon::start(&f, &extra);
-        let mut c = Client::connect(&f.sock);
+        let d = serve(&f, &extra);
+        let mut c = Client::connect_watching(&f.sock, &SIGNALLED);
         if i > 0 {
             sectors_checked += m.verify(
                 &mut c,
@@ -419,12 +266,12 @@ fn sigkill_at_random_moments_loses_no_acknowledged_write() {
         flushes += st.flushes;
     }
     // The last one: restart, verify, then a clean stop and check.
-    let mut d = Daemon::start(&f, &[]);
-    let mut c = Client::connect(&f.sock);
+    let mut d = serve(&f, &[]);
+    let mut c = Client::connect_watching(&f.sock, &SIGNALLED);
     sectors_checked += m.verify(&mut c, false, "after the last SIGKILL");
     drop(c);
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    unsafe { libc::kill(d.pid() as i32, libc::SIGTERM) };
     assert!(d.wait().success());
     let o = run(&[
         "check",

@@ -36,10 +36,6 @@ fn clone() -> Clone {
     }
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 impl Clone {
     fn serve(&self, extra: &[&str]) -> Daemon {
         let mut args = vec!["--source", s(&self.src), "--dest", s(&self.dst)];

@@ -10,6 +10,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::support::daemon::{run, status_json, text, Client, Daemon};
+use crate::support::wait_until;
 
 const SIZE: usize = 8 << 20;
 const REGION: u64 = 64 << 10;
@@ -262,14 +263,6 @@ fn parse_labels(s: &str) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_scraper_sees_the_series_move_with_guest_io_and_hydration() {
     let f = files();
@@ -352,7 +345,7 @@ fn a_scraper_sees_the_series_move_with_guest_io_and_hydration() {
     // fact (within the 10 s window) sees it, as does the first `status`.
     let o = run(&["message", "-c", f.ctl.to_str().unwrap(), "enable-hydration"]);
     assert!(o.status.success(), "{}", text(&o));
-    wait_until("hydration", Duration::from_secs(30), || {
+    wait_until(Duration::from_secs(30), "hydration", || {
         scrape(addr).get("vhost_clone_hydrated_regions") == regions
     });
     // At least one sample after the end (samples are a second apart).

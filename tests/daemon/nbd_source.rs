@@ -13,6 +13,7 @@
 use crate::support::daemon;
 use crate::support::nbd;
 use crate::support::sectors;
+use crate::support::{wait_until, within};
 use std::io::IoSliceMut;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -36,23 +37,6 @@ fn chain(e: &dyn std::error::Error) -> String {
     vhost_clone::error_chain(e)
 }
 
-/// Runs `f` in a thread; panics if it takes longer than `limit` (a hang),
-/// else returns its result and how long it took.
-fn within<T: Send + 'static>(
-    limit: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> (T, Duration) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t = Instant::now();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(v) => (v, t.elapsed()),
-        Err(_) => panic!("hung: no result within {limit:?}"),
-    }
-}
-
 /// Reads `len` bytes at `off` from `dev`, in a thread, with a hang limit.
 fn read(
     dev: &Arc<NbdDevice>,
@@ -65,14 +49,6 @@ fn read(
         let mut b = vec![0u8; len];
         dev.read_at(&mut b, off).map(|_| b).map_err(|e| chain(&e))
     })
-}
-
-fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// A file of `size` bytes of data that differs everywhere; returns its content.

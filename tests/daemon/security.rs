@@ -22,7 +22,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::daemon::{status_json, text, Client, BIN};
+use crate::support::daemon::{s, status_json, text, Client, BIN};
 use vhost_clone::disk::CloneDisk;
 use vhost_clone::engine::{Engine, EngineConfig};
 use vhost_clone::metadata::{Geometry, Metadata};
@@ -30,10 +30,6 @@ use vhost_clone::storage::SimDevice;
 
 const SIZE: usize = 4 << 20;
 const NOBODY: u32 = 65534;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn source_bytes() -> Vec<u8> {
     (0..SIZE)

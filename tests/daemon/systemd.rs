@@ -22,10 +22,6 @@ fn clone() -> Clone {
     clone_files(SIZE, |i| (i % 251) as u8 | 1)
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 impl Clone {
     /// `serve --source --dest --runtime-dir` plus `extra`, with `env`.
     fn command(&self, extra: &[&str], env: &[(&str, &str)]) -> Command {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::support::poll_until;
 use crate::support::sectors::*;
 use vhost_clone::engine::hydrator::{HydrationControl, Hydrator, HydratorTiming};
 use vhost_clone::engine::{Engine, EngineConfig, HydrateStep};
@@ -73,17 +74,6 @@ fn fast() -> HydratorTiming {
     }
 }
 
-fn wait_until(limit: Duration, f: impl Fn() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    f()
-}
-
 #[test]
 fn disable_stops_progress_and_enable_finishes() {
     let (_src, dst, eng) = probe_rig(256, Duration::from_micros(200));
@@ -96,7 +86,7 @@ fn disable_stops_progress_and_enable_finishes() {
         "hydrated while disabled"
     );
     ctl.set_enabled(true);
-    assert!(wait_until(Duration::from_secs(1), || eng
+    assert!(poll_until(Duration::from_secs(1), || eng
         .metadata()
         .hydrated_count()
         > 0));
@@ -111,7 +101,7 @@ fn disable_stops_progress_and_enable_finishes() {
     );
     assert!(frozen < 256);
     ctl.set_enabled(true);
-    assert!(wait_until(Duration::from_secs(20), || eng
+    assert!(poll_until(Duration::from_secs(20), || eng
         .metadata()
         .all_hydrated()));
     assert_eq!(dst.current_image(), image(SOURCE, 256 * RS / 512));
@@ -122,7 +112,7 @@ fn threshold_bounds_the_regions_in_flight() {
     let (src, _dst, eng) = probe_rig(64, Duration::ZERO);
     let ctl = HydrationControl::new(true, 2, 16, false);
     let h = Hydrator::start(&eng, ctl.clone(), fast()).unwrap();
-    assert!(wait_until(Duration::from_secs(10), || eng
+    assert!(poll_until(Duration::from_secs(10), || eng
         .metadata()
         .all_hydrated()));
     drop(h);
@@ -138,7 +128,7 @@ fn threshold_bounds_the_regions_in_flight() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(eng2.metadata().hydrated_count(), 0);
     ctl2.set_threshold(16);
-    assert!(wait_until(Duration::from_secs(10), || eng2
+    assert!(poll_until(Duration::from_secs(10), || eng2
         .metadata()
         .all_hydrated()));
 }
@@ -197,7 +187,7 @@ fn hydration_racing_guest_writes_never_loses_a_write() {
         for t in threads {
             t.join().unwrap();
         }
-        assert!(wait_until(Duration::from_secs(20), || eng
+        assert!(poll_until(Duration::from_secs(20), || eng
             .metadata()
             .all_hydrated()));
         drop(h);
@@ -361,7 +351,7 @@ fn a_rate_limit_paces_background_hydration_and_a_message_lifts_it() {
     // limit) goes at full speed.
     msg("0");
     let t = Instant::now();
-    assert!(wait_until(Duration::from_secs(5), || eng
+    assert!(poll_until(Duration::from_secs(5), || eng
         .metadata()
         .all_hydrated()));
     let took = t.elapsed();

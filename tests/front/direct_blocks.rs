@@ -20,7 +20,6 @@ use vhost_clone::storage::{FileDevice, OpenOptions, SimDevice};
 
 const REGION: u64 = 64 << 10;
 const SIZE: u64 = 64 * REGION;
-const F_BLK_SIZE: u32 = 6;
 
 struct Rig {
     _dir: tempfile::TempDir,
@@ -60,10 +59,6 @@ fn rig(direct: bool) -> Option<Rig> {
         Arc::new(Engine::new(Some(src), Arc::new(dest), md, EngineConfig::default()).unwrap());
     let srv = Server::start(Arc::new(CloneDisk::new(eng, false)), opts(2));
     Some(Rig { _dir: dir, srv })
-}
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
 }
 
 #[test]

@@ -15,14 +15,13 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::vu::*;
+use crate::support::within_leaking;
 use vhost::VhostBackend;
 use vhost_clone::virtio::{BlockBackend, IoEngine, ServeOptions};
-
-const F_EVENT_IDX: u32 = 29;
 
 /// A backend whose reads and writes take `delay` each; counts the calls that started.
 struct SlowDisk {
@@ -98,27 +97,6 @@ fn engine_opts(engine: IoEngine) -> ServeOptions {
     ServeOptions {
         io_engine: engine,
         ..opts(1)
-    }
-}
-
-/// Fails the test when `f` does not return within `limit`. The closure runs in its own
-/// thread; on a timeout that thread and `leak` are leaked (never joined or dropped).
-fn within<T: Send + 'static, L>(
-    limit: Duration,
-    what: &str,
-    leak: L,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> (T, L) {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(v) => (v, leak),
-        Err(_) => {
-            std::mem::forget(leak);
-            panic!("{what} did not finish within {limit:?}");
-        }
     }
 }
 
@@ -243,7 +221,7 @@ fn bogus_avail_index(g: &mut Guest) {
 /// GET_VRING_BASE of queue 0, with a time limit. Returns the base and the guest back.
 fn get_vring_base(g: Guest, srv: Server, limit: Duration) -> (u32, Guest, Server) {
     let fe = g.fe.clone();
-    let (base, (g, srv)) = within(limit, "GET_VRING_BASE", (g, srv), move || {
+    let (base, (g, srv), _) = within_leaking(limit, "GET_VRING_BASE", (g, srv), move || {
         fe.get_vring_base(0).expect("GET_VRING_BASE failed")
     });
     (base, g, srv)

@@ -14,23 +14,6 @@ use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vhost_clone::virtio::{print_capabilities, serve, ServeOptions, ShutdownSignal, VirtioError};
 
-const F_SEG_MAX: u32 = 2;
-const F_RO: u32 = 5;
-const F_BLK_SIZE: u32 = 6;
-const F_FLUSH: u32 = 9;
-const F_TOPOLOGY: u32 = 10;
-const F_CONFIG_WCE: u32 = 11;
-const F_MQ: u32 = 12;
-const F_DISCARD: u32 = 13;
-const F_WRITE_ZEROES: u32 = 14;
-const F_INDIRECT_DESC: u32 = 28;
-const F_EVENT_IDX: u32 = 29;
-const F_VERSION_1: u32 = 32;
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
-}
-
 #[test]
 fn feature_and_config_negotiation() {
     let disk = MemDisk::new(8 << 20);

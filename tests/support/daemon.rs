@@ -1,17 +1,26 @@
 //! Shared helpers of the tests that run the `vhost-clone` binary: running a
 //! command, a served daemon (killed on drop), and a libblkio client.
+//!
+//! `VHOST_CLONE_DAEMON_LOG=1` sends the served daemons' stderr to the test's
+//! (with `--nocapture`) instead of a file shown only if one exits early.
 #![allow(dead_code)]
 
 use std::mem::MaybeUninit;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-clone");
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
 
 /// Runs `vhost-clone ARGS...` to completion.
 pub fn run(args: &[&str]) -> Output {
@@ -85,27 +94,52 @@ impl Daemon {
         Self::spawn(cmd, sock)
     }
 
+    /// [`Daemon::start`] on the files of a daemon that was killed: waits until
+    /// a new socket replaces the one it left behind at `sock`.
+    pub fn restart(args: &[&str], sock: &Path) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").args(args);
+        Self::spawn_over(cmd, sock, identity(sock))
+    }
+
     /// Spawns `cmd` (a `serve` command line) and waits for `sock`; panics with the
     /// daemon's stderr if it exits first. Its stderr goes to an anonymous file (a
-    /// pipe nobody reads would fill up or break).
-    pub fn spawn(mut cmd: Command, sock: &Path) -> Daemon {
-        let mut log = tempfile::tempfile().unwrap();
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::from(log.try_clone().unwrap()));
+    /// pipe nobody reads would fill up or break), or to the test's with
+    /// `VHOST_CLONE_DAEMON_LOG` set.
+    pub fn spawn(cmd: Command, sock: &Path) -> Daemon {
+        Self::spawn_over(cmd, sock, None)
+    }
+
+    /// [`Daemon::spawn`], waiting for a socket other than `stale`.
+    fn spawn_over(mut cmd: Command, sock: &Path, stale: Option<Identity>) -> Daemon {
+        let mut log = None;
+        if std::env::var_os("VHOST_CLONE_DAEMON_LOG").is_some() {
+            cmd.stderr(Stdio::inherit());
+        } else {
+            let f = tempfile::tempfile().unwrap();
+            cmd.stderr(Stdio::from(f.try_clone().unwrap()));
+            log = Some(f);
+        }
+        cmd.stdout(Stdio::null());
         // Owned from here on, so that a failed wait below still kills it.
         let d = Daemon(cmd.spawn().unwrap());
-        d.wait_for(sock, Some(&mut log))
+        d.wait_for(sock, stale, log.as_mut())
     }
 
     /// Adopts a spawned `serve` (whose stderr the caller arranged) once `sock`
     /// exists; panics if it exits first or the socket takes over 20 s.
     pub fn adopt(child: Child, sock: &Path) -> Daemon {
-        Daemon(child).wait_for(sock, None)
+        Daemon(child).wait_for(sock, None, None)
     }
 
-    fn wait_for(mut self, sock: &Path, mut log: Option<&mut std::fs::File>) -> Daemon {
+    fn wait_for(
+        mut self,
+        sock: &Path,
+        stale: Option<Identity>,
+        mut log: Option<&mut std::fs::File>,
+    ) -> Daemon {
         let t = Instant::now();
-        while !sock.exists() {
+        while !sock.exists() || (stale.is_some() && identity(sock) == stale) {
             if let Some(st) = self.0.try_wait().unwrap() {
                 use std::io::{Read, Seek};
                 let mut err = String::new();
@@ -129,22 +163,34 @@ impl Daemon {
         self.0.id()
     }
 
-    /// SIGTERM, then waits (at most 20 s) for the exit status.
+    /// SIGTERM, then waits (at most 30 s) for the exit status.
     pub fn terminate(mut self) -> ExitStatus {
         // SAFETY: kill only sends a signal to our own child's pid.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        self.wait()
+    }
+
+    /// Waits (at most 30 s) for the daemon to exit, e.g. after a signal sent
+    /// some other way; its exit status.
+    pub fn wait(&mut self) -> ExitStatus {
         let t = Instant::now();
         loop {
             if let Some(s) = self.0.try_wait().unwrap() {
                 return s;
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "daemon ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+            assert!(t.elapsed() < Duration::from_secs(30), "daemon did not exit");
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// What tells one socket file from the next at the same path: inode and ctime.
+type Identity = (u64, i64, i64);
+
+fn identity(p: &Path) -> Option<Identity> {
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 impl Drop for Daemon {
@@ -160,11 +206,24 @@ pub struct Client {
     _b: Blkio,
     q: Blkioq,
     buf: *mut u8,
+    signalled: Option<&'static AtomicBool>,
 }
 
 impl Client {
     /// Connects to a vhost-user-blk socket.
     pub fn connect(sock: &Path) -> Client {
+        Self::open(sock, None)
+    }
+
+    /// Connects to a daemon that the test will signal, setting `signalled`
+    /// when it does: from then on a request with no completion (within 0.5 s)
+    /// is one the daemon never answered, and `try_write` and `try_flush`
+    /// return `None` for it.
+    pub fn connect_watching(sock: &Path, signalled: &'static AtomicBool) -> Client {
+        Self::open(sock, Some(signalled))
+    }
+
+    fn open(sock: &Path, signalled: Option<&'static AtomicBool>) -> Client {
         let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
         b.set_str("path", sock.to_str().unwrap()).unwrap();
         b.connect().unwrap();
@@ -175,7 +234,12 @@ impl Client {
         b.map_mem_region(&region).unwrap();
         let buf = region.addr as *mut u8;
         drop(started);
-        Client { _b: b, q, buf }
+        Client {
+            _b: b,
+            q,
+            buf,
+            signalled,
+        }
     }
 
     fn mem(&mut self) -> &mut [u8] {
@@ -183,21 +247,61 @@ impl Client {
         unsafe { std::slice::from_raw_parts_mut(self.buf, 1 << 20) }
     }
 
+    fn signalled(&self) -> bool {
+        self.signalled.is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+
+    /// Waits (at most 30 s) for the one request in flight: `Some(ret)`, or
+    /// `None` once the daemon was signalled and no completion came.
+    fn complete(&mut self) -> Option<i32> {
+        let t0 = Instant::now();
+        let mut signalled_at: Option<Instant> = None;
+        loop {
+            let mut c = [const { MaybeUninit::<Completion>::uninit() }; 1];
+            let mut timeout = Duration::from_millis(100);
+            match self.q.do_io(&mut c, 1, Some(&mut timeout), None) {
+                // SAFETY: do_io initialised the first completion.
+                Ok(1) => return Some(unsafe { c[0].assume_init_ref() }.ret),
+                Ok(_) => {}
+                // do_io reports its own timeout as an error: keep waiting,
+                // unless the daemon was signalled (then it may be gone).
+                Err(e) => {
+                    if self.signalled() {
+                        return None;
+                    }
+                    if e.errno().raw_os_error() != libc::ETIME {
+                        assert!(self.signalled.is_some(), "do_io failed: {e}");
+                        eprintln!("do_io failed with no signal sent: {e}");
+                        return None;
+                    }
+                }
+            }
+            if self.signalled() {
+                let at = *signalled_at.get_or_insert_with(Instant::now);
+                if at.elapsed() > Duration::from_millis(500) {
+                    return None;
+                }
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "request hung");
+        }
+    }
+
     fn wait(&mut self) -> i32 {
-        let mut c = [const { MaybeUninit::<Completion>::uninit() }; 1];
-        let mut timeout = Duration::from_secs(20);
-        let n = self.q.do_io(&mut c, 1, Some(&mut timeout), None).unwrap();
-        assert_eq!(n, 1, "request timed out");
-        // SAFETY: do_io initialised the first completion.
-        unsafe { c[0].assume_init_ref() }.ret
+        self.complete().expect("no completion")
     }
 
     /// Writes `data` at `off`.
     pub fn write(&mut self, off: u64, data: &[u8]) -> i32 {
+        self.try_write(off, data).expect("no completion")
+    }
+
+    /// Writes `data` at `off`; `None` if the daemon was signalled and did not
+    /// complete it (see [`Client::connect_watching`]).
+    pub fn try_write(&mut self, off: u64, data: &[u8]) -> Option<i32> {
         self.mem()[..data.len()].copy_from_slice(data);
         self.q
             .write(off, self.buf, data.len(), 0, ReqFlags::empty());
-        self.wait()
+        self.complete()
     }
 
     /// Reads `len` bytes at `off`.
@@ -209,8 +313,13 @@ impl Client {
 
     /// Flushes.
     pub fn flush(&mut self) -> i32 {
+        self.try_flush().expect("no completion")
+    }
+
+    /// Flushes; `None` as for [`Client::try_write`].
+    pub fn try_flush(&mut self) -> Option<i32> {
         self.q.flush(0, ReqFlags::empty());
-        self.wait()
+        self.complete()
     }
 
     /// Discards `len` bytes at `off`.

@@ -34,6 +34,27 @@ pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
 
+/// virtio-blk and virtio feature bits (VIRTIO_BLK_F_*, VIRTIO_RING_F_*,
+/// VIRTIO_F_VERSION_1), for [`Guest::has`].
+pub const F_SEG_MAX: u32 = 2;
+pub const F_RO: u32 = 5;
+pub const F_BLK_SIZE: u32 = 6;
+pub const F_FLUSH: u32 = 9;
+pub const F_TOPOLOGY: u32 = 10;
+pub const F_CONFIG_WCE: u32 = 11;
+pub const F_MQ: u32 = 12;
+pub const F_DISCARD: u32 = 13;
+pub const F_WRITE_ZEROES: u32 = 14;
+pub const F_INDIRECT_DESC: u32 = 28;
+pub const F_EVENT_IDX: u32 = 29;
+pub const F_VERSION_1: u32 = 32;
+
+/// The little-endian u32 at `off` of `b` (a field of the device config space).
+pub fn le32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+
+/// Descriptor flags (VIRTQ_DESC_F_*).
 pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
 pub const F_INDIRECT: u16 = 4;
