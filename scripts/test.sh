@@ -15,10 +15,10 @@ cd "$(dirname "$0")/.."
 mkdir -p target
 
 # Tools the cargo tests use, installed here so that this script alone works on
-# a fresh machine (qemu-tests/setup.sh installs the boot tests' own, later): systemd-analyze and systemd-socket-activate (tests/systemd.rs;
-# systemd need not be PID 1), zsh and fish (tests/ops_files.rs loads the
-# generated completions), virt-xml-validate and xmllint (tests/libvirt_example.rs),
-# NBD servers and tools (tests/nbd_source.rs: nbdkit with its file plugin and
+# a fresh machine (qemu-tests/setup.sh installs the boot tests' own, later): systemd-analyze and systemd-socket-activate (tests/daemon/systemd.rs;
+# systemd need not be PID 1), zsh and fish (tests/daemon/ops_files.rs loads the
+# generated completions), virt-xml-validate and xmllint (tests/daemon/libvirt_example.rs),
+# NBD servers and tools (tests/daemon/nbd_source.rs: nbdkit with its file plugin and
 # delay, error and noextents filters; qemu-nbd from qemu-utils, which
 # qemu-tests/setup.sh later upgrades to QEMU 10; nbdinfo and nbdcopy from
 # libnbd-bin, for checking a server by hand).
