@@ -151,7 +151,13 @@ pub fn serve_on(
         "vhost-user-blk listening"
     );
     let mut listener = Listener::from(unix_listener);
-    accept_loop(&backend, opts, spec, &mut listener, shutdown)
+    let front = Front {
+        backend: &backend,
+        opts,
+        spec,
+        shutdown,
+    };
+    front.accept_loop(&mut listener)
 }
 
 fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceSpec> {
@@ -200,99 +206,99 @@ fn validate(backend: &dyn BlockBackend, opts: &ServeOptions) -> Result<DeviceSpe
     })
 }
 
-fn accept_loop(
-    backend: &Arc<dyn BlockBackend>,
-    opts: &ServeOptions,
+/// What every connection of one `serve` call is served with.
+struct Front<'a> {
+    backend: &'a Arc<dyn BlockBackend>,
+    opts: &'a ServeOptions,
     spec: DeviceSpec,
-    listener: &mut Listener,
-    shutdown: &ShutdownSignal,
-) -> Result<()> {
-    loop {
-        match poll_readable(&[shutdown.as_raw_fd(), listener.as_raw_fd()], -1)
-            .map_err(VirtioError::Poll)?
-        {
-            Some(0) => {
-                info!("shutdown requested; no longer accepting connections");
-                return Ok(());
-            }
-            Some(_) => serve_connection(backend, opts, spec, listener, shutdown)?,
-            None => {}
-        }
-        if shutdown.is_triggered() {
-            return Ok(());
-        }
-    }
+    shutdown: &'a ShutdownSignal,
 }
 
-/// Accept and serve one connection with a fresh daemon.
-fn serve_connection(
-    backend: &Arc<dyn BlockBackend>,
-    opts: &ServeOptions,
-    spec: DeviceSpec,
-    listener: &mut Listener,
-    shutdown: &ShutdownSignal,
-) -> Result<()> {
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let device = Arc::new(
-        BlkDevice::new(
-            backend.clone(),
-            spec,
-            &opts.serial,
-            mem.clone(),
-            opts.io_engine,
-        )
-        .map_err(VirtioError::Setup)?,
-    );
-    let mut daemon = VhostUserDaemon::new(opts.name.clone(), device.clone(), mem)
-        .map_err(|e| VirtioError::Daemon(e.to_string()))?;
-
-    // The listener is readable, so this accept does not block.
-    let result = match daemon.start(listener) {
-        Ok(()) => {
-            debug!("vhost-user frontend connected");
-            wait_connection(&mut daemon, &device, shutdown)
+impl Front<'_> {
+    fn accept_loop(&self, listener: &mut Listener) -> Result<()> {
+        let shutdown = self.shutdown;
+        loop {
+            match poll_readable(&[shutdown.as_raw_fd(), listener.as_raw_fd()], -1)
+                .map_err(VirtioError::Poll)?
+            {
+                Some(0) => {
+                    info!("shutdown requested; no longer accepting connections");
+                    return Ok(());
+                }
+                Some(_) => self.serve_connection(listener)?,
+                None => {}
+            }
+            if shutdown.is_triggered() {
+                return Ok(());
+            }
         }
-        Err(e) => Err(e),
-    };
-    // The connection is gone (or was never up): the frontend took the used index as it
-    // was, so no queue may pop another chain.
-    device.quiesce();
-    // Dropping the daemon sends the exit events and joins the queue workers; each finishes
-    // the requests it popped first (after a shutdown there are none left: see
-    // `wait_connection`).
-    drop(daemon);
-    for fd in device.take_exit_fds() {
-        // SAFETY: `fd` is the consumer end of an exit eventfd this device created and handed
-        // to vhost-user-backend, which registered it with `into_raw_fd()` and never closes
-        // it. The daemon and its workers (and the epoll set it was in) are gone, so nothing
-        // else owns or uses this fd number.
-        unsafe { libc::close(fd) };
     }
 
-    match result {
-        Ok(()) => {
-            info!("vhost-user connection closed");
-            Ok(())
+    /// Accept and serve one connection with a fresh daemon.
+    fn serve_connection(&self, listener: &mut Listener) -> Result<()> {
+        let (backend, opts, spec, shutdown) = (self.backend, self.opts, self.spec, self.shutdown);
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let device = Arc::new(
+            BlkDevice::new(
+                backend.clone(),
+                spec,
+                &opts.serial,
+                mem.clone(),
+                opts.io_engine,
+            )
+            .map_err(VirtioError::Setup)?,
+        );
+        let mut daemon = VhostUserDaemon::new(opts.name.clone(), device.clone(), mem)
+            .map_err(|e| VirtioError::Daemon(e.to_string()))?;
+
+        // The listener is readable, so this accept does not block.
+        let result = match daemon.start(listener) {
+            Ok(()) => {
+                debug!("vhost-user frontend connected");
+                wait_connection(&mut daemon, &device, shutdown)
+            }
+            Err(e) => Err(e),
+        };
+        // The connection is gone (or was never up): the frontend took the used index as it
+        // was, so no queue may pop another chain.
+        device.quiesce();
+        // Dropping the daemon sends the exit events and joins the queue workers; each finishes
+        // the requests it popped first (after a shutdown there are none left: see
+        // `wait_connection`).
+        drop(daemon);
+        for fd in device.take_exit_fds() {
+            // SAFETY: `fd` is the consumer end of an exit eventfd this device created and handed
+            // to vhost-user-backend, which registered it with `into_raw_fd()` and never closes
+            // it. The daemon and its workers (and the epoll set it was in) are gone, so nothing
+            // else owns or uses this fd number.
+            unsafe { libc::close(fd) };
         }
-        Err(DaemonError::HandleRequest(
-            VhostUserError::Disconnected
-            | VhostUserError::PartialMessage
-            | VhostUserError::SocketBroken(_),
-        )) => {
-            info!("vhost-user frontend disconnected");
-            Ok(())
+
+        match result {
+            Ok(()) => {
+                info!("vhost-user connection closed");
+                Ok(())
+            }
+            Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected
+                | VhostUserError::PartialMessage
+                | VhostUserError::SocketBroken(_),
+            )) => {
+                info!("vhost-user frontend disconnected");
+                Ok(())
+            }
+            Err(DaemonError::HandleRequest(e)) => {
+                // A frontend error ends that connection only.
+                warn!("vhost-user connection ended with an error: {e}");
+                Ok(())
+            }
+            Err(DaemonError::CreateBackendListener(VhostUserError::SocketError(e)))
+                if e.kind() == io::ErrorKind::ConnectionAborted =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(VirtioError::Daemon(e.to_string())),
         }
-        Err(DaemonError::HandleRequest(e)) => {
-            // A frontend error ends that connection only.
-            warn!("vhost-user connection ended with an error: {e}");
-            Ok(())
-        }
-        Err(DaemonError::CreateBackendListener(VhostUserError::SocketError(e)))
-            if e.kind() == io::ErrorKind::ConnectionAborted =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(VirtioError::Daemon(e.to_string())),
     }
 }
 
