@@ -256,7 +256,10 @@ fn block_signals() -> io::Result<SigSet> {
 /// Turns the blocked signals of `set` into `shutdown.trigger()` on a thread.
 fn start_signal_thread(set: SigSet, shutdown: ShutdownSignal) -> io::Result<()> {
     crate::sandbox::spawn(ThreadKind::Signals, "signals", move || loop {
-        // `set` is blocked in every thread, so its signals wait here.
+        // `set` is blocked in every thread, so its signals wait here. sigwait
+        // fails only for an invalid set (glibc retries EINTR itself), and this
+        // one holds three valid signals: nix's `wait`, which would misread a
+        // failure, never sees one.
         if let Ok(sig) = set.wait() {
             tracing::info!(
                 signal = %sig,

@@ -467,7 +467,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Notes a completed destination write (see `dest_flushed_at`).
+    /// Notes a completed destination write (see `dest_flushed_at`). A failed
+    /// write the engine issued promised nothing and is not noted; a direct
+    /// write's permit notes failed and abandoned ones too (it cannot tell how
+    /// much landed), which only costs a flush.
     fn dest_written(&self) {
         self.stats().dest_writes.fetch_add(1, Ordering::AcqRel);
     }

@@ -25,7 +25,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
@@ -433,6 +433,13 @@ impl BlkDevice {
         let mut retired = false;
         while let Some(r) = uq.next_retired() {
             let Some((head, status_addr, permit)) = flight.take(r.tag) else {
+                // Cannot happen: every tag is a permit inserted just before its
+                // start and taken once, here.
+                error!(
+                    tag = r.tag,
+                    "io_uring retired a request this queue never started"
+                );
+                debug_assert!(false, "unknown io_uring tag {}", r.tag);
                 continue;
             };
             // Before the guest is told: a flush that follows covers this write.

@@ -180,12 +180,12 @@ impl<'e> Flight<'e> {
     }
 
     /// Starts a direct request over `req.buf`.
-    fn start(&mut self, tag: u64, req: Req<'e>) {
+    fn start(&mut self, tag: u64, mut req: Req<'e>) {
         let (off, len) = (req.first * SECTOR as u64, req.n * SECTOR as u64);
         let write = req.permit.is_write();
         let target = req.permit.target().clone();
         let iov = libc::iovec {
-            iov_base: req.buf.as_ptr() as *mut libc::c_void,
+            iov_base: req.buf.as_mut_ptr().cast(),
             iov_len: req.buf.len(),
         };
         self.q.next_iov().push(iov);

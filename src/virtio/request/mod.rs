@@ -159,16 +159,16 @@ pub enum RequestError {
         len: u32,
     },
     /// Fewer than 16 readable bytes for the request header.
-    #[error("BlkRequest header too short ({0} readable bytes)")]
+    #[error("Request header too short ({0} readable bytes)")]
     ShortHeader(u64),
-    /// BlkRequest type not implemented (or not offered).
+    /// Request type not implemented (or not offered).
     #[error("Unsupported request type {0}")]
     Unsupported(u32),
     /// Data descriptors with the wrong direction for the request type.
     #[error("Data descriptors with the wrong direction for request type {0}")]
     WrongDirection(u32),
     /// A read or write without data.
-    #[error("BlkRequest type {0} without data")]
+    #[error("Request type {0} without data")]
     NoData(u32),
     /// Data length not a multiple of 512.
     #[error("Data length {0} is not a multiple of 512")]
