@@ -44,6 +44,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+# The library and binary as released: without the test-only features that the
+# tests' dev-dependency on this crate turns on above.
+cargo clippy --lib --bins --locked -- -D warnings
 echo "== cargo test"
 cargo test --locked -- --show-output 2>&1 | tee target/test-output.txt
 echo "== figures"

@@ -83,7 +83,7 @@ impl Metadata {
         let io = |step: &'static str| move |e: StorageError| (step, MetadataError::from(e));
         // Step 2 (rule 1): the data of every region in this transaction is
         // durable before any metadata claims it.
-        if !self.skip_dest_flush.load(Ordering::SeqCst) {
+        if !self.mutated_to_skip_dest_flush() {
             dest.flush().map_err(io("destination flush"))?;
         }
         let blocks = changed_blocks(disk, txn);

@@ -38,7 +38,7 @@ pub mod live;
 mod recovery;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -227,7 +227,8 @@ pub struct Metadata {
     last_commit_us: AtomicU64,
     write_cache: AtomicU8,
     /// Test-only mutation: skip the destination flush in `commit`.
-    skip_dest_flush: AtomicBool,
+    #[cfg(feature = "test-hooks")]
+    skip_dest_flush: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Metadata {
@@ -401,7 +402,8 @@ impl Metadata {
             failures: AtomicU64::new(0),
             last_commit_us: AtomicU64::new(0),
             write_cache: AtomicU8::new(wce),
-            skip_dest_flush: AtomicBool::new(false),
+            #[cfg(feature = "test-hooks")]
+            skip_dest_flush: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -564,6 +566,15 @@ impl Metadata {
     #[cfg(feature = "test-hooks")]
     pub fn set_skip_dest_flush(&self, skip: bool) {
         self.skip_dest_flush.store(skip, Ordering::SeqCst);
+    }
+
+    /// Whether that mutation is on: never in a build without `test-hooks`, where
+    /// the commit does not even look.
+    fn mutated_to_skip_dest_flush(&self) -> bool {
+        #[cfg(feature = "test-hooks")]
+        return self.skip_dest_flush.load(Ordering::SeqCst);
+        #[cfg(not(feature = "test-hooks"))]
+        false
     }
 
     /// The committed superblock.
