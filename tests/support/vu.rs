@@ -558,16 +558,22 @@ impl Guest {
                 t0.elapsed() < Duration::from_secs(10),
                 "queue {q}: no completion (hang)"
             );
-            let mut pfd = libc::pollfd {
-                fd: self.queues[q].call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, borrowed for the call.
-            unsafe { libc::poll(&mut pfd, 1, 20) };
-            if let Ok(n) = self.queues[q].call.read() {
-                self.queues[q].calls += n;
-            }
+            self.count_calls(q, 20);
+        }
+    }
+
+    /// Waits up to `ms` for queue `q`'s call eventfd, then adds the notifications
+    /// it holds (the eventfd sums them) to the queue's count.
+    fn count_calls(&mut self, q: usize, ms: i32) {
+        let mut pfd = libc::pollfd {
+            fd: self.queues[q].call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, borrowed for the call.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        if let Ok(n) = self.queues[q].call.read() {
+            self.queues[q].calls += n;
         }
     }
 
@@ -575,18 +581,9 @@ impl Guest {
     /// those it never waited for (a completion already in the used ring when it
     /// looked; the eventfd adds them up), waiting up to `ms` for one to arrive.
     pub fn calls(&mut self, q: usize, ms: i32) -> u64 {
-        let mut pfd = libc::pollfd {
-            fd: self.queues[q].call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        if self.queues[q].calls == 0 {
-            // SAFETY: one valid pollfd, borrowed for the call.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
-        }
-        if let Ok(n) = self.queues[q].call.read() {
-            self.queues[q].calls += n;
-        }
+        // Wait only when none was seen yet.
+        let wait = if self.queues[q].calls == 0 { ms } else { 0 };
+        self.count_calls(q, wait);
         self.queues[q].calls
     }
 
@@ -614,6 +611,22 @@ impl Guest {
         let base = self.queues[q].data + 0x20_0000 + slot * 0x10000;
         let (hdr, status, data) = (base, base + 16, base + 0x200);
         assert!(out.len() as u64 <= 0xfe00 && u64::from(in_len) <= 0xfe00);
+        let head = self.standard_chain(q, [hdr, status, data], t, sector, out, in_len);
+        (head, status, data)
+    }
+
+    /// Writes a standard request's header, status placeholder and out data at
+    /// `[hdr, status, data]` and adds its chain (header, data, 1-byte status).
+    #[allow(clippy::too_many_arguments)]
+    fn standard_chain(
+        &mut self,
+        q: usize,
+        [hdr, status, data]: [u64; 3],
+        t: u32,
+        sector: u64,
+        out: &[u8],
+        in_len: u32,
+    ) -> u16 {
         self.write_mem(hdr, &header(t, sector));
         self.write_mem(status, &[0xff]);
         let mut descs = vec![rd(hdr, 16)];
@@ -625,7 +638,7 @@ impl Guest {
             descs.push(wr(data, in_len));
         }
         descs.push(wr(status, 1));
-        (self.add_chain(q, &descs), status, data)
+        self.add_chain(q, &descs)
     }
 
     /// Publish several heads at once with one kick.
@@ -661,18 +674,7 @@ impl Guest {
         let hdr = base;
         let data = base + 0x1000;
         let status = base + 0x3f_f000;
-        self.write_mem(hdr, &header(t, sector));
-        self.write_mem(status, &[0xff]);
-        let mut descs = vec![rd(hdr, 16)];
-        if !out.is_empty() {
-            self.write_mem(data, out);
-            descs.push(rd(data, out.len() as u32));
-        }
-        if in_len > 0 {
-            descs.push(wr(data, in_len));
-        }
-        descs.push(wr(status, 1));
-        let head = self.add_chain(q, &descs);
+        let head = self.standard_chain(q, [hdr, status, data], t, sector, out, in_len);
         self.publish(q, head);
         let (id, len) = self.wait_used(q);
         assert_eq!(id, u32::from(head));
