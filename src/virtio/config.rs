@@ -142,6 +142,7 @@ impl DeviceSpec {
             | (1u64 << VIRTIO_BLK_F_CONFIG_WCE)
             | (1u64 << VIRTIO_BLK_F_TOPOLOGY)
             | (1u64 << VIRTIO_BLK_F_MQ)
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         // Without BLK_SIZE, guests use 512-byte logical blocks.
         if self.logical_block_size() > SECTOR_SIZE as u32 {
@@ -213,13 +214,15 @@ pub fn parse_set_config(offset: u32, buf: &[u8]) -> Option<bool> {
     buf.get(idx).map(|b| *b != 0)
 }
 
-/// Protocol features offered: CONFIG, MQ and CONFIGURE_MEM_SLOTS (libblkio requires it).
+/// Protocol features offered: CONFIG, MQ, CONFIGURE_MEM_SLOTS (libblkio requires it) and
+/// LOG_SHMFD (with the `LOG_ALL` feature bit, live migration: see [`super::dirty`]).
 /// Not INFLIGHT_SHMFD and not STATUS: vhost-user-backend 0.24 cannot serve them. REPLY_ACK is
 /// added by the vhost crate.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 #[cfg(test)]

@@ -25,8 +25,8 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tracing::{debug, error, warn};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use tracing::{debug, error, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_queue::QueueT;
@@ -37,9 +37,10 @@ use vmm_sys_util::event::{
 };
 
 use super::config::{self, DeviceSpec, SERIAL_LEN};
+use super::dirty::{self, DirtyLog};
 use super::request::{
     self, guest_io_slices, guest_io_slices_mut, BlkRequest, GuestMemory, ParseLimits, ParsedChain,
-    STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
+    Segments, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 use super::{BlockBackend, IoEngine};
 use crate::storage::aio::DirectIo;
@@ -155,6 +156,21 @@ impl BlkDevice {
     /// Whether [`BlkDevice::quiesce`] was called.
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Makes the dirty-page log of `mem` follow the acked `LOG_ALL` bit (on while the
+    /// frontend migrates the guest), and says so when that changes.
+    fn apply_logging(&self, mem: &GuestMemory) {
+        let on = self.acked_features.load(Ordering::Acquire)
+            & VhostUserVirtioFeatures::LOG_ALL.bits()
+            != 0;
+        if dirty::set_logging(mem, on) {
+            if on {
+                info!("migration: the frontend turned dirty-page logging on");
+            } else {
+                info!("migration: the frontend turned dirty-page logging off");
+            }
+        }
     }
 
     /// Completed / failed counts of queue `i`.
@@ -350,7 +366,16 @@ impl BlkDevice {
                 {
                     let write = permit.is_write();
                     let target = permit.target().clone();
-                    let tag = flight.insert(head, status_addr, permit);
+                    let read_into = match parsed.request {
+                        Ok(BlkRequest::Read { data, .. }) => data,
+                        _ => Segments::new(),
+                    };
+                    let tag = flight.insert(Flight {
+                        head,
+                        status: status_addr,
+                        read_into,
+                        permit,
+                    });
                     // SAFETY: the iovecs point into guest memory mapped by `mem`, which
                     // this function holds until it returns, and it returns only once the
                     // queue is idle (every request retired). This queue forms no Rust
@@ -432,7 +457,13 @@ impl BlkDevice {
     ) -> bool {
         let mut retired = false;
         while let Some(r) = uq.next_retired() {
-            let Some((head, status_addr, permit)) = flight.take(r.tag) else {
+            let Some(Flight {
+                head,
+                status: status_addr,
+                read_into,
+                permit,
+            }) = flight.take(r.tag)
+            else {
                 // Cannot happen: every tag is a permit inserted just before its
                 // start and taken once, here.
                 error!(
@@ -447,6 +478,9 @@ impl BlkDevice {
             let status = if let Err(errno) = r.result {
                 self.log_direct_failure(&r, errno)
             } else {
+                // The kernel wrote the data: into the migration log before the guest is
+                // told.
+                dirty::mark_written(mem, &read_into);
                 STATUS_OK
             };
             let written = if r.write || status != STATUS_OK {
@@ -531,8 +565,12 @@ impl BlkDevice {
                     Err(e) => return (e.status(), 0),
                 };
                 match self.backend.read(*offset, &mut bufs) {
-                    // len <= 4 GiB - 1: virtio-queue ends chains that exceed 2^32 bytes.
-                    Ok(()) => (ok, u32::try_from(*len).unwrap_or(u32::MAX)),
+                    Ok(()) => {
+                        // Written behind vm-memory's back: into the migration log.
+                        dirty::mark_written(mem, data);
+                        // len <= 4 GiB - 1: virtio-queue ends chains that exceed 2^32 bytes.
+                        (ok, u32::try_from(*len).unwrap_or(u32::MAX))
+                    }
                     Err(e) => (self.error_status("read", *offset, &e), 0),
                 }
             }
@@ -630,7 +668,7 @@ fn io_status(e: &io::Error) -> u8 {
 }
 
 impl VhostUserBackend for BlkDevice {
-    type Bitmap = ();
+    type Bitmap = DirtyLog;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -647,6 +685,7 @@ impl VhostUserBackend for BlkDevice {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Release);
+        self.apply_logging(&self.mem.memory());
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -677,8 +716,9 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn update_memory(&self, _mem: AtomicGuestMemory) -> io::Result<()> {
-        // The daemon swaps the contents of the GuestMemoryAtomic it was created with, which
-        // is the one this device holds: nothing to do.
+        // The daemon swapped the contents of the GuestMemoryAtomic it was created with,
+        // which is the one this device holds; the new regions start with logging off.
+        self.apply_logging(&self.mem.memory());
         Ok(())
     }
 
@@ -737,17 +777,28 @@ impl VhostUserBackend for BlkDevice {
     }
 }
 
-/// The permits of one queue's requests in flight, by the tag their queue knows
-/// them by (a slot index here, reused once retired).
+/// One io_uring request of a queue, from its start to its retirement.
+struct Flight<'a> {
+    /// The chain's head (what goes into the used ring).
+    head: u16,
+    /// Where its status byte goes.
+    status: GuestAddress,
+    /// A read's guest buffers, marked in the migration log once the data is there.
+    read_into: Segments,
+    permit: DirectIo<'a>,
+}
+
+/// The requests of one queue in flight, by the tag their queue knows them by (a slot
+/// index here, reused once retired).
 #[derive(Default)]
 struct Permits<'a> {
-    slots: Vec<Option<(u16, GuestAddress, DirectIo<'a>)>>,
+    slots: Vec<Option<Flight<'a>>>,
     free: Vec<usize>,
 }
 
 impl<'a> Permits<'a> {
-    fn insert(&mut self, head: u16, status: GuestAddress, permit: DirectIo<'a>) -> u64 {
-        let entry = Some((head, status, permit));
+    fn insert(&mut self, flight: Flight<'a>) -> u64 {
+        let entry = Some(flight);
         match self.free.pop() {
             Some(i) => {
                 self.slots[i] = entry;
@@ -760,7 +811,7 @@ impl<'a> Permits<'a> {
         }
     }
 
-    fn take(&mut self, tag: u64) -> Option<(u16, GuestAddress, DirectIo<'a>)> {
+    fn take(&mut self, tag: u64) -> Option<Flight<'a>> {
         let i = usize::try_from(tag).ok()?;
         let e = self.slots.get_mut(i)?.take()?;
         self.free.push(i);

@@ -12,6 +12,8 @@
 //! Layout:
 //! - [`config`]: feature bits, protocol features, [`config::DeviceSpec`] and the config
 //!   space (the kernel's `virtio_blk_config`).
+//! - [`dirty`]: the dirty-page log of live migration (`VHOST_F_LOG_ALL`): every guest page
+//!   the daemon writes is marked before its request is retired.
 //! - [`request`]: parsing and validation of one descriptor chain into a [`request::BlkRequest`]
 //!   (framing, then one parser per request type), and the construction of `IoSlice`s and
 //!   iovecs over guest memory. Everything a guest sends is hostile input here.
@@ -36,6 +38,7 @@ use std::path::PathBuf;
 
 pub mod config;
 pub mod device;
+pub mod dirty;
 pub mod request;
 pub mod server;
 

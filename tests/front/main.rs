@@ -12,6 +12,7 @@ mod support;
 
 mod blkio;
 mod direct_blocks;
+mod dirty_log;
 mod hostile_guest;
 mod queue_stop;
 mod serve_clone;

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,8 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_clone::storage::aio::{DirectIo, DirectIoAccount, IoTarget};
+use vhost_clone::storage::IoFd;
 use vhost_clone::virtio::{serve, BlockBackend, ServeOptions, ShutdownSignal};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -219,6 +222,119 @@ impl BlockBackend for MemDisk {
     }
     fn set_write_cache(&self, writeback: bool) {
         self.wce.store(writeback, Ordering::SeqCst)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A file that grants io_uring permits
+
+/// A file-backed disk that lets the front issue reads and writes itself, and counts.
+pub struct FileDisk {
+    pub file: std::fs::File,
+    pub size: u64,
+    /// Permits granted.
+    pub direct_started: AtomicU64,
+    /// Permits ended, however.
+    pub direct_ended: AtomicU64,
+    /// Permits finished after their request was issued.
+    pub direct_done: AtomicU64,
+    pub direct_writes_done: AtomicU64,
+    /// Value of `direct_done` at each flush.
+    pub flushes_saw: std::sync::Mutex<Vec<u64>>,
+}
+
+impl FileDisk {
+    pub fn new(size: u64) -> Arc<FileDisk> {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(size).unwrap();
+        Arc::new(FileDisk {
+            file,
+            size,
+            direct_started: AtomicU64::new(0),
+            direct_ended: AtomicU64::new(0),
+            direct_done: AtomicU64::new(0),
+            direct_writes_done: AtomicU64::new(0),
+            flushes_saw: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl BlockBackend for FileDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn optimal_io_size(&self) -> u32 {
+        4096
+    }
+    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let mut off = offset;
+        for b in bufs {
+            self.file.read_exact_at(b, off)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
+    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut off = offset;
+        for b in bufs {
+            self.file.write_all_at(b, off)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.flushes_saw
+            .lock()
+            .unwrap()
+            .push(self.direct_done.load(Ordering::SeqCst));
+        self.file.sync_data()
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        self.file.write_all_at(&vec![0u8; len as usize], offset)
+    }
+    fn write_cache(&self) -> bool {
+        true
+    }
+    fn set_write_cache(&self, _writeback: bool) {}
+    fn direct_io(&self, write: bool, _offset: u64, len: u64) -> Option<DirectIo<'_>> {
+        let target = IoTarget::Fd(IoFd {
+            fd: self.file.as_raw_fd(),
+            align: 1,
+        });
+        Some(DirectIo::grant(self, target, write, len))
+    }
+}
+
+impl DirectIoAccount for FileDisk {
+    fn started(&self) {
+        self.direct_started.fetch_add(1, Ordering::SeqCst);
+    }
+    fn finished(&self, write: bool, _len: u64, outcome: Option<bool>, _maybe_written: bool) {
+        if let Some(ok) = outcome {
+            if write && ok {
+                self.direct_writes_done.fetch_add(1, Ordering::SeqCst);
+            }
+            self.direct_done.fetch_add(1, Ordering::SeqCst);
+        }
+        self.direct_ended.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Whether this kernel offers io_uring (the daemon falls back to synchronous queues
+/// where it does not; these tests are about the io_uring path and are then skipped).
+pub fn uring_available() -> bool {
+    match io_uring::IoUring::new(1) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipped: io_uring is not available here ({e})");
+            false
+        }
     }
 }
 

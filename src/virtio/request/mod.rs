@@ -61,8 +61,9 @@ const _: () = assert!(
         && STATUS_UNSUPP as u32 == VIRTIO_BLK_S_UNSUPP
 );
 
-/// Guest memory as the front sees it (no dirty-page bitmap).
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory as the front sees it, with the dirty-page log of live migration
+/// ([`super::dirty`]) as its bitmap.
+pub type GuestMemory = GuestMemoryMmap<super::dirty::DirtyLog>;
 
 /// Size of `virtio_blk_outhdr`.
 pub const HEADER_LEN: usize = 16;
