@@ -52,6 +52,7 @@ use crate::metrics::{MetricsError, MetricsServer};
 use crate::sandbox::{RuntimePaths, Sandbox, SandboxError, SandboxMode, ThreadKind};
 use crate::socket::{BoundSocket, SocketAccess, SocketError};
 use crate::storage::BlockDevice;
+use crate::virtio::handover::Frontends;
 use crate::virtio::{self, BlockBackend, IoEngine, ServeOptions, ShutdownSignal, VirtioError};
 
 /// `serve` arguments.
@@ -528,13 +529,17 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         control_socket: plan.control_path.clone(),
         metrics_address: metrics_listener.as_ref().map(|(_, addr)| *addr),
     };
-    let reporter = Arc::new(StatusReporter::new(
-        engine.clone(),
-        ctl.clone(),
-        identity,
-        stores.source.is_some(),
-        !a.no_discard_passdown,
-    ));
+    let frontends = Arc::new(Frontends::default());
+    let reporter = Arc::new(
+        StatusReporter::new(
+            engine.clone(),
+            ctl.clone(),
+            identity,
+            stores.source.is_some(),
+            !a.no_discard_passdown,
+        )
+        .with_frontends(frontends.clone()),
+    );
     let control =
         ControlServer::start_with(control_socket, reporter.clone()).map_err(ServeError::Control)?;
     let metrics = match metrics_listener {
@@ -562,6 +567,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         discard: true,
         name: "vhost-clone".into(),
         io_engine: a.io_engine.resolve(a.direct),
+        frontends: frontends.clone(),
     };
     tracing::info!(
         dest = %plan.stores.dest.display(),

@@ -208,6 +208,21 @@ fn full_report(s: &Status) -> String {
                 .unwrap_or_default()
         );
     }
+    let f = &s.frontends;
+    r += &format!(
+        "frontends: {} attached, {} connections, queues run by {}, {} hand-overs{}\n",
+        f.connected,
+        f.connections,
+        f.queue_owner
+            .map(|c| format!("connection {c}"))
+            .unwrap_or_else(|| "none".into()),
+        f.handovers,
+        if f.migrating {
+            "; migrating (dirty-page logging on)"
+        } else {
+            ""
+        }
+    );
     let io = &s.io;
     r += &format!(
         "io: {} reads ({} bytes), {} writes ({} bytes), {} flushes, {} discards, {} write-zeroes, {} errors\n",

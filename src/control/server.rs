@@ -17,6 +17,7 @@ use crate::engine::hydrator::HydrationControl;
 use crate::engine::{Counters, Engine};
 use crate::metadata::format::BLOCK_SIZE;
 use crate::socket::BoundSocket;
+use crate::virtio::handover::{FrontReport, Frontends};
 
 /// The daemon's status, as `vhost-clone status --json` prints it.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -112,6 +113,10 @@ pub struct Status {
     /// A network (NBD) source's connection state; None for a file source.
     #[serde(default)]
     pub source_remote: Option<crate::storage::nbd::RemoteStatus>,
+    /// The vhost-user frontends: how many are attached, which runs the queues, whether
+    /// one is migrating its guest, hand-overs so far.
+    #[serde(default)]
+    pub frontends: FrontReport,
 }
 
 impl Status {
@@ -183,6 +188,7 @@ pub struct StatusReporter {
     discard_passdown: bool,
     started: Instant,
     started_at: SystemTime,
+    frontends: Arc<Frontends>,
 }
 
 impl StatusReporter {
@@ -202,7 +208,15 @@ impl StatusReporter {
             discard_passdown,
             started: Instant::now(),
             started_at: SystemTime::now(),
+            frontends: Arc::default(),
         }
+    }
+
+    /// Reports on the vhost-user frontends of `frontends` (the serve call's, see
+    /// [`crate::virtio::ServeOptions::frontends`]) instead of none.
+    pub fn with_frontends(mut self, frontends: Arc<Frontends>) -> StatusReporter {
+        self.frontends = frontends;
+        self
     }
 
     /// The engine reported on.
@@ -266,6 +280,7 @@ impl StatusReporter {
             metadata_blocks_used: blocks_used,
             metadata_blocks_total: blocks_total,
             source_remote: e.source_status(),
+            frontends: self.frontends.report(),
         }
     }
 

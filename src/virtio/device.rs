@@ -25,7 +25,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
@@ -38,6 +38,7 @@ use vmm_sys_util::event::{
 
 use super::config::{self, DeviceSpec, SERIAL_LEN};
 use super::dirty::{self, DirtyLog};
+use super::handover::Frontends;
 use super::request::{
     self, guest_io_slices, guest_io_slices_mut, BlkRequest, GuestMemory, ParseLimits, ParsedChain,
     Segments, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
@@ -91,16 +92,23 @@ pub struct BlkDevice {
     errors_logged: AtomicU64,
     /// Set by [`BlkDevice::quiesce`]: no queue pops another chain.
     stopping: AtomicBool,
+    /// The frontends of this serve call, which decide which connection runs its queues.
+    frontends: Arc<Frontends>,
+    /// This connection's id among them.
+    conn: u64,
+    /// The frontend acked `LOG_ALL`: it is migrating the guest.
+    logging: AtomicBool,
 }
 
 impl BlkDevice {
-    /// A device for one connection.
+    /// A device for connection `conn` of `frontends`.
     pub fn new(
         backend: Arc<dyn BlockBackend>,
         spec: DeviceSpec,
         serial: &str,
         mem: AtomicGuestMemory,
         io_engine: IoEngine,
+        (frontends, conn): (Arc<Frontends>, u64),
     ) -> io::Result<Self> {
         let mut s = [0u8; SERIAL_LEN];
         let b = serial.as_bytes();
@@ -130,6 +138,9 @@ impl BlkDevice {
             exit_fds: Mutex::new(Vec::new()),
             errors_logged: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            frontends,
+            conn,
+            logging: AtomicBool::new(false),
         })
     }
 
@@ -161,16 +172,20 @@ impl BlkDevice {
     /// Makes the dirty-page log of `mem` follow the acked `LOG_ALL` bit (on while the
     /// frontend migrates the guest), and says so when that changes.
     fn apply_logging(&self, mem: &GuestMemory) {
-        let on = self.acked_features.load(Ordering::Acquire)
-            & VhostUserVirtioFeatures::LOG_ALL.bits()
-            != 0;
-        if dirty::set_logging(mem, on) {
-            if on {
-                info!("migration: the frontend turned dirty-page logging on");
-            } else {
-                info!("migration: the frontend turned dirty-page logging off");
-            }
+        let acked = self.acked_features.load(Ordering::Acquire);
+        let on = acked & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        dirty::set_logging(mem, on);
+        if self.logging.swap(on, Ordering::AcqRel) != on {
+            self.frontends.set_migrating(self.conn, on);
         }
+    }
+
+    /// The connection ended: it no longer counts as migrating, nor runs queues.
+    pub fn detach(&self) {
+        if self.logging.swap(false, Ordering::AcqRel) {
+            self.frontends.set_migrating(self.conn, false);
+        }
+        self.frontends.detach(self.conn);
     }
 
     /// Completed / failed counts of queue `i`.
@@ -755,6 +770,10 @@ impl VhostUserBackend for BlkDevice {
             // The next start of the queue may log a broken ring again.
             q.ring_error_logged = false;
         }
+        // Nothing of this queue is in flight any more: at a migration's switch-over, once
+        // every queue of the source stopped, the target's queues may run.
+        self.frontends
+            .release_queue(self.conn, queue_index as usize);
         Ok(())
     }
 
@@ -771,8 +790,22 @@ impl VhostUserBackend for BlkDevice {
         ) else {
             return Ok(());
         };
+        // One connection runs queues at a time (see `handover`): outside the queue's lock,
+        // so that GET_VRING_BASE and `quiesce` are not held up by the wait.
+        // Worker `thread_id` runs queue `thread_id` (`queues_per_thread`); `device_event`
+        // is the queue's index among the worker's own.
+        let queue = thread_id;
+        if !self.frontends.acquire(self.conn, queue, || self.stopping()) {
+            return Ok(());
+        }
         let mut q = q.lock().unwrap_or_else(PoisonError::into_inner);
         self.process_queue(vring, &mut q);
+        drop(q);
+        if !vring.get_ref().get_queue().ready() {
+            // Stopped (maybe before this kick was handled): it does not hold the
+            // ownership.
+            self.frontends.release_queue(self.conn, queue);
+        }
         Ok(())
     }
 }

@@ -14,6 +14,8 @@
 //!   space (the kernel's `virtio_blk_config`).
 //! - [`dirty`]: the dirty-page log of live migration (`VHOST_F_LOG_ALL`): every guest page
 //!   the daemon writes is marked before its request is retired.
+//! - [`handover`]: the frontends attached at once (a same-host migration's source and
+//!   target) and which of them runs its queues.
 //! - [`request`]: parsing and validation of one descriptor chain into a [`request::BlkRequest`]
 //!   (framing, then one parser per request type), and the construction of `IoSlice`s and
 //!   iovecs over guest memory. Everything a guest sends is hostile input here.
@@ -35,10 +37,12 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub mod config;
 pub mod device;
 pub mod dirty;
+pub mod handover;
 pub mod request;
 pub mod server;
 
@@ -125,6 +129,8 @@ pub struct ServeOptions {
     pub name: String,
     /// How queues execute reads and writes.
     pub io_engine: IoEngine,
+    /// The frontends' state, shared with whoever reports status.
+    pub frontends: Arc<handover::Frontends>,
 }
 
 impl Default for ServeOptions {
@@ -139,6 +145,7 @@ impl Default for ServeOptions {
             discard: true,
             name: String::from("vhost-clone"),
             io_engine: IoEngine::Sync,
+            frontends: Arc::default(),
         }
     }
 }

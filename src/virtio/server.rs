@@ -9,14 +9,17 @@
 //!
 //! vhost-user-backend 0.24 cannot serve a second connection with the same `VhostUserDaemon`
 //! (the second SET_OWNER fails), so every connection gets a fresh daemon, a fresh guest
-//! memory map and a fresh [`BlkDevice`]; only the [`BlockBackend`] is shared. After a
+//! memory map and a fresh [`BlkDevice`]; only the [`BlockBackend`] is shared. Up to
+//! [`super::handover::MAX_FRONTENDS`] connections are served at once, each on a thread of
+//! its own (a same-host migration's source and target; which of them runs its queues is
+//! [`super::handover`]'s decision); a further one waits in the backlog. After a
 //! connection the daemon is dropped (its workers are joined thanks to `exit_event` always
 //! returning `Some`) and the exit-event fds the crate leaks are closed here.
 //!
 //! Shutdown: [`ShutdownSignal::trigger`] (from a SIGTERM/SIGINT handler in the binary) makes
 //! `serve` stop accepting, stop every queue from popping new chains, wait for each queue
 //! worker to finish the requests it already popped ([`BlkDevice::quiesce`]), and only then
-//! close the current connection and return `Ok(())`. In that order because QEMU takes the
+//! close the connections and return `Ok(())`. In that order because QEMU takes the
 //! used index as final when the connection drops: a request popped or completed after that
 //! would run again from descriptors the guest may have reused once QEMU reconnects to a
 //! restarted daemon.
@@ -26,7 +29,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -111,8 +114,8 @@ pub fn print_capabilities() -> String {
 
 /// Serve `backend` over vhost-user-blk until `shutdown` is triggered.
 ///
-/// Connections are served one after another; a frontend that disconnects (guest power-off,
-/// QEMU restart) ends its connection and the next one is accepted. Errors caused by a
+/// Up to two connections are served at once (a migration's source and target); a
+/// frontend that disconnects (guest power-off, QEMU restart) ends its connection only. Errors caused by a
 /// frontend end that connection only; setup errors are returned.
 pub fn serve(
     backend: Arc<dyn BlockBackend>,
@@ -214,57 +217,142 @@ struct Front<'a> {
     shutdown: &'a ShutdownSignal,
 }
 
+/// One connection being served: its daemon (message thread and queue workers) and device.
+struct Connection {
+    id: u64,
+    daemon: VhostUserDaemon<Arc<BlkDevice>>,
+    device: Arc<BlkDevice>,
+}
+
 impl Front<'_> {
+    /// Accepts connections until shutdown, serving up to
+    /// [`super::handover::MAX_FRONTENDS`] at once, each
+    /// on a thread of its own. Returns once every connection ended.
     fn accept_loop(&self, listener: &mut Listener) -> Result<()> {
         let shutdown = self.shutdown;
-        loop {
-            match poll_readable(&[shutdown.as_raw_fd(), listener.as_raw_fd()], -1)
-                .map_err(VirtioError::Poll)?
-            {
-                Some(0) => {
-                    info!("shutdown requested; no longer accepting connections");
-                    return Ok(());
+        // Written by a connection's thread when it ends, to wake this loop.
+        let ended = EventFd::new(EFD_NONBLOCK).map_err(VirtioError::Setup)?;
+        std::thread::scope(|s| {
+            let mut live = Vec::new();
+            let mut result = loop {
+                if let Err(e) = reap(&mut live, false) {
+                    break Err(e);
                 }
-                Some(_) => self.serve_connection(listener)?,
-                None => {}
+                // With two frontends attached, a third one waits in the backlog.
+                let fds = [
+                    shutdown.as_raw_fd(),
+                    ended.as_raw_fd(),
+                    listener.as_raw_fd(),
+                ];
+                let n = if self.opts.frontends.has_room() { 3 } else { 2 };
+                match poll_readable(&fds[..n], -1) {
+                    Err(e) => break Err(VirtioError::Poll(e)),
+                    Ok(Some(0)) => {
+                        info!("shutdown requested; no longer accepting connections");
+                        break Ok(());
+                    }
+                    Ok(Some(1)) => {
+                        let _ = ended.read();
+                    }
+                    Ok(Some(_)) => match self.start_connection(listener) {
+                        Ok(Some(conn)) => {
+                            let ended = &ended;
+                            live.push(s.spawn(move || {
+                                let r = self.finish_connection(conn);
+                                let _ = ended.write(1);
+                                r
+                            }));
+                        }
+                        Ok(None) => {}
+                        Err(e) => break Err(e),
+                    },
+                    Ok(None) => {}
+                }
+                if shutdown.is_triggered() {
+                    break Ok(());
+                }
+            };
+            if result.is_err() {
+                // The others must end too before this returns.
+                shutdown.trigger();
             }
-            if shutdown.is_triggered() {
-                return Ok(());
+            if let Err(e) = reap(&mut live, true) {
+                result = result.and(Err(e));
+            }
+            result
+        })
+    }
+
+    /// Accepts one connection (the listener is readable) and starts serving it with a
+    /// fresh daemon. `None` when it was refused or went away at once.
+    fn start_connection(&self, listener: &mut Listener) -> Result<Option<Connection>> {
+        let frontends = &self.opts.frontends;
+        let Some(id) = frontends.attach() else {
+            // Cannot happen: the listener is polled only while there is room.
+            return Ok(None);
+        };
+        let (backend, opts, spec) = (self.backend, self.opts, self.spec);
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let device = BlkDevice::new(
+            backend.clone(),
+            spec,
+            &opts.serial,
+            mem.clone(),
+            opts.io_engine,
+            (frontends.clone(), id),
+        )
+        .map(Arc::new);
+        let device = match device {
+            Ok(d) => d,
+            Err(e) => {
+                frontends.detach(id);
+                return Err(VirtioError::Setup(e));
+            }
+        };
+        let mut daemon = match VhostUserDaemon::new(opts.name.clone(), device.clone(), mem) {
+            Ok(d) => d,
+            Err(e) => {
+                device.detach();
+                return Err(VirtioError::Daemon(e.to_string()));
+            }
+        };
+        // The listener is readable, so this accept does not block.
+        match daemon.start(listener) {
+            Ok(()) => {
+                info!(
+                    connection = id,
+                    frontends = frontends.report().connected,
+                    "vhost-user frontend connected"
+                );
+                Ok(Some(Connection { id, daemon, device }))
+            }
+            Err(e) => {
+                let conn = Connection { id, daemon, device };
+                conn.close();
+                connection_result(id, Err(e)).map(|()| None)
             }
         }
     }
 
-    /// Accept and serve one connection with a fresh daemon.
-    fn serve_connection(&self, listener: &mut Listener) -> Result<()> {
-        let (backend, opts, spec, shutdown) = (self.backend, self.opts, self.spec, self.shutdown);
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let device = Arc::new(
-            BlkDevice::new(
-                backend.clone(),
-                spec,
-                &opts.serial,
-                mem.clone(),
-                opts.io_engine,
-            )
-            .map_err(VirtioError::Setup)?,
-        );
-        let mut daemon = VhostUserDaemon::new(opts.name.clone(), device.clone(), mem)
-            .map_err(|e| VirtioError::Daemon(e.to_string()))?;
+    /// Serves a started connection until it ends (or shutdown closes it), then lets go
+    /// of it. Errors caused by the frontend end that connection only.
+    fn finish_connection(&self, mut conn: Connection) -> Result<()> {
+        let result = wait_connection(&mut conn.daemon, &conn.device, self.shutdown);
+        let id = conn.id;
+        conn.close();
+        connection_result(id, result)
+    }
+}
 
-        // The listener is readable, so this accept does not block.
-        let result = match daemon.start(listener) {
-            Ok(()) => {
-                debug!("vhost-user frontend connected");
-                wait_connection(&mut daemon, &device, shutdown)
-            }
-            Err(e) => Err(e),
-        };
-        // The connection is gone (or was never up): the frontend took the used index as it
-        // was, so no queue may pop another chain.
+impl Connection {
+    /// Ends the connection's service. The frontend took the used index as it was when the
+    /// connection went (or never came) up, so no queue may pop another chain: the queues
+    /// are quiesced first. Dropping the daemon then sends the exit events and joins the
+    /// queue workers; each finishes the requests it popped first (after a shutdown there
+    /// are none left: see `wait_connection`).
+    fn close(self) {
+        let Connection { daemon, device, .. } = self;
         device.quiesce();
-        // Dropping the daemon sends the exit events and joins the queue workers; each finishes
-        // the requests it popped first (after a shutdown there are none left: see
-        // `wait_connection`).
         drop(daemon);
         for fd in device.take_exit_fds() {
             // SAFETY: `fd` is the consumer end of an exit eventfd this device created and handed
@@ -273,33 +361,61 @@ impl Front<'_> {
             // else owns or uses this fd number.
             unsafe { libc::close(fd) };
         }
-
-        match result {
-            Ok(()) => {
-                info!("vhost-user connection closed");
-                Ok(())
-            }
-            Err(DaemonError::HandleRequest(
-                VhostUserError::Disconnected
-                | VhostUserError::PartialMessage
-                | VhostUserError::SocketBroken(_),
-            )) => {
-                info!("vhost-user frontend disconnected");
-                Ok(())
-            }
-            Err(DaemonError::HandleRequest(e)) => {
-                // A frontend error ends that connection only.
-                warn!("vhost-user connection ended with an error: {e}");
-                Ok(())
-            }
-            Err(DaemonError::CreateBackendListener(VhostUserError::SocketError(e)))
-                if e.kind() == io::ErrorKind::ConnectionAborted =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(VirtioError::Daemon(e.to_string())),
-        }
+        // Only now, with its workers gone: another connection may run its queues.
+        device.detach();
     }
+}
+
+/// What the end of connection `id` means for `serve`: frontend trouble ends that
+/// connection only (`Ok`), anything else is an error of the daemon.
+fn connection_result(id: u64, result: std::result::Result<(), DaemonError>) -> Result<()> {
+    match result {
+        Ok(()) => {
+            info!(connection = id, "vhost-user connection closed");
+            Ok(())
+        }
+        Err(DaemonError::HandleRequest(
+            VhostUserError::Disconnected
+            | VhostUserError::PartialMessage
+            | VhostUserError::SocketBroken(_),
+        )) => {
+            info!(connection = id, "vhost-user frontend disconnected");
+            Ok(())
+        }
+        Err(DaemonError::HandleRequest(e)) => {
+            // A frontend error ends that connection only.
+            warn!(
+                connection = id,
+                "vhost-user connection ended with an error: {e}"
+            );
+            Ok(())
+        }
+        Err(DaemonError::CreateBackendListener(VhostUserError::SocketError(e)))
+            if e.kind() == io::ErrorKind::ConnectionAborted =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(VirtioError::Daemon(e.to_string())),
+    }
+}
+
+/// Joins the connection threads that ended (all of them, waiting, with `all`). Returns
+/// the first error one of them ended with.
+fn reap(live: &mut Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>, all: bool) -> Result<()> {
+    let mut result = Ok(());
+    let mut i = 0;
+    while i < live.len() {
+        if !all && !live[i].is_finished() {
+            i += 1;
+            continue;
+        }
+        let r = match live.swap_remove(i).join() {
+            Ok(r) => r,
+            Err(_) => Err(VirtioError::Daemon("a connection thread panicked".into())),
+        };
+        result = result.and(r);
+    }
+    result
 }
 
 /// Wait for the connection to end, closing it early if `shutdown` is triggered: then the

@@ -16,5 +16,6 @@ mod dirty_log;
 mod hostile_guest;
 mod queue_stop;
 mod serve_clone;
+mod two_frontends;
 mod uring_front;
 mod vhost_user;
