@@ -259,7 +259,8 @@ corrupt() {
 }
 
 # ---- guests -----------------------------------------------------------------
-# boot_start NAME [--reboot] [--reconnect] [--control] [KEY=VALUE...] < SCRIPT
+# boot_start NAME [--reboot] [--reconnect] [--control] [--qmp] [KEY=VALUE...] < SCRIPT
+# boot_start NAME [--control] [--qmp] --incoming FROM URI
 #   Start a guest in the background running SCRIPT (busybox sh, with
 #   /lib/vctest.sh loaded and KEY=VALUE in its environment). Its serial
 #   console goes to $D/NAME.serial. --reboot lets a guest reboot in place.
@@ -267,6 +268,10 @@ corrupt() {
 #   stopped, instead of losing the disk (restart it with daemon_restart).
 #   --control: a second serial port (the guest's /dev/ttyS1) carries lines
 #   from the host (guest_send) to the guest (ctl_open/ctl_wait in vctest.sh).
+#   --qmp: a QMP monitor on $D/NAME.qmp (tools/qmp.py talks to it).
+#   --incoming FROM URI: the same machine as guest FROM, waiting for FROM's
+#   migration stream on URI (QEMU's -incoming); the guest and its script
+#   continue here, with the output going to $D/NAME.serial from then on.
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-240}
 declare -A QEMU_PID BOOT_T0
 
@@ -290,8 +295,8 @@ guest_initrd() {
 }
 
 boot_start() {
-	local name=$1 noreboot=-no-reboot reconnect=''
-	local -a ctl=()
+	local name=$1 noreboot=-no-reboot reconnect='' from=''
+	local -a ctl=() extra=()
 	shift
 	while :; do
 		case ${1:-} in
@@ -302,12 +307,20 @@ boot_start() {
 			mkfifo "$D/$name.ctl.in" "$D/$name.ctl.out"
 			# shellcheck disable=SC2054 # the commas belong to QEMU's option
 			ctl=(-chardev pipe,id=ctl,path="$D/$name.ctl" -serial chardev:ctl) ;;
+		--qmp) extra+=(-qmp unix:"$D/$name.qmp",server=on,wait=off) ;;
+		--incoming) from=$2 extra+=(-incoming "$3"); shift 2 ;;
 		*) break ;;
 		esac
 		shift
 	done
-	guest_initrd "$name" "$@"
 	local b=$D/$name.boot
+	if [ -n "$from" ]; then
+		# The same machine as guest $from, whose RAM (and running script) arrives
+		# by migration: its initrd, no script of its own.
+		b=$D/$from.boot
+	else
+		guest_initrd "$name" "$@"
+	fi
 	: > "$D/$name.serial"
 	# shellcheck disable=SC2086
 	"$QEMU" -M pc -accel tcg -cpu max -smp 2 -m 1G \
@@ -317,7 +330,7 @@ boot_start() {
 		-kernel "$KERNEL" -initrd "$b/initrd" \
 		-append "console=ttyS0 quiet tsc=reliable panic=-1" \
 		-chardev socket,id=vub0,path="$SOCK"$reconnect \
-		-device vhost-user-blk-pci,chardev=vub0,num-queues=2 \
+		-device vhost-user-blk-pci,chardev=vub0,num-queues=2 "${extra[@]}" \
 		> "$D/$name.qemu.log" 2>&1 &
 	QEMU_PID[$name]=$!
 	BOOT_T0[$name]=$SECONDS

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::{debug, error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
@@ -43,6 +43,7 @@ use super::request::{
     self, guest_io_slices, guest_io_slices_mut, BlkRequest, GuestMemory, ParseLimits, ParsedChain,
     Segments, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
+use super::vring::FrontVring;
 use super::{BlockBackend, IoEngine};
 use crate::storage::aio::DirectIo;
 use crate::storage::queue::{AsyncQueue, Retired, MAX_IOVECS};
@@ -50,7 +51,7 @@ use crate::storage::queue::{AsyncQueue, Retired, MAX_IOVECS};
 /// Guest memory shared with the vhost-user message handler.
 pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemory>;
 /// The vring type used by the device.
-pub type Vring = VringRwLock<AtomicGuestMemory>;
+pub type Vring = FrontVring<AtomicGuestMemory>;
 
 /// Per-queue state, locked only by the queue's worker (and by `stop_vring`).
 #[derive(Debug, Default)]

@@ -23,6 +23,8 @@
 //!   (EVENT_IDX notification suppression, write-through handling; the io_uring engine keeps
 //!   the requests the backend grants a [`DirectIo`] permit for in a
 //!   [`crate::storage::queue::AsyncQueue`]).
+//! - [`vring`]: the vring type, vhost-user-backend's with a running ring's used index
+//!   kept from SET_VRING_ADDR (sent to running rings when a migration starts).
 //! - [`server`]: [`serve`], the listener loop that builds one `VhostUserDaemon` per
 //!   connection, and [`print_capabilities`].
 //!
@@ -45,6 +47,7 @@ pub mod dirty;
 pub mod handover;
 pub mod request;
 pub mod server;
+pub mod vring;
 
 use crate::storage::aio::DirectIo;
 

@@ -131,3 +131,31 @@ fn io_uring_queues_log_the_pages_the_kernel_wrote() {
         "the reads did not go through io_uring"
     );
 }
+
+/// QEMU sends SET_VRING_ADDR to running rings when it turns logging on or off.
+/// vhost-user-backend then reloads the next used index from guest memory; if a queue
+/// worker completed a request between that read and the store (a race this test fixes
+/// in place by making the read stale), the next completion would overwrite the previous
+/// one's used entry and the guest would wait for it forever.
+#[test]
+fn set_vring_addr_on_a_running_ring_keeps_its_used_index() {
+    let server = Server::start(MemDisk::new(1 << 20), opts(1));
+    let mut g = Guest::start(&server.path, 1);
+    for i in 0..3 {
+        assert_eq!(g.read(0, i * 8, 4096).0, S_OK);
+    }
+    let used_idx_at = g.queues[0].used + 2;
+    // The stale read: the used index as it was three completions ago.
+    g.write_mem(used_idx_at, &0u16.to_le_bytes());
+    let config = g.vring_config(&g.queues[0], 1 << VHOST_VRING_F_LOG);
+    g.fe.set_vring_addr(0, &config).unwrap();
+    g.write_mem(used_idx_at, &3u16.to_le_bytes());
+    // The next completion goes after the third one.
+    assert_eq!(g.read(0, 0, 4096).0, S_OK);
+    assert_eq!(g.used_idx(0), 4);
+    drop(g);
+    server.stop();
+}
+
+/// Bit of `VHOST_VRING_F_LOG` in SET_VRING_ADDR's flags.
+const VHOST_VRING_F_LOG: u32 = 0;

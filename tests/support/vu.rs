@@ -530,27 +530,30 @@ impl Guest {
                 data: 0x100000 + i as u64 * 0x400000,
                 calls: 0,
             };
-            let host = |a: u64| self.mem.get_host_address(GuestAddress(a)).unwrap() as u64;
             self.fe.set_vring_num(i, size).unwrap();
             self.fe.set_vring_base(i, 0).unwrap();
             self.fe
-                .set_vring_addr(
-                    i,
-                    &VringConfigData {
-                        queue_max_size: size,
-                        queue_size: size,
-                        flags: 0,
-                        desc_table_addr: host(q.desc),
-                        used_ring_addr: host(q.used),
-                        avail_ring_addr: host(q.avail),
-                        log_addr: None,
-                    },
-                )
+                .set_vring_addr(i, &self.vring_config(&q, 0))
                 .unwrap();
             self.fe.set_vring_call(i, &q.call).unwrap();
             self.fe.set_vring_kick(i, &q.kick).unwrap();
             self.fe.set_vring_enable(i, true).unwrap();
             self.queues.push(q);
+        }
+    }
+
+    /// SET_VRING_ADDR's data for `q` (QEMU sets `flags` to VHOST_VRING_F_LOG while it
+    /// migrates the guest).
+    pub fn vring_config(&self, q: &TestQueue, flags: u32) -> VringConfigData {
+        let host = |a: u64| self.mem.get_host_address(GuestAddress(a)).unwrap() as u64;
+        VringConfigData {
+            queue_max_size: q.size,
+            queue_size: q.size,
+            flags,
+            desc_table_addr: host(q.desc),
+            used_ring_addr: host(q.used),
+            avail_ring_addr: host(q.avail),
+            log_addr: (flags != 0).then_some(q.used),
         }
     }
 
