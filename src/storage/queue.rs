@@ -19,13 +19,15 @@
 //!   flight.
 //!
 //! Rules the queue keeps:
-//! - **In-order retirement.** [`AsyncQueue::next_retired`] yields requests in the order
-//!   they were started, even when they complete in another order. The virtio front
-//!   relies on it: the used index then always equals the number of chains popped
+//! - **In-order retirement** by default: [`AsyncQueue::next_retired`] yields requests
+//!   in the order they were started, even when they complete in another order. The
+//!   virtio front relies on it when the frontend keeps no in-flight area
+//!   (INFLIGHT_SHMFD): the used index then always equals the number of chains popped
 //!   before the oldest request still in flight, which is where QEMU restarts a
-//!   backend that crashed or reconnected (it replays from the used index;
-//!   vhost-user-backend 0.24 cannot offer INFLIGHT_SHMFD). Out-of-order retirement
-//!   would make such a restart skip a request that was never completed.
+//!   backend that crashed or reconnected (it replays from the used index).
+//!   Out-of-order retirement would make such a restart skip a request that was never
+//!   completed; [`AsyncQueue::set_in_order`] allows it for a caller whose restarts
+//!   resubmit from an in-flight area instead.
 //! - **No abandoned I/O.** Dropping a queue waits for the kernel to finish what it
 //!   has: the buffers may be reused the moment the queue is gone. (Emulated
 //!   requests not yet performed simply never happen, like I/O lost with a process.)
@@ -190,6 +192,8 @@ pub struct AsyncQueue {
     again: Vec<u16>,
     /// Unexpected `io_uring_enter` errors seen (logged once).
     enter_errors: u64,
+    /// Retire in start order (the default), or as requests finish.
+    in_order: bool,
 }
 
 // SAFETY: the raw pointers in the slots' iovecs point into buffers that `start`'s caller
@@ -257,11 +261,19 @@ impl AsyncQueue {
             depth,
             again: Vec::new(),
             enter_errors: 0,
+            in_order: true,
         }
     }
 
     /// The submission opcodes the ring accepts (`restrict`).
     pub const ALLOWED_OPCODES: [u8; 2] = [opcode::Readv::CODE, opcode::Writev::CODE];
+
+    /// Retire requests in the order they were started (`true`, the default), or in the
+    /// order they finish: only for a caller whose restarts do not depend on the order
+    /// (the virtio front with in-flight tracking, see `virtio::inflight`).
+    pub fn set_in_order(&mut self, in_order: bool) {
+        self.in_order = in_order;
+    }
 
     /// Whether another request may be started.
     pub fn has_room(&self) -> bool {
@@ -411,7 +423,7 @@ impl AsyncQueue {
     /// more request finish: performs an emulated one, or blocks until the kernel
     /// completes one. Requires that the queue is not idle.
     pub fn wait(&mut self) {
-        if self.front_finished() || self.reap() > 0 || self.complete_emulated() {
+        if self.retirable().is_some() || self.reap() > 0 || self.complete_emulated() {
             // Still submit what was queued since.
             self.submit();
             return;
@@ -456,10 +468,15 @@ impl AsyncQueue {
         true
     }
 
-    fn front_finished(&self) -> bool {
-        self.order
-            .front()
-            .is_some_and(|&i| self.slots[usize::from(i)].result.is_some())
+    /// Where in `order` the next request to retire is: the oldest if it finished, or,
+    /// out of order, the oldest of those that finished.
+    fn retirable(&self) -> Option<usize> {
+        let finished = |&i: &u16| self.slots[usize::from(i)].result.is_some();
+        if self.in_order {
+            self.order.front().filter(|i| finished(i)).map(|_| 0)
+        } else {
+            self.order.iter().position(finished)
+        }
     }
 
     /// Submits what was started without waiting.
@@ -511,9 +528,11 @@ impl AsyncQueue {
         finished
     }
 
-    /// The oldest started request, if it finished.
+    /// The oldest started request, if it finished (out of order: the oldest of those
+    /// that finished).
     pub fn next_retired(&mut self) -> Option<Retired> {
-        let &idx = self.order.front()?;
+        let pos = self.retirable()?;
+        let idx = self.order[pos];
         let s = &mut self.slots[usize::from(idx)];
         let result = s.result?;
         let r = Retired {
@@ -525,7 +544,7 @@ impl AsyncQueue {
         };
         // Do not keep the device alive through an idle slot.
         s.target = SlotTarget::Fd(-1);
-        self.order.pop_front();
+        self.order.remove(pos);
         self.free.push(idx);
         Some(r)
     }

@@ -214,15 +214,17 @@ pub fn parse_set_config(offset: u32, buf: &[u8]) -> Option<bool> {
     buf.get(idx).map(|b| *b != 0)
 }
 
-/// Protocol features offered: CONFIG, MQ, CONFIGURE_MEM_SLOTS (libblkio requires it) and
-/// LOG_SHMFD (with the `LOG_ALL` feature bit, live migration: see [`super::dirty`]).
-/// Not INFLIGHT_SHMFD and not STATUS: vhost-user-backend 0.24 cannot serve them. REPLY_ACK is
+/// Protocol features offered: CONFIG, MQ, CONFIGURE_MEM_SLOTS (libblkio requires it),
+/// LOG_SHMFD (with the `LOG_ALL` feature bit, live migration: see [`super::dirty`]) and
+/// INFLIGHT_SHMFD (in-flight tracking across restarts: see [`super::inflight`]).
+/// Not STATUS: vhost-user-backend 0.24 cannot serve it. REPLY_ACK is
 /// added by the vhost crate.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 #[cfg(test)]

@@ -20,13 +20,17 @@
 //! no status byte could be written. `handle_event` never returns an error because of
 //! what a guest did: an `Err` would end the queue's worker thread.
 
+use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, ErrorKind};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tracing::{debug, error, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use tracing::{debug, error, info, warn};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_queue::QueueT;
@@ -39,6 +43,7 @@ use vmm_sys_util::event::{
 use super::config::{self, DeviceSpec, SERIAL_LEN};
 use super::dirty::{self, DirtyLog};
 use super::handover::Frontends;
+use super::inflight::{self, InflightArea, InflightError, QueueLog};
 use super::request::{
     self, guest_io_slices, guest_io_slices_mut, BlkRequest, GuestMemory, ParseLimits, ParsedChain,
     Segments, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
@@ -69,6 +74,13 @@ pub struct QueueState {
     uring: Option<AsyncQueue>,
     /// Creating the io_uring failed: the queue runs synchronously.
     uring_unavailable: bool,
+    /// The ring ran since it was (re)started: its in-flight area was read.
+    started: bool,
+    /// This queue's part of the frontend's in-flight area (INFLIGHT_SHMFD), if it keeps
+    /// one: requests are recorded there, and may then be retired out of order.
+    log: Option<QueueLog>,
+    /// Requests a previous daemon left in flight, run before anything new is popped.
+    resubmit: VecDeque<ParsedChain>,
 }
 
 /// One connection's vhost-user-blk device.
@@ -99,6 +111,9 @@ pub struct BlkDevice {
     conn: u64,
     /// The frontend acked `LOG_ALL`: it is migrating the guest.
     logging: AtomicBool,
+    /// The frontend's in-flight area (GET/SET_INFLIGHT_FD), read by each queue at its
+    /// start.
+    inflight: Mutex<Option<Arc<InflightArea>>>,
 }
 
 impl BlkDevice {
@@ -142,6 +157,7 @@ impl BlkDevice {
             frontends,
             conn,
             logging: AtomicBool::new(false),
+            inflight: Mutex::new(None),
         })
     }
 
@@ -223,6 +239,9 @@ impl BlkDevice {
     /// lock) and shutdown would never finish. Notifications are enabled by then: the
     /// guest's next kick brings the queue back here.
     fn process_queue(&self, vring: &Vring, q: &mut QueueState) {
+        if !q.started && vring.get_ref().get_queue().ready() {
+            self.start_queue(vring, q);
+        }
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut more_reported = false;
         loop {
@@ -256,6 +275,58 @@ impl BlkDevice {
                     warn!("enable_notification failed: {e}");
                     break;
                 }
+            }
+        }
+    }
+
+    /// A ring's first run since it was (re)started: with an in-flight area, the requests a
+    /// previous daemon popped and did not complete are queued for resubmission, and the
+    /// ring continues after them (its next avail index is the used index plus their
+    /// number, whatever base the frontend set).
+    fn start_queue(&self, vring: &Vring, q: &mut QueueState) {
+        q.started = true;
+        q.resubmit.clear();
+        let area = self
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        q.log = area.and_then(|a| a.queue(u16::try_from(q.index).ok()?));
+        let Some(log) = q.log.as_mut() else {
+            return;
+        };
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let recovered = queue
+            .used_idx(&*mem, Ordering::Acquire)
+            .map_err(|e| InflightError::BadArea(format!("the used index cannot be read: {e}")))
+            .and_then(|used| Ok((used.0, log.recover(used.0)?)))
+            .and_then(|(used, rec)| {
+                let chains = inflight::resubmit_chains(&mem, queue, &rec.resubmit, &self.limits)?;
+                Ok((used, chains))
+            });
+        match recovered {
+            Ok((used, chains)) => {
+                // At most the ring's size: a u16.
+                let n = chains.len() as u16;
+                queue.set_next_avail(used.wrapping_add(n));
+                if n > 0 {
+                    info!(
+                        queue = q.index,
+                        requests = n,
+                        "resubmitting the requests that were in flight when the last \
+                         daemon stopped"
+                    );
+                }
+                q.resubmit = chains.into();
+            }
+            Err(e) => {
+                warn!(
+                    queue = q.index,
+                    "{e}; this queue completes its requests in order instead"
+                );
+                q.log = None;
             }
         }
     }
@@ -294,6 +365,9 @@ impl BlkDevice {
         if !queue.ready() {
             return None;
         }
+        if let Some(chain) = q.resubmit.pop_front() {
+            return Some(chain);
+        }
         let next = queue.next_avail();
         let avail = match queue.avail_idx(&**mem, Ordering::Acquire) {
             Ok(idx) => idx.0,
@@ -319,6 +393,9 @@ impl BlkDevice {
         }
         let chain = queue.pop_descriptor_chain(mem.clone())?;
         drop(state);
+        if let Some(log) = q.log.as_mut() {
+            log.popped(chain.head_index());
+        }
         Some(request::parse_chain(chain, &self.limits))
     }
 
@@ -364,6 +441,9 @@ impl BlkDevice {
         let Some(mut uq) = q.uring.take() else {
             return 0;
         };
+        // With an in-flight area a restart resubmits whatever is in flight, so requests
+        // are retired as they finish; without one, in the order they were popped.
+        uq.set_in_order(q.log.is_none());
         // The permits of the requests in flight, by tag; all are finished before
         // this function returns (the queue is idle then).
         let mut flight = Permits::default();
@@ -561,8 +641,16 @@ impl BlkDevice {
         } else {
             q.failed += 1;
         }
+        if let Some(log) = &q.log {
+            log.completing(head);
+        }
         match vring.add_used(head, used) {
-            Ok(()) => true,
+            Ok(()) => {
+                if let Some(log) = &q.log {
+                    log.completed(head, vring.get_ref().get_queue().next_used());
+                }
+                true
+            }
             Err(e) => {
                 warn!(head, "add_used failed: {e}");
                 false
@@ -708,6 +796,29 @@ impl VhostUserBackend for BlkDevice {
         config::protocol_features()
     }
 
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let (num_queues, queue_size) = (msg.num_queues, msg.queue_size);
+        let limits = (self.spec.num_queues, self.spec.queue_size);
+        let (area, file) = InflightArea::create((num_queues, queue_size), limits)
+            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        let len = area.byte_len();
+        *self.inflight.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(area));
+        debug!(num_queues, queue_size, "created an in-flight area");
+        Ok((VhostUserInflight::new(len, 0, num_queues, queue_size), file))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let area = InflightArea::open(
+            file,
+            (msg.mmap_offset, msg.mmap_size),
+            (msg.num_queues, msg.queue_size),
+            (self.spec.num_queues, self.spec.queue_size),
+        )
+        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        *self.inflight.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(area));
+        Ok(())
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Release);
     }
@@ -768,8 +879,11 @@ impl VhostUserBackend for BlkDevice {
         // Wait for the worker to finish what it popped: it holds this lock while it works.
         if let Some(q) = self.queues.get(queue_index as usize) {
             let mut q = q.lock().unwrap_or_else(PoisonError::into_inner);
-            // The next start of the queue may log a broken ring again.
+            // The next start of the queue may log a broken ring again, and reads the
+            // in-flight area again (requests left to resubmit stay recorded there).
             q.ring_error_logged = false;
+            q.started = false;
+            q.resubmit.clear();
         }
         // Nothing of this queue is in flight any more: at a migration's switch-over, once
         // every queue of the source stopped, the target's queues may run.

@@ -16,6 +16,8 @@
 //!   the daemon writes is marked before its request is retired.
 //! - [`handover`]: the frontends attached at once (a same-host migration's source and
 //!   target) and which of them runs its queues.
+//! - [`inflight`]: the in-flight area of INFLIGHT_SHMFD, which lets a restarted daemon
+//!   resubmit exactly the requests that were in flight.
 //! - [`request`]: parsing and validation of one descriptor chain into a [`request::BlkRequest`]
 //!   (framing, then one parser per request type), and the construction of `IoSlice`s and
 //!   iovecs over guest memory. Everything a guest sends is hostile input here.
@@ -45,6 +47,7 @@ pub mod config;
 pub mod device;
 pub mod dirty;
 pub mod handover;
+pub mod inflight;
 pub mod request;
 pub mod server;
 pub mod vring;

@@ -14,6 +14,7 @@ mod blkio;
 mod direct_blocks;
 mod dirty_log;
 mod hostile_guest;
+mod inflight;
 mod queue_stop;
 mod serve_clone;
 mod two_frontends;

@@ -44,8 +44,9 @@ fn feature_and_config_negotiation() {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     ));
-    assert!(!proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
     assert!(!proto.contains(VhostUserProtocolFeatures::STATUS));
     assert_eq!(g.fe.get_queue_num().unwrap(), 2);
 

@@ -17,7 +17,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -464,6 +465,9 @@ pub struct Guest {
     pub mem: GuestMemoryMmap<()>,
     pub queues: Vec<TestQueue>,
     pub features: u64,
+    /// The in-flight area the backend gave (GET_INFLIGHT_FD), kept like QEMU keeps it
+    /// for the backend's restarts.
+    pub inflight: Option<(VhostUserInflight, File)>,
 }
 
 pub fn header(t: u32, sector: u64) -> [u8; 16] {
@@ -493,6 +497,7 @@ impl Guest {
             mem,
             queues: Vec::new(),
             features: 0,
+            inflight: None,
         }
     }
 
@@ -554,6 +559,55 @@ impl Guest {
             used_ring_addr: host(q.used),
             avail_ring_addr: host(q.avail),
             log_addr: (flags != 0).then_some(q.used),
+        }
+    }
+
+    /// QEMU's vhost-user-blk start with INFLIGHT_SHMFD: GET_INFLIGHT_FD for `n` rings of
+    /// QUEUE_SIZE, then SET_INFLIGHT_FD with what it returned (before the rings are set
+    /// up). The area is kept in `self.inflight`.
+    pub fn share_inflight(&mut self, n: u16) {
+        let ask = VhostUserInflight::new(0, 0, n, QUEUE_SIZE);
+        let (info, file) = self.fe.get_inflight_fd(&ask).unwrap();
+        self.fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+        self.inflight = Some((info, file));
+    }
+
+    /// What QEMU does when its backend died and a new one listens on `path`: a new
+    /// connection, the same negotiation and memory, the kept in-flight area, and every
+    /// ring set up again at the same addresses with the used index in guest memory as
+    /// its base (GET_VRING_BASE failed on the dead backend).
+    pub fn reconnect(&mut self, path: &Path) {
+        let n = self.queues.len();
+        let fe = Frontend::connect(path, n as u64).unwrap();
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        self.fe = fe;
+        let features = self.features;
+        self.fe.get_features().unwrap();
+        let proto = self.fe.get_protocol_features().unwrap();
+        self.fe.set_protocol_features(proto).unwrap();
+        self.fe.set_owner().unwrap();
+        self.fe.set_features(features).unwrap();
+        self.setup_memory();
+        if let Some((info, file)) = &self.inflight {
+            self.fe.set_inflight_fd(info, file.as_raw_fd()).unwrap();
+        }
+        for i in 0..n {
+            let base = self.used_idx(i);
+            let q = &self.queues[i];
+            let (kick, call) = (
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+            );
+            self.fe.set_vring_num(i, q.size).unwrap();
+            self.fe.set_vring_base(i, base).unwrap();
+            self.fe.set_vring_addr(i, &self.vring_config(q, 0)).unwrap();
+            self.fe.set_vring_call(i, &call).unwrap();
+            self.fe.set_vring_kick(i, &kick).unwrap();
+            self.fe.set_vring_enable(i, true).unwrap();
+            self.queues[i].kick = kick;
+            self.queues[i].call = call;
+            // The guest's driver kicks again when it sees nothing complete.
+            self.queues[i].kick.write(1).unwrap();
         }
     }
 
