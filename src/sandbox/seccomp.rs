@@ -111,7 +111,7 @@ const DISK_IO: &[Allow] = &[
 /// The vhost-user front on its own thread, inherited by the threads it starts
 /// (vhost-user-backend's vring workers, one set per connection, and the shutdown
 /// watcher): the protocol socket with its fds, guest memory maps, eventfds and epoll,
-/// queue I/O (blocking and io_uring). No unlink: these threads parse guest input,
+/// queue I/O (blocking and io_uring), the in-flight area (a memfd). No unlink: these threads parse guest input,
 /// and Landlock lets the process remove files in the socket directories (often the
 /// destination's); removing ours at exit is [`MAIN`]'s.
 const FRONT: &[Allow] = &[
@@ -141,6 +141,9 @@ const FRONT: &[Allow] = &[
     Any(Sysno::io_uring_enter),
     Any(Sysno::io_uring_register),
     Arg(Sysno::ioctl, 1, &[FIONBIO, FIOCLEX]),
+    // GET_INFLIGHT_FD: the in-flight area is a memfd of ours (`virtio::inflight`).
+    Arg(Sysno::memfd_create, 1, &[libc::MFD_CLOEXEC as u64]),
+    Any(Sysno::ftruncate),
 ];
 
 /// The main thread after start-up: it waits for the front thread, sends the last
