@@ -74,6 +74,7 @@ complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l no-dis
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l no-hydration -d 'Start with background hydration disabled (`message enable-hydration` starts it)'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l detect-zeroes -d 'Write all-zero source data as holes on the destination'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l direct -d 'Open source and destination with O_DIRECT (bypass the host page cache)'
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l retire-in-order -d 'With the io_uring engine, retire requests in the order they were taken from the queue even when the frontend keeps an in-flight area (QEMU\'s INFLIGHT_SHMFD), which lets them complete as they finish by default. For comparing the two; correct either way'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l print-capabilities -d 'Print QEMU\'s vhost-user capabilities JSON and exit (as `vhost-clone --print-capabilities`)'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s v -l verbose -d 'More logging (-v debug, -vv trace)'
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -114,6 +114,9 @@ pub struct BlkDevice {
     /// The frontend's in-flight area (GET/SET_INFLIGHT_FD), read by each queue at its
     /// start.
     inflight: Mutex<Option<Arc<InflightArea>>>,
+    /// io_uring queues retire in pop order even with an in-flight area
+    /// (`--retire-in-order`).
+    retire_in_order: bool,
 }
 
 impl BlkDevice {
@@ -158,7 +161,15 @@ impl BlkDevice {
             conn,
             logging: AtomicBool::new(false),
             inflight: Mutex::new(None),
+            retire_in_order: false,
         })
+    }
+
+    /// io_uring queues retire in pop order even when the frontend keeps an in-flight
+    /// area (`--retire-in-order`).
+    pub fn retiring_in_order(mut self, in_order: bool) -> Self {
+        self.retire_in_order = in_order;
+        self
     }
 
     /// The fds to close once the daemon that used this device has been dropped.
@@ -443,7 +454,7 @@ impl BlkDevice {
         };
         // With an in-flight area a restart resubmits whatever is in flight, so requests
         // are retired as they finish; without one, in the order they were popped.
-        uq.set_in_order(q.log.is_none());
+        uq.set_in_order(q.log.is_none() || self.retire_in_order);
         // The permits of the requests in flight, by tag; all are finished before
         // this function returns (the queue is idle then).
         let mut flight = Permits::default();

@@ -135,6 +135,8 @@ pub struct ServeOptions {
     pub name: String,
     /// How queues execute reads and writes.
     pub io_engine: IoEngine,
+    /// io_uring queues retire in pop order even with an in-flight area.
+    pub retire_in_order: bool,
     /// The frontends' state, shared with whoever reports status.
     pub frontends: Arc<handover::Frontends>,
 }
@@ -151,6 +153,7 @@ impl Default for ServeOptions {
             discard: true,
             name: String::from("vhost-clone"),
             io_engine: IoEngine::Sync,
+            retire_in_order: false,
             frontends: Arc::default(),
         }
     }
