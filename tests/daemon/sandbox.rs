@@ -196,3 +196,55 @@ fn a_refused_syscall_is_named_before_the_process_exits() {
 fn cleanup(p: &Path) {
     let _ = std::fs::remove_file(p);
 }
+
+/// What QEMU sends beyond what libblkio does passes the filter: the in-flight area
+/// (GET/SET_INFLIGHT_FD: a memfd the daemon creates), the dirty log of a migration
+/// (SET_LOG_BASE, LOG_ALL) and a second frontend attached at once (a same-host
+/// migration's target). The daemon must still serve, and stop with status 0.
+#[test]
+fn qemu_messages_for_restarts_and_migration_pass_the_filter() {
+    use crate::support::vu::{pattern, Guest, S_OK};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vhost::vhost_user::message::VhostUserVirtioFeatures;
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::{VhostBackend, VhostUserDirtyLogRegion};
+
+    let c = clone();
+    let d = Daemon::spawn(serve_cmd(&c, &["--io-engine", "uring"]), &c.sock);
+    let mut g = Guest::connect(&c.sock, 2);
+    g.negotiate(VhostUserVirtioFeatures::LOG_ALL.bits());
+    g.setup_memory();
+    g.share_inflight(2);
+    g.setup_queues(2, 128);
+    let data = pattern(65536, 9);
+    assert_eq!(g.write(0, 2048, &data), S_OK);
+    // A migration starts: the log, then LOG_ALL.
+    // SAFETY: a NUL-terminated name; memfd_create returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"log".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let log = unsafe { std::fs::File::from_raw_fd(fd) };
+    log.set_len(4096).unwrap();
+    let region = VhostUserDirtyLogRegion {
+        mmap_size: 4096,
+        mmap_offset: 0,
+        mmap_handle: log.as_raw_fd(),
+    };
+    g.fe.set_log_base(0, Some(region)).unwrap();
+    g.fe.set_features(g.features | VhostUserVirtioFeatures::LOG_ALL.bits())
+        .unwrap();
+    assert_eq!(g.read(1, 2048, 65536), (S_OK, data.clone()));
+    // The target attaches, the source stops its rings, the target takes over.
+    let mut t = Guest::connect(&c.sock, 2);
+    t.negotiate(0);
+    t.setup_memory();
+    t.share_inflight(2);
+    t.setup_queues(2, 128);
+    g.fe.get_vring_base(0).unwrap();
+    g.fe.get_vring_base(1).unwrap();
+    assert_eq!(t.read(0, 2048, 65536), (S_OK, data));
+    drop(g);
+    drop(t);
+    assert_all_filtered(&d);
+    assert!(d.terminate().success(), "the daemon did not stop cleanly");
+}
