@@ -419,6 +419,31 @@ guest_send() {
 	echo "$2" 1<> "$D/$1.ctl.in"
 }
 
+# stuck NAME WHEN: guest NAME's I/O stopped (its script runs ctl_commands):
+# ask it what it has in flight, fail
+stuck() {
+	local t
+	guest_send "$1" diag
+	for ((t = 0; t < 100; t++)); do
+		grep -aq '^VCTEST-EVENT: diag' "$D/$1.serial" && break
+		sleep 0.1
+	done
+	die "$2: the guest's I/O is stuck: daemon $DAEMON_N (started after round $((DAEMON_N - 1)))" \
+		"served no request for 6 s; guest: $(event_values "$1" diag)"
+}
+
+# io_active: the daemon completes requests: its read+write counters (status
+# over the control socket) move within 0.3 s. True if status has no counters.
+io_active() {
+	local a b
+	a=$("$VHOST_CLONE" status --socket-path "$SOCK" --json 2> /dev/null | tr -d ' \n' |
+		grep -o '"\(reads\|writes\)":[0-9]*' | awk -F: '{ s += $2 } END { print s + 0 }')
+	sleep 0.3
+	b=$("$VHOST_CLONE" status --socket-path "$SOCK" --json 2> /dev/null | tr -d ' \n' |
+		grep -o '"\(reads\|writes\)":[0-9]*' | awk -F: '{ s += $2 } END { print s + 0 }')
+	[ "$a" = 0 ] || [ "$b" -gt "$a" ]
+}
+
 # qemu_kill NAME: SIGKILL a running guest's QEMU
 qemu_kill() {
 	local pid=${QEMU_PID[$1]:-}

@@ -22,30 +22,6 @@
 # a fresh destination and metadata, so the written blocks read as the source.
 BACKENDS="vhost-clone"
 
-# stuck ROUND: the guest's I/O stopped: ask the guest what it has in flight, fail
-stuck() {
-	local t
-	guest_send rw diag
-	for ((t = 0; t < 100; t++)); do
-		grep -aq '^VCTEST-EVENT: diag' "$D/rw.serial" && break
-		sleep 0.1
-	done
-	die "$1: the guest's I/O is stuck: daemon $DAEMON_N (started after round $((DAEMON_N - 1)))" \
-		"served no request for 6 s; guest: $(event_values rw diag)"
-}
-
-# io_active: the daemon completes requests: its read+write counters (status
-# over the control socket) move within 0.3 s. True if status has no counters.
-io_active() {
-	local a b
-	a=$("$VHOST_CLONE" status --socket-path "$SOCK" --json 2> /dev/null | tr -d ' \n' |
-		grep -o '"\(reads\|writes\)":[0-9]*' | awk -F: '{ s += $2 } END { print s + 0 }')
-	sleep 0.3
-	b=$("$VHOST_CLONE" status --socket-path "$SOCK" --json 2> /dev/null | tr -d ' \n' |
-		grep -o '"\(reads\|writes\)":[0-9]*' | awk -F: '{ s += $2 } END { print s + 0 }')
-	[ "$a" = 0 ] || [ "$b" -gt "$a" ]
-}
-
 run_case() {
 	local rounds=5
 	[ -n "${QT_LONG:-}" ] && rounds=50
@@ -57,62 +33,9 @@ run_case() {
 	boot_start rw --reconnect --control SPANS="$spans" <<'GUEST'
 ctl_open
 check_device
-# commands from the host: "stop" ends the workload after the current fio run;
-# "diag" prints the requests the kernel has in flight on vda
-(
-	while ctl_wait ""; do
-		case $CTL_ARGS in
-		stop) touch /tmp/stop ;;
-		diag)
-			# requests the driver has in flight, per blk-mq hw queue (= virtqueue)
-			mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2> /dev/null || true
-			busy=$(for h in /sys/kernel/debug/block/vda/hctx*; do
-				if [ -e "$h/busy" ]; then printf '%s:%s ' "${h##*/}" "$(wc -l < "$h/busy")"; fi
-			done)
-			event diag "in flight (reads writes): $(tr -s ' ' < /sys/block/vda/inflight);" \
-				"busy per hw queue: ${busy:-unknown}; vq interrupts: $(vq_irqs)" ;;
-		esac
-	done
-) &
+ctl_commands &
 event running
-k=0
-while [ ! -e /tmp/stop ]; do
-	k=$((k + 1))
-	cat > /tmp/rw.fio <<JOB
-[global]
-filename=$DEV
-direct=1
-ioengine=io_uring
-iodepth=16
-rw=randwrite
-verify=crc32c
-verify_fatal=1
-verify_backlog=256
-verify_state_save=0
-randrepeat=1
-randseed=$((4242 + k))
-exitall_on_error=1
-[a4k]
-offset=$((ZA_OFF + (k % 4) * 8 * M))
-size=8M
-bs=4k
-cpus_allowed=0
-[b64k]
-offset=$((ZB_OFF + (k % 4) * 8 * M))
-size=8M
-bs=64k
-cpus_allowed=1
-JOB
-	if ! fio --eta=never --output=/tmp/rw.out /tmp/rw.fio; then
-		grep -vE '^ *(lat|clat|slat|bw|iops|cpu|IO depths|submit|complete|issued|latency|  *[0-9]+\.[0-9]+th|  *\|) ' /tmp/rw.out | head -40
-		fail "fio run $k failed"
-	fi
-	e=$(grep -o 'err= *[0-9]*' /tmp/rw.out | grep -v 'err= *0$' || true)
-	[ -z "$e" ] || fail "fio run $k: $e"
-	log "fio run $k ok: $(grep -E '^ *(write|read):' /tmp/rw.out | sed 's/,.*//' | tr -s ' ' | tr '\n' ';')"
-done
-if dmesg | grep -i 'I/O error'; then fail "I/O errors in the kernel log"; fi
-log "$k fio runs (write + verify), no error; kernel log: no I/O error"
+fio_rw_loop 16
 # in a subshell: its "wait" must not wait for the command reader above
 (check_spans "$SPANS")
 GUEST
@@ -125,7 +48,7 @@ GUEST
 			kill -0 "${QEMU_PID[rw]}" 2> /dev/null || { boot_wait rw; die "guest rw ended before round $r"; }
 			io_active && break
 		done
-		((i < 20)) || stuck "round $r"
+		((i < 20)) || stuck rw "round $r"
 		if ((r == 3)) && sabotaging; then
 			note "SABOTAGE: kill -9 instead of SIGTERM, and a fresh destination and metadata"
 			daemon_kill
@@ -146,7 +69,7 @@ GUEST
 	i=0
 	while kill -0 "${QEMU_PID[rw]}" 2> /dev/null; do
 		if io_active; then i=0; else i=$((i + 1)); fi
-		((i < 20)) || stuck "after round $rounds"
+		((i < 20)) || stuck rw "after round $rounds"
 	done
 	boot_wait rw
 	echo "sigterm-restart: $rounds rounds of SIGTERM + restart, every exit status 0;" \

@@ -177,3 +177,88 @@ ctl_wait() {
 	done
 	fail "control channel closed while waiting for '$1'"
 }
+
+# ctl_commands (run it in the background after ctl_open): the host's commands.
+# "stop" ends fio_rw_loop after its current run; "diag" prints the requests
+# the kernel has in flight on vda (lib.sh's stuck).
+ctl_commands() {
+	while ctl_wait ""; do
+		case $CTL_ARGS in
+		stop) touch /tmp/stop ;;
+		diag)
+			# requests the driver has in flight, per blk-mq hw queue (= virtqueue)
+			mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2> /dev/null || true
+			busy=$(for h in /sys/kernel/debug/block/vda/hctx*; do
+				if [ -e "$h/busy" ]; then printf '%s:%s ' "${h##*/}" "$(wc -l < "$h/busy")"; fi
+			done)
+			event diag "in flight (reads writes): $(tr -s ' ' < /sys/block/vda/inflight);" \
+				"busy per hw queue: ${busy:-unknown}; vq interrupts: $(vq_irqs)" ;;
+		esac
+	done
+}
+
+# fio_rw_job K IODEPTH: /tmp/rw.fio, fio_rw_loop's run K
+fio_rw_job() {
+	cat > /tmp/rw.fio <<-JOB
+	[global]
+	filename=$DEV
+	direct=1
+	ioengine=io_uring
+	iodepth=$2
+	rw=randwrite
+	verify=crc32c
+	verify_fatal=1
+	verify_backlog=256
+	verify_state_save=0
+	randrepeat=1
+	randseed=$((4242 + $1))
+	exitall_on_error=1
+	[a4k]
+	offset=$((ZA_OFF + ($1 % 4) * 8 * M))
+	size=8M
+	bs=4k
+	cpus_allowed=0
+	[b64k]
+	offset=$((ZB_OFF + ($1 % 4) * 8 * M))
+	size=8M
+	bs=64k
+	cpus_allowed=1
+	JOB
+}
+
+# fio_rw_loop IODEPTH: fio write+verify runs until the host says stop (two jobs,
+# one per vCPU so both virtqueues: 4k random writes in zone A, 64k writes
+# straddling regions in zone B, crc32c, verify_backlog; each run a new seed
+# and another 8 MiB of each zone, so the last 4 runs' data is all still there).
+# Then the last 4 runs are verified again (fio --verify_only): a write lost
+# after fio verified it in passing is found there. Fails on any fio error and
+# on "I/O error" in the kernel log.
+fio_rw_loop() {
+	k=0
+	while [ ! -e /tmp/stop ]; do
+		k=$((k + 1))
+		fio_rw_job $k "$1"
+		fio_rw_run "fio run $k"
+	done
+	j=$((k > 4 ? k - 3 : 1))
+	while [ $j -le $k ]; do
+		fio_rw_job $j "$1"
+		fio_rw_run "verify of run $j" --verify_only=1
+		j=$((j + 1))
+	done
+	if dmesg | grep -i 'I/O error'; then fail "I/O errors in the kernel log"; fi
+	log "$k fio runs (write + verify), the last $((k - (k > 4 ? k - 4 : 0))) verified again, no error; kernel log: no I/O error"
+}
+
+# fio_rw_run WHAT [FIO-OPTION...]: run /tmp/rw.fio; fail on any error
+fio_rw_run() {
+	what=$1
+	shift
+	if ! fio --eta=never "$@" --output=/tmp/rw.out /tmp/rw.fio; then
+		grep -vE '^ *(lat|clat|slat|bw|iops|cpu|IO depths|submit|complete|issued|latency|  *[0-9]+\.[0-9]+th|  *\|) ' /tmp/rw.out | head -40
+		fail "$what failed"
+	fi
+	e=$(grep -o 'err= *[0-9]*' /tmp/rw.out | grep -v 'err= *0$' || true)
+	[ -z "$e" ] || fail "$what: $e"
+	log "$what ok: $(grep -E '^ *(write|read):' /tmp/rw.out | sed 's/,.*//' | tr -s ' ' | tr '\n' ';')"
+}
