@@ -444,6 +444,46 @@ io_active() {
 	[ "$a" = 0 ] || [ "$b" -gt "$a" ]
 }
 
+# rw_boot NAME IODEPTH SPANS: boot guest NAME (--reconnect, --control) running
+# fio_rw_loop IODEPTH until told to stop, then check_spans SPANS (src_sums
+# output); returns once its workload runs. rw_wait_io and rw_finish go with it.
+rw_boot() {
+	boot_start "$1" --reconnect --control IODEPTH="$2" SPANS="$3" <<'GUEST'
+ctl_open
+check_device
+ctl_commands &
+event running
+fio_rw_loop "$IODEPTH"
+# in a subshell: its "wait" must not wait for the command reader above
+(check_spans "$SPANS")
+GUEST
+	wait_event "$1" running
+}
+
+# rw_wait_io NAME WHEN: until the daemon serves requests while guest NAME runs;
+# fails (with what the guest has in flight) if it serves none for 6 s
+rw_wait_io() {
+	local i
+	for ((i = 0; i < 20; i++)); do
+		kill -0 "${QEMU_PID[$1]}" 2> /dev/null || { boot_wait "$1"; die "guest $1 ended before $2"; }
+		io_active && return 0
+	done
+	stuck "$1" "$2"
+}
+
+# rw_finish NAME WHEN: tell guest NAME to stop; it ends its fio run, verifies,
+# checks the spans and powers off, never 6 s without I/O unless a request is
+# stuck; require its PASS
+rw_finish() {
+	local i=0
+	guest_send "$1" stop
+	while kill -0 "${QEMU_PID[$1]}" 2> /dev/null; do
+		if io_active; then i=0; else i=$((i + 1)); fi
+		((i < 20)) || stuck "$1" "$2"
+	done
+	boot_wait "$1"
+}
+
 # qemu_kill NAME: SIGKILL a running guest's QEMU
 qemu_kill() {
 	local pid=${QEMU_PID[$1]:-}

@@ -6,8 +6,8 @@
 # hydrated clone whose files are on a disk (--direct: O_DIRECT and the io_uring
 # queue engine; QEMU keeps an in-flight area, INFLIGHT_SHMFD). Two variants,
 # alternating which goes first each round, a fresh daemon and guest per run:
-#   completion  requests retire as they finish (the default with an area)
-#   in-order    requests retire in the order they were popped (--retire-in-order)
+#   completion  requests retire as they finish (--retire-out-of-order)
+#   in-order    requests retire in the order they were popped (the default)
 # Prints per variant the median and min-max over the rounds of read and write
 # IOPS and completion-latency percentiles (fio clat p50, p99, p99.9).
 #
@@ -57,7 +57,7 @@ daemon_stop
 
 run_one() {
 	local name=$1 args=--direct
-	[ "$2" = in-order ] && args="--direct --retire-in-order"
+	[ "$2" = completion ] && args="--direct --retire-out-of-order"
 	DAEMON_ARGS=$args daemon_start
 	boot "$name" RUNTIME="$RUNTIME" <<'GUEST'
 check_device

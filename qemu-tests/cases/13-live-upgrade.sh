@@ -1,7 +1,8 @@
 # shellcheck shell=bash disable=SC2034  # BACKENDS is read by run.sh
 # Case 13 (vhost-clone only): live upgrade with out-of-order completion. The
-# daemon runs with --direct (the io_uring queue engine) and QEMU keeps its
-# in-flight area (INFLIGHT_SHMFD), so requests complete out of order. The
+# daemon runs with --direct (the io_uring queue engine) and
+# --retire-out-of-order, and QEMU keeps its in-flight area (INFLIGHT_SHMFD), so
+# requests complete out of order. The
 # guest runs fio write+verify at iodepth 32 per job (4k random writes in zone
 # A on vCPU0, 64k writes straddling regions in zone B on vCPU1, crc32c,
 # verify_backlog, a new seed and 8 MiB of each zone per run) in a loop, while
@@ -21,33 +22,20 @@
 BACKENDS="vhost-clone"
 
 run_case() {
-	local rounds=20 direct=--direct
+	local rounds=20 direct="--direct --retire-out-of-order"
 	[ -n "${QT_LONG:-}" ] && rounds=200
-	case " $VHOST_CLONE_EXTRA_ARGS " in *" --direct "*) direct='' ;; esac
+	case " $VHOST_CLONE_EXTRA_ARGS " in *" --direct "*) direct=--retire-out-of-order ;; esac
 	fresh_files
 	local spans
 	spans=$(src_sums "$UNTOUCHED_SPANS")
 	BOOT_TIMEOUT=$((BOOT_TIMEOUT + rounds * 10))
 	DAEMON_ARGS="$direct --no-hydration" daemon_start
-	boot_start rw --reconnect --control SPANS="$spans" <<'GUEST'
-ctl_open
-check_device
-ctl_commands &
-event running
-fio_rw_loop 32
-# in a subshell: its "wait" must not wait for the command reader above
-(check_spans "$SPANS")
-GUEST
-	wait_event rw running
-	local r t i
+	rw_boot rw 32 "$spans"
+	local r t
 	for ((r = 1; r <= rounds; r++)); do
 		t=$((500 + RANDOM % 1000))
 		sleep "$((t / 1000)).$(printf %03d $((t % 1000)))"
-		for ((i = 0; i < 20; i++)); do
-			kill -0 "${QEMU_PID[rw]}" 2> /dev/null || { boot_wait rw; die "guest rw ended before round $r"; }
-			io_active && break
-		done
-		((i < 20)) || stuck rw "round $r"
+		rw_wait_io rw "round $r"
 		daemon_kill
 		if ((r == rounds)) && sabotaging; then
 			note "SABOTAGE: a fresh destination and metadata"
@@ -61,13 +49,7 @@ GUEST
 		wait_reconnect
 	done
 	sleep 2
-	guest_send rw stop
-	i=0
-	while kill -0 "${QEMU_PID[rw]}" 2> /dev/null; do
-		if io_active; then i=0; else i=$((i + 1)); fi
-		((i < 20)) || stuck rw "after round $rounds"
-	done
-	boot_wait rw
+	rw_finish rw "after round $rounds"
 	local resubmitted restarts
 	resubmitted=$(cat "$D"/daemon.*.log | grep -a 'resubmitting the requests' |
 		grep -o 'requests=[0-9]*' | cut -d= -f2 | awk '{ s += $1 } END { print s + 0 }')

@@ -30,25 +30,12 @@ run_case() {
 	spans=$(src_sums "$UNTOUCHED_SPANS")
 	BOOT_TIMEOUT=$((BOOT_TIMEOUT + rounds * 20))
 	DAEMON_ARGS="--no-hydration" daemon_start
-	boot_start rw --reconnect --control SPANS="$spans" <<'GUEST'
-ctl_open
-check_device
-ctl_commands &
-event running
-fio_rw_loop 16
-# in a subshell: its "wait" must not wait for the command reader above
-(check_spans "$SPANS")
-GUEST
-	wait_event rw running
-	local r t args i
+	rw_boot rw 16 "$spans"
+	local r t args
 	for ((r = 1; r <= rounds; r++)); do
 		t=$((1000 + RANDOM % 2000))
 		sleep "$((t / 1000)).$(printf %03d $((t % 1000)))"
-		for ((i = 0; i < 20; i++)); do
-			kill -0 "${QEMU_PID[rw]}" 2> /dev/null || { boot_wait rw; die "guest rw ended before round $r"; }
-			io_active && break
-		done
-		((i < 20)) || stuck rw "round $r"
+		rw_wait_io rw "round $r"
 		if ((r == 3)) && sabotaging; then
 			note "SABOTAGE: kill -9 instead of SIGTERM, and a fresh destination and metadata"
 			daemon_kill
@@ -63,15 +50,7 @@ GUEST
 		wait_reconnect
 	done
 	sleep 2
-	guest_send rw stop
-	# the guest ends its fio run, checks the spans and powers off; it never
-	# stays 6 s without I/O unless a request is stuck
-	i=0
-	while kill -0 "${QEMU_PID[rw]}" 2> /dev/null; do
-		if io_active; then i=0; else i=$((i + 1)); fi
-		((i < 20)) || stuck rw "after round $rounds"
-	done
-	boot_wait rw
+	rw_finish rw "after round $rounds"
 	echo "sigterm-restart: $rounds rounds of SIGTERM + restart, every exit status 0;" \
 		"$(grep -a 'fio runs' "$D/rw.serial" | sed 's/^vctest: //' | tr -d '\r')"
 	daemon_stop

@@ -114,9 +114,9 @@ pub struct BlkDevice {
     /// The frontend's in-flight area (GET/SET_INFLIGHT_FD), read by each queue at its
     /// start.
     inflight: Mutex<Option<Arc<InflightArea>>>,
-    /// io_uring queues retire in pop order even with an in-flight area
-    /// (`--retire-in-order`).
-    retire_in_order: bool,
+    /// io_uring queues retire requests as they finish when the frontend keeps an
+    /// in-flight area (`--retire-out-of-order`).
+    retire_out_of_order: bool,
 }
 
 impl BlkDevice {
@@ -161,14 +161,14 @@ impl BlkDevice {
             conn,
             logging: AtomicBool::new(false),
             inflight: Mutex::new(None),
-            retire_in_order: false,
+            retire_out_of_order: false,
         })
     }
 
-    /// io_uring queues retire in pop order even when the frontend keeps an in-flight
-    /// area (`--retire-in-order`).
-    pub fn retiring_in_order(mut self, in_order: bool) -> Self {
-        self.retire_in_order = in_order;
+    /// io_uring queues retire requests as they finish when the frontend keeps an
+    /// in-flight area (`--retire-out-of-order`); in pop order otherwise.
+    pub fn retiring_out_of_order(mut self, out_of_order: bool) -> Self {
+        self.retire_out_of_order = out_of_order;
         self
     }
 
@@ -452,9 +452,11 @@ impl BlkDevice {
         let Some(mut uq) = q.uring.take() else {
             return 0;
         };
-        // With an in-flight area a restart resubmits whatever is in flight, so requests
-        // are retired as they finish; without one, in the order they were popped.
-        uq.set_in_order(q.log.is_none() || self.retire_in_order);
+        // Without an in-flight area a restart replays from the used index, so requests
+        // must be retired in the order they were popped. With one, a restart resubmits
+        // whatever is in flight and they may retire as they finish; that measured
+        // slower for a TCG guest at QD32 (docs/benchmarks.md), so it is opt-in.
+        uq.set_in_order(q.log.is_none() || !self.retire_out_of_order);
         // The permits of the requests in flight, by tag; all are finished before
         // this function returns (the queue is idle then).
         let mut flight = Permits::default();

@@ -135,8 +135,9 @@ pub struct ServeOptions {
     pub name: String,
     /// How queues execute reads and writes.
     pub io_engine: IoEngine,
-    /// io_uring queues retire in pop order even with an in-flight area.
-    pub retire_in_order: bool,
+    /// io_uring queues retire requests as they finish when the frontend keeps an
+    /// in-flight area (otherwise, and by default, in pop order).
+    pub retire_out_of_order: bool,
     /// The frontends' state, shared with whoever reports status.
     pub frontends: Arc<handover::Frontends>,
 }
@@ -153,7 +154,7 @@ impl Default for ServeOptions {
             discard: true,
             name: String::from("vhost-clone"),
             io_engine: IoEngine::Sync,
-            retire_in_order: false,
+            retire_out_of_order: false,
             frontends: Arc::default(),
         }
     }

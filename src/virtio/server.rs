@@ -301,7 +301,7 @@ impl Front<'_> {
             opts.io_engine,
             (frontends.clone(), id),
         )
-        .map(|d| Arc::new(d.retiring_in_order(opts.retire_in_order)));
+        .map(|d| Arc::new(d.retiring_out_of_order(opts.retire_out_of_order)));
         let device = match device {
             Ok(d) => d,
             Err(e) => {

@@ -206,7 +206,6 @@ fn qemu_messages_for_restarts_and_migration_pass_the_filter() {
     use crate::support::vu::{pattern, Guest, S_OK};
     use std::os::fd::{AsRawFd, FromRawFd};
     use vhost::vhost_user::message::VhostUserVirtioFeatures;
-    use vhost::vhost_user::VhostUserFrontend;
     use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 
     let c = clone();
