@@ -108,7 +108,7 @@ for c in "${cases[@]}"; do
 	fi
 	echo "$line"
 	# a case's figures (e.g. "kill-restart: 20 loops, ..."), also when it passed
-	grep -aE '^((kill|sigterm)-restart|nbd-source): ' "$D/case.log" | sed 's/^/      /'
+	grep -aE '^((kill|sigterm)-restart|nbd-source|migrate|live-upgrade): ' "$D/case.log" | sed 's/^/      /'
 	if [ -n "$ok" ]; then
 		passed=$((passed + 1))
 		[ -n "$KEEP" ] || rm -rf "$D"

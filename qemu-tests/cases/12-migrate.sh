@@ -66,6 +66,7 @@ migrate() {
 	qmp "$1" migrate "{\"uri\": \"$3\"}" > /dev/null || die "QMP migrate $1 -> $3 refused"
 	out=$(qmp "$1" --wait-migration 120) || die "migration $1 -> $2: $out"
 	note "migration $1 -> $2: $out"
+	MIGRATIONS="${MIGRATIONS:+$MIGRATIONS; }to ${2:-a file}: $out"
 	if [ -n "$2" ]; then
 		[ "$(qmp "$2" query-status | grep -o '"status": "[a-z-]*"')" = '"status": "running"' ] ||
 			die "guest $2 is not running after the migration"
@@ -74,6 +75,8 @@ migrate() {
 	wait "${QEMU_PID[$1]}" 2> /dev/null
 	unset "QEMU_PID[$1]"
 }
+
+MIGRATIONS=''
 
 run_case() {
 	local st spans
@@ -143,7 +146,8 @@ GUEST
 	echo stop 1<> "$D/rst.ctl.in"
 	boot_wait rst
 	grep -aq '^VCTEST-EVENT: pass ' "$D/rst.serial" || die "no verify pass after the restore"
-	note "the daemon logged $(grep -c 'migration: the queues passed' "$D/daemon.$DAEMON_N.log") hand-over(s) of the queues"
+	echo "migrate: a failed migration (target killed), then $MIGRATIONS;" \
+		"$(grep -c 'migration: the queues passed' "$D/daemon.$DAEMON_N.log") hand-overs of the queues logged"
 	daemon_stop
 	offline_check
 	source_unchanged

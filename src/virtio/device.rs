@@ -43,7 +43,7 @@ use vmm_sys_util::event::{
 use super::config::{self, DeviceSpec, SERIAL_LEN};
 use super::dirty::{self, DirtyLog};
 use super::handover::Frontends;
-use super::inflight::{self, InflightArea, InflightError, QueueLog};
+use super::inflight::{self, InflightArea, QueueLog};
 use super::request::{
     self, guest_io_slices, guest_io_slices_mut, BlkRequest, GuestMemory, ParseLimits, ParsedChain,
     Segments, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
@@ -250,8 +250,8 @@ impl BlkDevice {
     /// lock) and shutdown would never finish. Notifications are enabled by then: the
     /// guest's next kick brings the queue back here.
     fn process_queue(&self, vring: &Vring, q: &mut QueueState) {
-        if !q.started && vring.get_ref().get_queue().ready() {
-            self.start_queue(vring, q);
+        if !q.started && vring.get_ref().get_queue().ready() && !self.start_queue(vring, q) {
+            return;
         }
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut more_reported = false;
@@ -293,8 +293,8 @@ impl BlkDevice {
     /// A ring's first run since it was (re)started: with an in-flight area, the requests a
     /// previous daemon popped and did not complete are queued for resubmission, and the
     /// ring continues after them (its next avail index is the used index plus their
-    /// number, whatever base the frontend set).
-    fn start_queue(&self, vring: &Vring, q: &mut QueueState) {
+    /// number, whatever base the frontend set). Returns whether the queue may run now.
+    fn start_queue(&self, vring: &Vring, q: &mut QueueState) -> bool {
         q.started = true;
         q.resubmit.clear();
         let area = self
@@ -304,21 +304,48 @@ impl BlkDevice {
             .clone();
         q.log = area.and_then(|a| a.queue(u16::try_from(q.index).ok()?));
         let Some(log) = q.log.as_mut() else {
-            return;
+            return true;
         };
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
-        let recovered = queue
-            .used_idx(&*mem, Ordering::Acquire)
-            .map_err(|e| InflightError::BadArea(format!("the used index cannot be read: {e}")))
-            .and_then(|used| Ok((used.0, log.recover(used.0)?)))
-            .and_then(|(used, rec)| {
-                let chains = inflight::resubmit_chains(&mem, queue, &rec.resubmit, &self.limits)?;
-                Ok((used, chains))
-            });
-        match recovered {
-            Ok((used, chains)) => {
+        let used = match queue.used_idx(&*mem, Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                warn!(
+                    queue = q.index,
+                    "the used index cannot be read ({e}); the in-flight area is not used"
+                );
+                q.log = None;
+                return true;
+            }
+        };
+        if queue.size() > log.capacity() {
+            warn!(
+                queue = q.index,
+                "the ring has {} descriptors, the in-flight area room for {}; it is not used",
+                queue.size(),
+                log.capacity()
+            );
+            q.log = None;
+            return true;
+        }
+        let rec = match log.recover(used) {
+            Ok(rec) => rec,
+            Err(e) => {
+                // What a garbled area says cannot be trusted: the queue continues from
+                // the frontend's base (the used index, exact after a daemon that
+                // retired in order, the default) and the area starts afresh.
+                warn!(
+                    queue = q.index,
+                    "{e}; continuing from the used index, with the area reset"
+                );
+                log.reset(used);
+                return true;
+            }
+        };
+        match inflight::resubmit_chains(&mem, queue, &rec.resubmit, &self.limits) {
+            Ok(chains) => {
                 // At most the ring's size: a u16.
                 let n = chains.len() as u16;
                 queue.set_next_avail(used.wrapping_add(n));
@@ -331,13 +358,14 @@ impl BlkDevice {
                     );
                 }
                 q.resubmit = chains.into();
+                true
             }
             Err(e) => {
-                warn!(
-                    queue = q.index,
-                    "{e}; this queue completes its requests in order instead"
-                );
-                q.log = None;
+                // The area still records them: try again at the next kick rather than
+                // pop past them or run completed ones again.
+                warn!(queue = q.index, "{e}; the queue waits");
+                q.started = false;
+                false
             }
         }
     }

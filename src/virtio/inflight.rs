@@ -251,6 +251,25 @@ impl QueueLog {
         }
     }
 
+    /// Descriptors this queue's part of the area can record (the rings it was made for).
+    pub fn capacity(&self) -> u16 {
+        self.desc_num
+    }
+
+    /// Starts the queue's part afresh: nothing in flight, the used index `used_idx`.
+    /// `last_batch_head` is set out of range, so that a death before the first
+    /// completion clears no entry (spdk#3766).
+    pub fn reset(&mut self, used_idx: u16) {
+        for head in 0..self.desc_num {
+            self.set_inflight(head, false);
+        }
+        self.store16(DESC_NUM_AT, self.desc_num);
+        self.store16(LAST_BATCH_HEAD_AT, u16::MAX);
+        self.store16(USED_IDX_AT, used_idx);
+        self.store16(VERSION_AT, VERSION);
+        self.counter = 0;
+    }
+
     /// Step 1: `head` was popped.
     pub fn popped(&mut self, head: u16) {
         if head >= self.desc_num {
@@ -263,7 +282,8 @@ impl QueueLog {
                 Ordering::Relaxed,
             );
         }
-        self.counter += 1;
+        // A counter from the area may be anything: wrap rather than overflow.
+        self.counter = self.counter.wrapping_add(1);
         self.set_inflight(head, true);
     }
 
@@ -285,13 +305,8 @@ impl QueueLog {
     pub fn recover(&mut self, ring_used_idx: u16) -> Result<Recovery, InflightError> {
         let version = self.load16(VERSION_AT);
         if version == 0 {
-            // A fresh area: nothing was in flight. `last_batch_head` is set out of
-            // range, so that a death before the first completion clears no entry.
-            self.store16(DESC_NUM_AT, self.desc_num);
-            self.store16(LAST_BATCH_HEAD_AT, u16::MAX);
-            self.store16(USED_IDX_AT, ring_used_idx);
-            self.store16(VERSION_AT, VERSION);
-            self.counter = 0;
+            // A fresh area: nothing was in flight.
+            self.reset(ring_used_idx);
             return Ok(Recovery {
                 resubmit: Vec::new(),
             });
@@ -506,5 +521,12 @@ mod tests {
         f.write_all_at(&999u16.to_le_bytes(), 12).unwrap();
         f.write_all_at(&5u16.to_le_bytes(), 14).unwrap();
         assert_eq!(q.recover(6).unwrap().resubmit, Vec::<u16>::new());
+        // Counters near the end: the next pops wrap, they do not overflow.
+        f.write_all_at(&[1], 16 + 16 * 3).unwrap();
+        f.write_all_at(&(u64::MAX - 1).to_le_bytes(), 16 + 16 * 3 + 8)
+            .unwrap();
+        assert_eq!(q.recover(6).unwrap().resubmit, vec![3]);
+        q.popped(4);
+        q.popped(5);
     }
 }

@@ -120,13 +120,20 @@ fn a_bad_area_is_refused_and_a_garbled_one_falls_back_to_in_order() {
             "{what}"
         );
     }
-    // An area whose version this daemon does not know: the queue runs in order.
+    // An area whose version this daemon does not know: the queue continues from the
+    // used index and the area starts afresh (version 1, the head recorded and cleared).
     let (mut g, info, file) = start();
     file.write_all_at(&7u16.to_le_bytes(), 8).unwrap();
+    file.write_all_at(&[1], entry(0)).unwrap();
     g.fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
     g.setup_queues(1, QUEUE_SIZE);
     assert_eq!(g.write(0, 0, &pattern(4096, 3)), S_OK);
     assert_eq!(g.read(0, 0, 4096), (S_OK, pattern(4096, 3)));
+    let mut raw = [0u8; 2];
+    file.read_exact_at(&mut raw, 8).unwrap();
+    assert_eq!(u16::from_le_bytes(raw), 1, "the area was not reset");
+    file.read_exact_at(&mut raw[..1], entry(0)).unwrap();
+    assert_eq!(raw[0], 0, "a stale entry survived the reset");
     drop(g);
     server.stop();
 }
