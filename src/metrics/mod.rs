@@ -243,6 +243,28 @@ impl Collector for Exporter {
                 n.timeouts,
             )?;
         }
+        let f = &s.frontends;
+        gauge(
+            e,
+            "frontends",
+            "vhost-user frontends attached (2 during a same-host migration).",
+            None,
+            f.connected,
+        )?;
+        gauge(
+            e,
+            "migrating",
+            "A frontend is migrating its guest: dirty-page logging is on (1).",
+            None,
+            flag(f.migrating),
+        )?;
+        counter(
+            e,
+            "queue_handovers",
+            "Times the queues passed from one frontend connection to another (migrations).",
+            None,
+            f.handovers,
+        )?;
         counter(
             e,
             "hydration_source_read",

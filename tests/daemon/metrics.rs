@@ -286,6 +286,9 @@ fn a_scraper_sees_the_series_move_with_guest_io_and_hydration() {
         0.0
     );
     assert_eq!(s0.types["vhost_clone_commit_duration_seconds"], "histogram");
+    assert_eq!(s0.get("vhost_clone_frontends"), 0.0);
+    assert_eq!(s0.get("vhost_clone_migrating"), 0.0);
+    assert_eq!(s0.get("vhost_clone_queue_handovers_total"), 0.0);
     let build = s0
         .samples
         .keys()
@@ -305,6 +308,11 @@ fn a_scraper_sees_the_series_move_with_guest_io_and_hydration() {
     assert_eq!(c.discard(2 << 20, REGION), 0); // region 32 whole
     assert_eq!(c.write_zeroes(3 << 20, 2 * REGION), 0); // regions 48, 49
     let s1 = scrape(addr);
+    assert_eq!(
+        s1.get("vhost_clone_frontends"),
+        1.0,
+        "the client is attached"
+    );
     let delta = |k: &str| s1.get(k) - s0.get(k);
     let op = |m: &str, o: &str| delta(&format!("vhost_clone_{m}{{op=\"{o}\"}}"));
     assert_eq!(op("requests_total", "read"), 1.0);
