@@ -142,7 +142,11 @@ const FRONT: &[Allow] = &[
     Any(Sysno::io_uring_register),
     Arg(Sysno::ioctl, 1, &[FIONBIO, FIOCLEX]),
     // GET_INFLIGHT_FD: the in-flight area is a memfd of ours (`virtio::inflight`).
-    Arg(Sysno::memfd_create, 1, &[libc::MFD_CLOEXEC as u64]),
+    Arg(
+        Sysno::memfd_create,
+        1,
+        &[crate::virtio::inflight::MEMFD_FLAGS as u64],
+    ),
     Any(Sysno::ftruncate),
 ];
 

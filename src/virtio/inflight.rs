@@ -173,17 +173,26 @@ fn check_shape(
     Ok(())
 }
 
-/// A memfd of `len` zero bytes.
+/// The memfd flags of an area: close-on-exec, and seals allowed.
+pub const MEMFD_FLAGS: libc::c_uint = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+
+/// A memfd of `len` zero bytes, sealed against shrinking (and against new seals): the
+/// frontend keeps it, and a shorter file would turn our stores into SIGBUS.
 fn memfd(len: u64) -> io::Result<File> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
     use std::os::fd::FromRawFd;
     // SAFETY: the name is a NUL-terminated literal; memfd_create returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"vhost-clone-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"vhost-clone-inflight".as_ptr(), MEMFD_FLAGS) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` was just created and nothing else owns it.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(len)?;
+    fcntl(
+        &file,
+        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL),
+    )?;
     Ok(file)
 }
 
@@ -415,6 +424,14 @@ mod tests {
             InflightArea::open(f.try_clone().unwrap(), (0, len), (queues, size), (8, 1024))
                 .unwrap(),
         )
+    }
+
+    #[test]
+    fn the_area_cannot_be_shrunk() {
+        let (_a, f) = area(1, 16);
+        let len = f.metadata().unwrap().len();
+        assert!(f.set_len(len / 2).is_err(), "a sealed area was shrunk");
+        assert_eq!(f.metadata().unwrap().len(), len);
     }
 
     #[test]
