@@ -230,12 +230,15 @@ impl Front<'_> {
     /// on a thread of its own. Returns once every connection ended.
     fn accept_loop(&self, listener: &mut Listener) -> Result<()> {
         let shutdown = self.shutdown;
-        // Written by a connection's thread when it ends, to wake this loop.
+        // A connection's thread sends its result, then writes `ended` to wake this loop.
         let ended = EventFd::new(EFD_NONBLOCK).map_err(VirtioError::Setup)?;
+        let (done_tx, done) = std::sync::mpsc::channel::<Result<()>>();
         std::thread::scope(|s| {
             let mut live = Vec::new();
-            let mut result = loop {
-                if let Err(e) = reap(&mut live, false) {
+            let result = loop {
+                // Threads that ended are joined (a panic is an error of the daemon);
+                // the first error a connection ended with ends the serve call.
+                if let Err(e) = reap(&mut live, false).and_then(|()| first_error(&done)) {
                     break Err(e);
                 }
                 // With two frontends attached, a third one waits in the backlog.
@@ -256,11 +259,10 @@ impl Front<'_> {
                     }
                     Ok(Some(_)) => match self.start_connection(listener) {
                         Ok(Some(conn)) => {
-                            let ended = &ended;
+                            let (ended, done_tx) = (&ended, done_tx.clone());
                             live.push(s.spawn(move || {
-                                let r = self.finish_connection(conn);
+                                let _ = done_tx.send(self.finish_connection(conn));
                                 let _ = ended.write(1);
-                                r
                             }));
                         }
                         Ok(None) => {}
@@ -276,10 +278,7 @@ impl Front<'_> {
                 // The others must end too before this returns.
                 shutdown.trigger();
             }
-            if let Err(e) = reap(&mut live, true) {
-                result = result.and(Err(e));
-            }
-            result
+            result.and(reap(&mut live, true)).and(first_error(&done))
         })
     }
 
@@ -399,9 +398,15 @@ fn connection_result(id: u64, result: std::result::Result<(), DaemonError>) -> R
     }
 }
 
-/// Joins the connection threads that ended (all of them, waiting, with `all`). Returns
-/// the first error one of them ended with.
-fn reap(live: &mut Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>, all: bool) -> Result<()> {
+/// The first error among the results the connection threads sent so far.
+fn first_error(done: &std::sync::mpsc::Receiver<Result<()>>) -> Result<()> {
+    done.try_iter().find(Result::is_err).unwrap_or(Ok(()))
+}
+
+/// Joins the connection threads that ended (all of them, waiting, with `all`), so that
+/// a long-running daemon keeps no finished threads. Their results come through the
+/// channel; a thread that panicked sent none, and is an error here.
+fn reap(live: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>, all: bool) -> Result<()> {
     let mut result = Ok(());
     let mut i = 0;
     while i < live.len() {
@@ -409,11 +414,9 @@ fn reap(live: &mut Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>, all: bool
             i += 1;
             continue;
         }
-        let r = match live.swap_remove(i).join() {
-            Ok(r) => r,
-            Err(_) => Err(VirtioError::Daemon("a connection thread panicked".into())),
-        };
-        result = result.and(r);
+        if live.swap_remove(i).join().is_err() {
+            result = Err(VirtioError::Daemon("a connection thread panicked".into()));
+        }
     }
     result
 }
