@@ -488,12 +488,9 @@ pub fn segment(sector: u64, num: u32, flags: u32) -> [u8; 16] {
 impl Guest {
     /// Connect and negotiate, without setting up rings.
     pub fn connect(path: &Path, max_queues: u64) -> Guest {
-        let fe = Frontend::connect(path, max_queues).unwrap();
-        // Like QEMU with REPLY_ACK: wait for the backend to ack each message.
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let mem = memfd_memory(MEM_SIZE);
         Guest {
-            fe,
+            fe: frontend(path, max_queues),
             mem,
             queues: Vec::new(),
             features: 0,
@@ -535,16 +532,21 @@ impl Guest {
                 data: 0x100000 + i as u64 * 0x400000,
                 calls: 0,
             };
-            self.fe.set_vring_num(i, size).unwrap();
-            self.fe.set_vring_base(i, 0).unwrap();
-            self.fe
-                .set_vring_addr(i, &self.vring_config(&q, 0))
-                .unwrap();
-            self.fe.set_vring_call(i, &q.call).unwrap();
-            self.fe.set_vring_kick(i, &q.kick).unwrap();
-            self.fe.set_vring_enable(i, true).unwrap();
             self.queues.push(q);
+            self.start_ring(i, 0);
         }
+    }
+
+    /// Sets up and enables ring `i` with `base` as its next avail index.
+    fn start_ring(&mut self, i: usize, base: u16) {
+        let config = self.vring_config(&self.queues[i], 0);
+        let (q, fe) = (&self.queues[i], &mut self.fe);
+        fe.set_vring_num(i, q.size).unwrap();
+        fe.set_vring_base(i, base).unwrap();
+        fe.set_vring_addr(i, &config).unwrap();
+        fe.set_vring_call(i, &q.call).unwrap();
+        fe.set_vring_kick(i, &q.kick).unwrap();
+        fe.set_vring_enable(i, true).unwrap();
     }
 
     /// SET_VRING_ADDR's data for `q` (QEMU sets `flags` to VHOST_VRING_F_LOG while it
@@ -578,34 +580,18 @@ impl Guest {
     /// its base (GET_VRING_BASE failed on the dead backend).
     pub fn reconnect(&mut self, path: &Path) {
         let n = self.queues.len();
-        let fe = Frontend::connect(path, n as u64).unwrap();
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        self.fe = fe;
-        let features = self.features;
-        self.fe.get_features().unwrap();
-        let proto = self.fe.get_protocol_features().unwrap();
-        self.fe.set_protocol_features(proto).unwrap();
-        self.fe.set_owner().unwrap();
-        self.fe.set_features(features).unwrap();
+        self.fe = frontend(path, n as u64);
+        // The same features as before: mask everything else.
+        self.negotiate(!self.features);
         self.setup_memory();
         if let Some((info, file)) = &self.inflight {
             self.fe.set_inflight_fd(info, file.as_raw_fd()).unwrap();
         }
         for i in 0..n {
             let base = self.used_idx(i);
-            let q = &self.queues[i];
-            let (kick, call) = (
-                EventFd::new(EFD_NONBLOCK).unwrap(),
-                EventFd::new(EFD_NONBLOCK).unwrap(),
-            );
-            self.fe.set_vring_num(i, q.size).unwrap();
-            self.fe.set_vring_base(i, base).unwrap();
-            self.fe.set_vring_addr(i, &self.vring_config(q, 0)).unwrap();
-            self.fe.set_vring_call(i, &call).unwrap();
-            self.fe.set_vring_kick(i, &kick).unwrap();
-            self.fe.set_vring_enable(i, true).unwrap();
-            self.queues[i].kick = kick;
-            self.queues[i].call = call;
+            self.queues[i].kick = EventFd::new(EFD_NONBLOCK).unwrap();
+            self.queues[i].call = EventFd::new(EFD_NONBLOCK).unwrap();
+            self.start_ring(i, base);
             // The guest's driver kicks again when it sees nothing complete.
             self.queues[i].kick.write(1).unwrap();
         }
@@ -891,6 +877,14 @@ impl Guest {
     pub fn has(&self, bit: u32) -> bool {
         self.features & (1 << bit) != 0
     }
+}
+
+/// A frontend connected to `path` that, like QEMU with REPLY_ACK, waits for the
+/// backend to ack each message.
+fn frontend(path: &Path, max_queues: u64) -> Frontend {
+    let fe = Frontend::connect(path, max_queues).unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe
 }
 
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
