@@ -40,18 +40,18 @@ use super::stores::{MetadataState, StoreOptions, StorePaths, Stores};
 use super::systemd::{self, Notifier, Watched};
 use super::{parse_region_size, with_suffix, CliError, Result};
 use crate::control::{ControlServer, Identity, StatusReporter};
-use crate::disk::CloneDisk;
+use crate::disk::{CloneDisk, Shape, Standby};
 use crate::engine::commit::Committer;
 use crate::engine::hydrator::{
     self, HydrationControl, Hydrator, HydratorTiming, DEFAULT_BATCH_SIZE, DEFAULT_THRESHOLD,
 };
 use crate::engine::{DestFlush, Engine, EngineConfig, EngineError};
 use crate::metadata::live::{Found, LiveError, LiveIdentity, LiveMap, DEFAULT_RUNTIME_DIR};
-use crate::metadata::{Metadata, MetadataError, Mode};
+use crate::metadata::{self, Metadata, MetadataError, Mode};
 use crate::metrics::{MetricsError, MetricsServer};
 use crate::sandbox::{RuntimePaths, Sandbox, SandboxError, SandboxMode, ThreadKind};
 use crate::socket::{BoundSocket, SocketAccess, SocketError};
-use crate::storage::BlockDevice;
+use crate::storage::{io_alignment, BlockDevice, FileDevice, OpenOptions, StorageError};
 use crate::virtio::handover::Frontends;
 use crate::virtio::{self, BlockBackend, IoEngine, ServeOptions, ShutdownSignal, VirtioError};
 
@@ -163,6 +163,12 @@ pub struct ServeArgs {
     /// `none` turns both off (a warning is logged).
     #[arg(long, value_enum, default_value_t = SandboxMode::Auto)]
     pub sandbox: SandboxMode,
+    /// Stand by for a migration over shared storage: answer frontends at once with
+    /// the clone's shape (read from its metadata) and hold their requests until
+    /// the daemon that serves the clone stops; then take the clone over, with
+    /// everything that daemon committed, and serve it. The clone must exist.
+    #[arg(long)]
+    pub standby: bool,
     /// Print QEMU's vhost-user capabilities JSON and exit (as `vhost-clone --print-capabilities`).
     #[arg(long)]
     pub print_capabilities: bool,
@@ -244,6 +250,9 @@ pub enum ServeError {
     /// The sandbox could not be set up.
     #[error("sandbox (--sandbox)")]
     Sandbox(#[source] SandboxError),
+    /// A standby could not hand the clone to its front.
+    #[error("cannot take the clone over: {0}")]
+    Takeover(String),
     /// The final commit failed: what was acknowledged is in the live map, and
     /// the next start on this boot commits it.
     #[error("the final commit failed")]
@@ -369,6 +378,211 @@ impl Plan {
     }
 }
 
+/// How often a standby tries the clone's locks.
+const STANDBY_POLL: Duration = Duration::from_millis(100);
+
+/// What a standby tells `status` and systemd while it waits.
+const STANDBY_WAITING: &str =
+    "answering frontends, waiting for the clone's lock (held by the daemon that serves it)";
+
+/// The shape a standby tells frontends, read from the clone's superblock
+/// without its lock (the owner may be committing): refuses, before anything is
+/// bound, what a takeover would refuse later when the superblock already says
+/// so (a missing or new clone, a missing destination, another region size, no
+/// source for a clone that is not complete).
+fn standby_disk(plan: &Plan, a: &ServeArgs) -> Result<Standby> {
+    let md_path = &plan.stores.metadata;
+    let gone = |what: &str, p: &std::path::Path| {
+        CliError::Usage(format!(
+            "--standby takes over an existing clone, but its {what} {} does not exist; the clone's files must be reachable here (shared storage)",
+            p.display()
+        ))
+    };
+    if !md_path.exists() {
+        return Err(gone("metadata", md_path));
+    }
+    if !plan.stores.dest.exists() {
+        return Err(gone("destination", &plan.stores.dest));
+    }
+    let md = FileDevice::open(
+        md_path,
+        &OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    let sb = match metadata::peek_superblock(&md) {
+        Err(MetadataError::Blank) => {
+            return Err(CliError::Usage(format!(
+                "--standby takes over an existing clone, but {} is blank: serve the new clone without --standby first",
+                md_path.display()
+            )))
+        }
+        r => r.map_err(|source| CliError::Metadata {
+            path: md_path.display().to_string(),
+            source,
+        })?,
+    };
+    let geo = sb.geometry;
+    if let Some(given) = a.region_size.filter(|r| *r != geo.region_size()) {
+        return Err(CliError::RegionSizeMismatch {
+            path: md_path.display().to_string(),
+            stored: geo.region_size(),
+            given,
+        });
+    }
+    if plan.stores.source.is_none() && sb.hydrated < geo.nr_regions() {
+        return Err(CliError::Usage(format!(
+            "no --source given, but only {} of {} regions are hydrated; the source is needed until hydration completes",
+            sb.hydrated,
+            geo.nr_regions()
+        )));
+    }
+    let shape = Shape {
+        size: geo.device_size(),
+        read_only: a.read_only,
+        optimal_io_size: crate::disk::optimal_io_size(geo.region_size()),
+        logical_block_size: crate::disk::logical_block_size(io_alignment(a.direct)),
+    };
+    tracing::info!(geometry = %geo, "standby: the clone's shape, from its superblock");
+    Ok(Standby::new(shape, sb.write_cache().unwrap_or(true)))
+}
+
+/// A standby's wait for the clone: opens and locks the stores once nobody
+/// holds them. `None` when the daemon is told to stop first, or its front
+/// ended.
+fn open_when_free(
+    plan: &Plan,
+    opts: StoreOptions,
+    shutdown: &ShutdownSignal,
+    front: &Front,
+) -> Result<Option<Stores>> {
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match Stores::open(&plan.stores, opts) {
+            Ok(stores) => {
+                tracing::info!(
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "standby: the clone's lock is free; taking the clone over"
+                );
+                return Ok(Some(stores));
+            }
+            Err(CliError::Storage(StorageError::Locked { path, holder })) => {
+                if !said {
+                    said = true;
+                    tracing::info!(
+                        holder = holder.as_deref().unwrap_or("unknown"),
+                        "standby: {path} is in use; taking the clone over once it is released"
+                    );
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        if shutdown.wait_timeout(STANDBY_POLL) || front.ended() {
+            return Ok(None);
+        }
+    }
+}
+
+/// The vhost-user front, serving on its own thread under the front's filter
+/// (inherited by the vring workers it starts): the threads that parse guest
+/// input cannot remove files. The socket is removed when the main thread
+/// drops the last reference, under the main filter, which can (also if the
+/// front panics).
+struct Front {
+    thread: std::thread::JoinHandle<()>,
+    done: std::sync::mpsc::Receiver<std::result::Result<(), VirtioError>>,
+    socket: Arc<BoundSocket>,
+}
+
+impl Front {
+    fn start(
+        backend: Arc<dyn BlockBackend>,
+        opts: ServeOptions,
+        socket: BoundSocket,
+        shutdown: &ShutdownSignal,
+    ) -> std::result::Result<Front, ServeError> {
+        let socket = Arc::new(socket);
+        let (tx, done) = std::sync::mpsc::sync_channel(1);
+        let (front_socket, front_shutdown) = (socket.clone(), shutdown.clone());
+        let thread = crate::sandbox::spawn(ThreadKind::Front, "vhost-user", move || {
+            let _ = tx.send(virtio::serve_on(
+                backend,
+                &opts,
+                &front_socket,
+                &front_shutdown,
+            ));
+        })
+        .map_err(|e| ServeError::Thread("vhost-user", e))?;
+        Ok(Front {
+            thread,
+            done,
+            socket,
+        })
+    }
+
+    /// The front stopped serving (a stop request, an error, a panic).
+    fn ended(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the front to stop. A panic stops the daemon like a signal
+    /// would (with the final commit). Returns the socket, which the caller
+    /// removes by dropping it (the daemon after its final commit).
+    fn wait(
+        self,
+        shutdown: &ShutdownSignal,
+    ) -> (std::result::Result<(), ServeError>, Arc<BoundSocket>) {
+        let served = self.done.recv().map_err(|_| {
+            shutdown.trigger();
+            ServeError::Thread("vhost-user", io::Error::other("the front thread panicked"))
+        });
+        let _ = self.thread.join();
+        (
+            served.and_then(|r| r.map_err(ServeError::Virtio)),
+            self.socket,
+        )
+    }
+}
+
+/// A standby's front, started before the clone was opened. Until the takeover
+/// ([`StandbyFront::take_over`]), an early return (a failed start) fails the
+/// requests it holds and stops it before the error is reported.
+struct StandbyFront {
+    standby: Arc<Standby>,
+    front: Option<Front>,
+    shutdown: ShutdownSignal,
+}
+
+impl StandbyFront {
+    /// Hands the clone to the front; the front then serves it.
+    fn take_over(mut self, disk: CloneDisk) -> std::result::Result<Front, ServeError> {
+        self.standby.take_over(disk).map_err(ServeError::Takeover)?;
+        Ok(self.front.take().expect("taken over once"))
+    }
+
+    /// Stops the front; the requests it holds fail with `why`.
+    fn stop(mut self, why: &str) -> std::result::Result<(), ServeError> {
+        self.standby.abandon(why);
+        self.shutdown.trigger();
+        self.front
+            .take()
+            .map_or(Ok(()), |f| f.wait(&self.shutdown).0)
+    }
+}
+
+impl Drop for StandbyFront {
+    fn drop(&mut self) {
+        if let Some(f) = self.front.take() {
+            self.standby
+                .abandon("the daemon failed to take the clone over (see its log)");
+            self.shutdown.trigger();
+            let _ = f.wait(&self.shutdown);
+        }
+    }
+}
+
 /// Runs `serve`.
 pub fn serve(a: &ServeArgs) -> Result<()> {
     if a.print_capabilities {
@@ -385,19 +599,22 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         std::sync::atomic::Ordering::Relaxed,
     );
 
-    // 2. The stores, locked.
-    let mut stores = Stores::open(
-        &plan.stores,
-        StoreOptions {
-            region_size: a.region_size,
-            direct: a.direct,
-            reformat: false,
-            network: super::stores::NetworkOptions {
-                timeout: Duration::from_secs_f64(a.source_timeout),
-                connections: a.source_connections.into(),
-            },
+    // 2. The stores, locked. A standby knows the clone by its superblock until
+    // it can lock them (below).
+    let store_opts = StoreOptions {
+        region_size: a.region_size,
+        direct: a.direct,
+        reformat: false,
+        network: super::stores::NetworkOptions {
+            timeout: Duration::from_secs_f64(a.source_timeout),
+            connections: a.source_connections.into(),
         },
-    )?;
+    };
+    let (stores, standby) = if a.standby {
+        (None, Some(Arc::new(standby_disk(&plan, a)?)))
+    } else {
+        (Some(Stores::open(&plan.stores, store_opts)?), None)
+    };
     // 3. The sockets: the control socket first, so that it exists once the
     // vhost-user socket (what QEMU and scripts wait for) appears.
     let control_socket = match activated.as_mut().and_then(|s| s.control.take()) {
@@ -424,6 +641,89 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         .map(crate::metrics::bind)
         .transpose()
         .map_err(ServeError::Metrics)?;
+    let shutdown = ShutdownSignal::new().map_err(|e| ServeError::Thread("signals", e))?;
+    let frontends = Arc::new(Frontends::default());
+    let opts = ServeOptions {
+        socket_path: plan.socket_path.clone(),
+        listen_fd: a.fd,
+        num_queues: plan.num_queues,
+        queue_size: a.queue_size,
+        serial: a.serial.clone(),
+        read_only: a.read_only,
+        discard: true,
+        name: "vhost-clone".into(),
+        io_engine: a.io_engine.resolve(a.direct),
+        retire_out_of_order: a.retire_out_of_order,
+        frontends: frontends.clone(),
+    };
+
+    // A standby serves frontends now and waits for the clone; the threads it
+    // starts for that are confined by their seccomp filters (Landlock, which
+    // must come after the last open, covers the threads started after the
+    // takeover).
+    let mut signals = Some(signals);
+    let mut control_socket = Some(control_socket);
+    let mut vhost_socket = Some(vhost_socket);
+    let mut early = None;
+    let mut stores = match (stores, standby) {
+        (Some(stores), _) => stores,
+        (None, Some(standby)) => {
+            if let Some(set) = signals.take() {
+                start_signal_thread(set, shutdown.clone())
+                    .map_err(|e| ServeError::Thread("signals", e))?;
+            }
+            let control = ControlServer::start_standby(
+                control_socket.take().expect("bound above"),
+                STANDBY_WAITING.into(),
+            )
+            .map_err(ServeError::Control)?;
+            let notifier = Notifier::start(None, &shutdown);
+            let front = Front::start(
+                standby.clone(),
+                opts.clone(),
+                vhost_socket.take().expect("bound above"),
+                &shutdown,
+            )?;
+            let front = StandbyFront {
+                standby,
+                front: Some(front),
+                shutdown: shutdown.clone(),
+            };
+            if let Some(p) = &plan.socket_path {
+                super::say(&format!(
+                    "vhost-clone: standing by for {} on {}: {STANDBY_WAITING}",
+                    plan.stores.dest.display(),
+                    p.display()
+                ));
+            }
+            // READY=1 for a standby: frontends get their answers.
+            notifier.ready();
+            let waited = open_when_free(
+                &plan,
+                store_opts,
+                &shutdown,
+                front.front.as_ref().expect("running"),
+            );
+            match waited {
+                Ok(Some(stores)) => {
+                    early = Some((front, control, notifier));
+                    stores
+                }
+                Ok(None) => {
+                    notifier.stopping("the standby stops without taking the clone over");
+                    front.stop("the standby daemon stopped before it took the clone over")?;
+                    drop(control);
+                    tracing::info!("stopped without taking the clone over");
+                    return Ok(());
+                }
+                Err(e) => {
+                    front.stop("the standby daemon could not take the clone over (see its log)")?;
+                    return Err(e);
+                }
+            }
+        }
+        (None, None) => unreachable!("one of the two is set above"),
+    };
 
     // 4. The metadata and its live map.
     let md_path = plan.stores.metadata.display().to_string();
@@ -507,8 +807,9 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         .map_err(ServeError::Sandbox)?;
 
     // 6. Services.
-    let shutdown = ShutdownSignal::new().map_err(|e| ServeError::Thread("signals", e))?;
-    start_signal_thread(signals, shutdown.clone()).map_err(|e| ServeError::Thread("signals", e))?;
+    if let Some(set) = signals.take() {
+        start_signal_thread(set, shutdown.clone()).map_err(|e| ServeError::Thread("signals", e))?;
+    }
     let committer = plan
         .commit_interval
         .map(|every| engine.start_committer(every))
@@ -536,7 +837,6 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         control_socket: plan.control_path.clone(),
         metrics_address: metrics_listener.as_ref().map(|(_, addr)| *addr),
     };
-    let frontends = Arc::new(Frontends::default());
     let reporter = Arc::new(
         StatusReporter::new(
             engine.clone(),
@@ -547,8 +847,24 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         )
         .with_frontends(frontends.clone()),
     );
-    let control =
-        ControlServer::start_with(control_socket, reporter.clone()).map_err(ServeError::Control)?;
+    let watched = Watched {
+        engine: engine.clone(),
+        hydration: ctl,
+        commit_interval: plan.commit_interval,
+    };
+    let (early_front, control, notifier) = match early {
+        Some((front, control, notifier)) => {
+            control.serve(reporter.clone());
+            notifier.watch(watched);
+            (Some(front), control, notifier)
+        }
+        None => {
+            let socket = control_socket.take().expect("bound above");
+            let control =
+                ControlServer::start_with(socket, reporter.clone()).map_err(ServeError::Control)?;
+            (None, control, Notifier::start(Some(watched), &shutdown))
+        }
+    };
     let metrics = match metrics_listener {
         Some((l, _)) => Some(
             MetricsServer::start(l, crate::metrics::registry(reporter))
@@ -563,20 +879,6 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         rate_sampler,
         control,
     };
-
-    let opts = ServeOptions {
-        socket_path: plan.socket_path.clone(),
-        listen_fd: a.fd,
-        num_queues: plan.num_queues,
-        queue_size: a.queue_size,
-        serial: a.serial.clone(),
-        read_only: a.read_only,
-        discard: true,
-        name: "vhost-clone".into(),
-        io_engine: a.io_engine.resolve(a.direct),
-        retire_out_of_order: a.retire_out_of_order,
-        frontends: frontends.clone(),
-    };
     tracing::info!(
         dest = %plan.stores.dest.display(),
         geometry = %geo,
@@ -585,7 +887,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         control = %plan.control_path.display(),
         "serving"
     );
-    if let Some(p) = &plan.socket_path {
+    if let (Some(p), None) = (&plan.socket_path, &early_front) {
         super::say(&format!(
             "vhost-clone: serving {} ({geo}, {}/{} regions hydrated) on {}\n  watch:  vhost-clone status --control-socket {} --watch\n  attach: -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem -chardev socket,id=vc0,path={},reconnect-ms=1000 -device vhost-user-blk-pci,chardev=vc0,num-queues={}\n          (<RAM> is the guest's memory size, QEMU's -m: vhost-user needs all guest memory shared with this daemon)",
             plan.stores.dest.display(),
@@ -597,49 +899,30 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             plan.num_queues
         ));
     }
-    let backend: Arc<dyn BlockBackend> = Arc::new(CloneDisk::new(engine.clone(), a.read_only));
-    let notifier = Notifier::start(
-        Watched {
-            engine: engine.clone(),
-            hydration: ctl,
-            commit_interval: plan.commit_interval,
-        },
-        &shutdown,
-    );
-    // The front serves on its own thread, under the front's filter (inherited by
-    // the vring workers it starts): the threads that parse guest input cannot
-    // remove files. This thread waits for it, then shuts down under the main
-    // filter, which can: the socket is removed when this thread drops the last
-    // reference, also if the front panics.
-    let vhost_socket = Arc::new(vhost_socket);
-    let (front_tx, front_rx) = std::sync::mpsc::sync_channel(1);
-    let (front_socket, front_shutdown) = (vhost_socket.clone(), shutdown.clone());
-    let front = crate::sandbox::spawn(ThreadKind::Front, "vhost-user", move || {
-        let _ = front_tx.send(virtio::serve_on(
-            backend,
-            &opts,
-            &front_socket,
-            &front_shutdown,
-        ));
-    })
-    .map_err(|e| ServeError::Thread("vhost-user", e))?;
+    let disk = CloneDisk::new(engine.clone(), a.read_only);
+    let front = match early_front {
+        Some(standby) => standby.take_over(disk)?,
+        None => Front::start(
+            Arc::new(disk),
+            opts,
+            vhost_socket.take().expect("bound above"),
+            &shutdown,
+        )?,
+    };
     let confined = sandbox
         .confine_current_thread(ThreadKind::Main)
         .map_err(ServeError::Sandbox);
     if confined.is_ok() {
-        // READY=1: the socket listens, the metadata is recovered, the services run.
-        notifier.ready();
+        if !a.standby {
+            // READY=1: the socket listens, the metadata is recovered, the services
+            // run (a standby sent it when it started to answer frontends).
+            notifier.ready();
+        }
     } else {
         // Stop as a signal would: everything acknowledged gets the final commit.
         shutdown.trigger();
     }
-    let served = front_rx.recv().map_err(|_| {
-        // Only a panic ends the front without an answer: stop like a signal
-        // would, with the final commit.
-        shutdown.trigger();
-        ServeError::Thread("vhost-user", io::Error::other("the front thread panicked"))
-    });
-    let _ = front.join();
+    let (served, vhost_socket) = front.wait(&shutdown);
     notifier.stopping("final commit");
 
     // Shutdown, in reverse.
@@ -653,7 +936,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     }
     drop(vhost_socket);
     confined?;
-    served?.map_err(ServeError::Virtio)?;
+    served?;
     last.map_err(ServeError::FinalCommit)?;
     tracing::info!(
         hydrated = md.hydrated_count(),

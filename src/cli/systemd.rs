@@ -26,7 +26,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,10 @@ use crate::virtio::ShutdownSignal;
 /// The `LISTEN_FDNAMES` name (a socket unit's `FileDescriptorName=`) that
 /// marks a passed socket as the control socket.
 pub const CONTROL_FD_NAME: &str = "control";
+
+/// `STATUS=` of a standby (`serve --standby`) until it takes the clone over.
+pub const STANDBY_STATUS: &str =
+    "standby: answering frontends, waiting for the clone's lock (held by the source daemon)";
 
 /// How often `STATUS=` is refreshed while serving.
 const STATUS_PERIOD: Duration = Duration::from_secs(2);
@@ -207,7 +211,8 @@ pub struct Notifier {
 }
 
 struct Shared {
-    watched: Watched,
+    /// Set once the daemon has its engine (at once, or at a standby's takeover).
+    watched: OnceLock<Watched>,
     /// `NOTIFY_SOCKET`, and a datagram socket made at start: a notification
     /// is a `sendto`, which every thread's seccomp filter allows, while making
     /// a socket is the notification thread's alone (the main thread sends the
@@ -225,8 +230,10 @@ struct Shared {
 impl Notifier {
     /// Starts the thread that keeps `STATUS=` current, sends `STOPPING=1`
     /// when `shutdown` fires and pings the watchdog; [`Notifier::ready`] then
-    /// sends `READY=1`. Without `NOTIFY_SOCKET`: does nothing.
-    pub fn start(watched: Watched, shutdown: &ShutdownSignal) -> Notifier {
+    /// sends `READY=1`. Without `NOTIFY_SOCKET`: does nothing. With no
+    /// `watched` (a standby), the status says so and the daemon counts as
+    /// healthy until [`Notifier::watch`].
+    pub fn start(watched: Option<Watched>, shutdown: &ShutdownSignal) -> Notifier {
         let none = Notifier {
             shared: None,
             thread: None,
@@ -250,7 +257,7 @@ impl Notifier {
         };
         let watchdog = sd_notify::watchdog_enabled().filter(|d| !d.is_zero());
         let shared = Arc::new(Shared {
-            watched,
+            watched: watched.map(OnceLock::from).unwrap_or_default(),
             path: path.into(),
             sock,
             stop,
@@ -302,6 +309,14 @@ impl Notifier {
     pub fn stopping(&self, what: &str) {
         if let Some(s) = &self.shared {
             s.stopping(what, false);
+        }
+    }
+
+    /// Reports on and checks `watched` from now on (a standby that took over;
+    /// once, a second call changes nothing).
+    pub fn watch(&self, watched: Watched) {
+        if let Some(s) = &self.shared {
+            let _ = s.watched.set(watched);
         }
     }
 }
@@ -361,14 +376,17 @@ impl Shared {
     }
 
     fn status_text(&self) -> String {
-        let e = &self.watched.engine;
+        let Some(watched) = self.watched.get() else {
+            return STANDBY_STATUS.into();
+        };
+        let e = &watched.engine;
         let md = e.metadata();
         let (done, total) = (md.hydrated_count(), e.geometry().nr_regions());
         let progress = format!(
             "{done}/{total} regions ({:.1}%)",
             done as f64 * 100.0 / total.max(1) as f64
         );
-        let h = &self.watched.hydration;
+        let h = &watched.hydration;
         match md.mode() {
             Mode::Fail => {
                 "failed: the metadata could not be reloaded, every request fails (see the log)"
@@ -457,15 +475,13 @@ impl Shared {
 
     /// Blocks while the commit gate's lock is held (a deadlock stops the pings too).
     fn health(&self, limit: Duration) -> Result<(), String> {
-        let e = &self.watched.engine;
+        let Some(watched) = self.watched.get() else {
+            return Ok(()); // a standby: nothing can hang before the takeover
+        };
+        let e = &watched.engine;
         let md = e.metadata();
         let waiting = md.changed() && md.mode() == Mode::Rw;
-        health(
-            e.commit_activity(),
-            limit,
-            self.watched.commit_interval,
-            waiting,
-        )
+        health(e.commit_activity(), limit, watched.commit_interval, waiting)
     }
 }
 
@@ -634,11 +650,11 @@ mod tests {
             .unwrap(),
         );
         let shared = Shared {
-            watched: Watched {
+            watched: OnceLock::from(Watched {
                 engine: engine.clone(),
                 hydration: HydrationControl::new(false, 1, 1, false),
                 commit_interval: Some(Duration::from_secs(1)),
-            },
+            }),
             path: "/nonexistent/notify".into(),
             sock: std::os::unix::net::UnixDatagram::unbound().unwrap(),
             stop: EventFd::new(EFD_NONBLOCK).unwrap(),

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -323,6 +323,7 @@ pub struct ControlServer {
     socket: BoundSocket,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    responder: Arc<Responder>,
 }
 
 impl std::fmt::Debug for ControlServer {
@@ -361,6 +362,18 @@ impl ControlServer {
         socket: BoundSocket,
         reporter: Arc<StatusReporter>,
     ) -> Result<ControlServer, ControlError> {
+        let server = Self::start_standby(socket, String::new())?;
+        server.serve(reporter);
+        Ok(server)
+    }
+
+    /// Starts a control socket for a daemon that has no engine yet (`serve
+    /// --standby`): every request is answered with an error that says
+    /// `waiting`, until [`ControlServer::serve`] gives it a reporter.
+    pub fn start_standby(
+        socket: BoundSocket,
+        waiting: String,
+    ) -> Result<ControlServer, ControlError> {
         let path = socket.path().map(Path::to_path_buf).unwrap_or_default();
         let listen_err = |source| ControlError::Listen {
             path: path.display().to_string(),
@@ -370,9 +383,14 @@ impl ControlServer {
         listener.set_nonblocking(true).map_err(listen_err)?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let responder = Arc::new(Responder {
+            reporter: OnceLock::new(),
+            waiting,
+        });
+        let r = responder.clone();
         let thread =
             crate::sandbox::spawn(crate::sandbox::ThreadKind::Control, "control", move || {
-                accept_loop(listener, reporter, s)
+                accept_loop(listener, r, s)
             })
             .map_err(listen_err)?;
         Ok(ControlServer {
@@ -380,7 +398,14 @@ impl ControlServer {
             socket,
             stop,
             thread: Some(thread),
+            responder,
         })
+    }
+
+    /// Answers from now on with the reports of `reporter` (once; a second call
+    /// changes nothing).
+    pub fn serve(&self, reporter: Arc<StatusReporter>) {
+        let _ = self.responder.reporter.set(reporter);
     }
 
     /// The socket path.
@@ -389,7 +414,27 @@ impl ControlServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, shared: Arc<StatusReporter>, stop: Arc<AtomicBool>) {
+/// What answers the requests: the reporter, or before there is one, an error.
+struct Responder {
+    reporter: OnceLock<Arc<StatusReporter>>,
+    /// What a standby waits for.
+    waiting: String,
+}
+
+impl Responder {
+    fn handle(&self, line: &str) -> Response {
+        match self.reporter.get() {
+            Some(r) => r.handle(line),
+            None => Response {
+                ok: false,
+                error: Some(format!("standby: {}", self.waiting)),
+                status: None,
+            },
+        }
+    }
+}
+
+fn accept_loop(listener: UnixListener, shared: Arc<Responder>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Acquire) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -409,7 +454,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<StatusReporter>, stop: Arc<At
     }
 }
 
-fn serve_conn(stream: UnixStream, shared: &StatusReporter) {
+fn serve_conn(stream: UnixStream, shared: &Responder) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let Ok(mut w) = stream.try_clone() else {

@@ -153,6 +153,11 @@ pub fn uuid_tag(uuid: &[u8; 16]) -> u64 {
 }
 
 impl Superblock {
+    /// The guest's write-cache choice this superblock records (`None`: it never chose).
+    pub fn write_cache(&self) -> Option<bool> {
+        (self.flags & FLAG_WCE_SET != 0).then_some(self.flags & FLAG_WRITEBACK != 0)
+    }
+
     /// Encodes into one sector.
     pub fn encode(&self) -> [u8; SUPERBLOCK_BYTES] {
         let mut b = [0u8; SUPERBLOCK_BYTES];

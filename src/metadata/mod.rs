@@ -47,13 +47,12 @@ use serde::Serialize;
 
 use crate::storage::{BlockDevice, StorageError};
 use format::{
-    encode_block, Layout, Superblock, BLOCK_SIZE, FLAG_WCE_SET, FLAG_WRITEBACK, KIND_BITMAP,
-    SUPERBLOCK_BYTES, WORDS_PER_BLOCK,
+    encode_block, Layout, Superblock, BLOCK_SIZE, KIND_BITMAP, SUPERBLOCK_BYTES, WORDS_PER_BLOCK,
 };
 use live::LiveMap;
 
 pub use geometry::{Geometry, DEFAULT_REGION_SIZE, MAX_REGIONS, MAX_REGION_SIZE, MIN_REGION_SIZE};
-pub use recovery::{check_geometry, is_blank, load, Loaded};
+pub use recovery::{check_geometry, is_blank, load, peek_superblock, Loaded};
 
 /// Errors of the metadata layer.
 #[derive(Debug, thiserror::Error)]
@@ -369,13 +368,10 @@ impl Metadata {
                 "adopting regions hydrated by a process of this boot that stopped before committing them; the next commit flushes the destination and records them"
             );
         }
-        let wce = match (
-            loaded.superblock.flags & FLAG_WCE_SET != 0,
-            loaded.superblock.flags & FLAG_WRITEBACK != 0,
-        ) {
-            (false, _) => 0,
-            (true, false) => 1,
-            (true, true) => 2,
+        let wce = match loaded.superblock.write_cache() {
+            None => 0,
+            Some(false) => 1,
+            Some(true) => 2,
         };
         let hydrated = loaded.bits.count_ones() as u64 + adopted;
         Ok(Metadata {

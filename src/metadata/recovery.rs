@@ -54,6 +54,55 @@ pub fn is_blank(dev: &dyn BlockDevice) -> Result<bool> {
     Ok(true)
 }
 
+/// How often [`peek_superblock`] reads the two slots before it gives up.
+const PEEK_TRIES: u32 = 5;
+
+/// The superblock of a store that another process may be committing to, read
+/// without its lock, for `serve --standby`, which must answer a frontend before
+/// it may lock the store: the newest slot that validates. What the standby uses
+/// of it is fixed at formatting (uuid, geometry) or only grows (hydration), so
+/// an older slot tells the same; the write-cache choice is a guess until the
+/// store is locked and loaded. A slot torn by a concurrent commit fails its
+/// checksum and is skipped; when both fail, both are read again (a commit
+/// rewrites one slot at a time). Changes nothing.
+pub fn peek_superblock(dev: &dyn BlockDevice) -> Result<Superblock> {
+    if dev.size() < 2 * BLOCK_SIZE {
+        if is_blank(dev)? {
+            return Err(MetadataError::Blank);
+        }
+        return Err(MetadataError::TooSmall {
+            size: dev.size(),
+            need: 2 * BLOCK_SIZE,
+        });
+    }
+    let mut last = MetadataError::Blank;
+    for attempt in 0..PEEK_TRIES {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let mut newest: Option<Superblock> = None;
+        let mut blank = true;
+        for slot in 0..2u64 {
+            let mut b = [0u8; SUPERBLOCK_BYTES];
+            dev.read_at(&mut b, slot * BLOCK_SIZE)?;
+            match Superblock::decode(slot, &b) {
+                Ok(Some(sb)) if newest.as_ref().is_none_or(|n| sb.seq > n.seq) => newest = Some(sb),
+                Ok(None) => continue,
+                Ok(Some(_)) => {}
+                Err(e) => last = e,
+            }
+            blank = false;
+        }
+        if let Some(sb) = newest {
+            return Ok(sb);
+        }
+        if blank {
+            return Err(MetadataError::Blank);
+        }
+    }
+    Err(last)
+}
+
 /// Checks that a store of geometry `stored` is the one `given` describes.
 pub fn check_geometry(stored: &Geometry, given: &Geometry) -> Result<()> {
     if given.device_size() != stored.device_size() {

@@ -218,6 +218,44 @@ fn write_cache_choice_is_persisted() {
     );
 }
 
+/// A standby's look at a store another process commits to: the newest slot
+/// that validates, the other one when a slot is torn, an error only when both
+/// are bad (or the store is blank).
+#[test]
+fn peek_reads_the_newest_valid_superblock_slot() {
+    let g = geo(100);
+    let dev = md_dev(&g);
+    assert!(matches!(
+        peek_superblock(dev.as_ref()),
+        Err(MetadataError::Blank)
+    ));
+    let dest = SimDevice::new(4096);
+    let md = Metadata::format(dev.clone(), g).unwrap();
+    md.set_hydrated(3).unwrap();
+    md.set_write_cache(false);
+    md.commit(&dest, false).unwrap(); // seq 2, slot 0
+    md.set_hydrated(4).unwrap();
+    md.commit(&dest, false).unwrap(); // seq 3, slot 1
+    let sb = peek_superblock(dev.as_ref()).unwrap();
+    assert_eq!((sb.seq, sb.hydrated, sb.geometry), (3, 2, g));
+    assert_eq!(sb.write_cache(), Some(false));
+    assert_eq!(sb.uuid, *md.uuid().as_bytes());
+    let image = dev.current_image();
+    let peek = |torn: &[u64]| {
+        let mut img = image.clone();
+        for slot in torn {
+            img[(*slot * BLOCK_SIZE) as usize + 100] ^= 0xff;
+        }
+        peek_superblock(&SimDevice::from_image(img))
+    };
+    assert_eq!(peek(&[1]).unwrap().seq, 2);
+    assert_eq!(peek(&[0]).unwrap().seq, 3);
+    assert!(matches!(
+        peek(&[0, 1]),
+        Err(MetadataError::BadSuperblock { .. })
+    ));
+}
+
 #[test]
 fn corruption_is_detected_with_a_message() {
     let g = geo(70_000);

@@ -255,6 +255,17 @@ impl FileDevice {
     }
 }
 
+/// The alignment in bytes of the I/O a file opened with `direct` (`O_DIRECT`) or
+/// without takes from the io_uring path ([`super::aio::IoFd::align`]); known
+/// before the file is opened.
+pub fn io_alignment(direct: bool) -> usize {
+    if direct {
+        DIRECT_ALIGN
+    } else {
+        1
+    }
+}
+
 /// A heap buffer aligned for `O_DIRECT`.
 struct AlignedBuf {
     ptr: *mut u8,
@@ -518,7 +529,7 @@ impl BlockDevice for FileDevice {
     fn async_io(&self) -> Option<super::aio::AsyncIo> {
         Some(super::aio::AsyncIo::Fd(IoFd {
             fd: self.fd(),
-            align: if self.direct { DIRECT_ALIGN } else { 1 },
+            align: io_alignment(self.direct),
         }))
     }
 

@@ -94,6 +94,13 @@ impl ShutdownSignal {
             || matches!(poll_readable(&[self.as_raw_fd()], 0), Ok(Some(0)))
     }
 
+    /// Waits up to `timeout` for a stop request; true if there is one.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> bool {
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        self.inner.flag.load(Ordering::Acquire)
+            || matches!(poll_readable(&[self.as_raw_fd()], ms), Ok(Some(0)))
+    }
+
     /// The eventfd that becomes readable on shutdown.
     pub fn as_raw_fd(&self) -> RawFd {
         self.inner.fd.as_raw_fd()

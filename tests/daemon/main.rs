@@ -24,5 +24,6 @@ mod nbd_source;
 mod ops_files;
 mod sandbox;
 mod security;
+mod standby;
 mod systemd;
 mod uring;

@@ -1,0 +1,245 @@
+//! `serve --standby`, the target daemon of a migration over shared storage: it
+//! answers frontends while another daemon serves the clone, holds their
+//! requests, and takes the clone over (everything the other daemon committed,
+//! and on the same boot everything it acknowledged) once that daemon stops.
+//! Two daemons never serve one clone at once; mistakes are refused before
+//! anything is bound.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::support::daemon::*;
+
+const SIZE: u64 = 8 << 20;
+
+struct Pair {
+    c: CloneFiles,
+    /// The standby's sockets.
+    sock_b: PathBuf,
+    ctl_b: PathBuf,
+}
+
+fn pair() -> Pair {
+    let c = clone_files(SIZE, |i| (i % 251) as u8 | 1);
+    Pair {
+        sock_b: c.dir.path().join("target.sock"),
+        ctl_b: c.dir.path().join("target.sock.ctl"),
+        c,
+    }
+}
+
+impl Pair {
+    fn args(&self) -> Vec<&str> {
+        vec![
+            "--source",
+            s(&self.c.src),
+            "--dest",
+            s(&self.c.dst),
+            "--runtime-dir",
+            s(&self.c.run),
+            "--no-hydration",
+        ]
+    }
+
+    /// The daemon that serves the clone first.
+    fn serve(&self) -> Daemon {
+        Daemon::start(&self.args(), &self.c.sock)
+    }
+
+    /// A standby beside it on other sockets, with `extra` arguments.
+    fn standby(&self, extra: &[&str]) -> Daemon {
+        let mut args = self.args();
+        args.extend_from_slice(&["--standby", "--socket-path", s(&self.sock_b)]);
+        args.extend_from_slice(extra);
+        Daemon::start(&args, &self.sock_b)
+    }
+
+    /// A `serve --standby` that must be refused: its exit code and message.
+    fn refused(&self, extra: &[&str]) -> (i32, String) {
+        let mut args = vec!["serve", "--standby", "--socket-path", s(&self.sock_b)];
+        args.extend_from_slice(extra);
+        let o = std::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} was accepted");
+        assert!(
+            !self.sock_b.exists() && !self.ctl_b.exists(),
+            "{args:?} left a socket"
+        );
+        (o.status.code().unwrap_or(-1), text(&o))
+    }
+}
+
+/// Reads `len` bytes at `off` through the standby's socket on a thread of its
+/// own (the read waits for the takeover): libblkio negotiates, then reads.
+fn read_through(
+    sock: &std::path::Path,
+    off: u64,
+    len: usize,
+) -> std::thread::JoinHandle<(i32, Vec<u8>)> {
+    let sock = sock.to_path_buf();
+    std::thread::spawn(move || Client::connect(&sock).read(off, len))
+}
+
+/// `status` of the standby before the takeover: refused, saying why.
+fn standby_status(ctl: &std::path::Path) -> String {
+    let o = run(&["status", "--control-socket", s(ctl)]);
+    assert!(
+        !o.status.success(),
+        "a standby reported a status: {}",
+        text(&o)
+    );
+    text(&o)
+}
+
+/// How the first daemon goes away.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Term,
+    Kill,
+}
+
+fn takes_over_when_the_owner_stops(stop: Stop) {
+    let p = pair();
+    let a = p.serve();
+    let mut cl = Client::connect(&p.c.sock);
+    // Unhydrated regions, not flushed: after a SIGTERM the final commit has
+    // them, after a kill -9 the live map of this boot.
+    assert_eq!(cl.write(4096, &[0xa1; 4096]), 0);
+    assert_eq!(cl.write(3 << 20, &[0xa2; 8192]), 0);
+    let b = p.standby(&[]);
+    let t0 = Instant::now();
+    let msg = standby_status(&p.ctl_b);
+    assert!(msg.contains("standby"), "{msg}");
+    // The standby negotiates at once and holds the request.
+    let held = read_through(&p.sock_b, 4096, 4096);
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        !held.is_finished(),
+        "the standby served a request while the clone was in use"
+    );
+    // The first daemon keeps serving meanwhile.
+    assert_eq!(cl.read(3 << 20, 8192), (0, vec![0xa2; 8192]));
+    drop(cl);
+    match stop {
+        Stop::Term => assert!(a.terminate().success()),
+        Stop::Kill => {
+            // SAFETY: kill only sends a signal to our own child's pid.
+            unsafe { libc::kill(a.pid() as i32, libc::SIGKILL) };
+            drop(a);
+        }
+    }
+    let (r, data) = held.join().unwrap();
+    assert_eq!(r, 0);
+    assert!(
+        data == vec![0xa1; 4096],
+        "{stop:?}: the held read missed the first daemon's write"
+    );
+    println!(
+        "{stop:?}: the held read completed {:?} after the standby started",
+        t0.elapsed()
+    );
+    let mut cl = Client::connect(&p.sock_b);
+    assert_eq!(cl.read(3 << 20, 8192), (0, vec![0xa2; 8192]));
+    assert_eq!(cl.write(0, &[0xb1; 4096]), 0);
+    assert_eq!(cl.flush(), 0);
+    let st = status_json(&p.ctl_b);
+    assert_eq!(st["mode"], "rw");
+    drop(cl);
+    assert!(b.terminate().success());
+    let o = run(&["check", "--source", s(&p.c.src), "--dest", s(&p.c.dst)]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// The owner stops cleanly: the standby takes over with its final commit.
+#[test]
+fn a_standby_takes_the_clone_over_when_its_daemon_stops() {
+    takes_over_when_the_owner_stops(Stop::Term);
+}
+
+/// The owner is killed: on the same boot the standby adopts what it
+/// acknowledged and never committed, as a restarted daemon would.
+#[test]
+fn a_standby_takes_the_clone_over_when_its_daemon_is_killed() {
+    takes_over_when_the_owner_stops(Stop::Kill);
+}
+
+/// A standby stopped before the takeover fails the request it held, exits 0,
+/// and changes nothing of the clone, whose daemon keeps serving.
+#[test]
+fn a_standby_stopped_first_fails_what_it_held_and_changes_nothing() {
+    let p = pair();
+    let a = p.serve();
+    let mut cl = Client::connect(&p.c.sock);
+    assert_eq!(cl.write(4096, &[0xc1; 4096]), 0);
+    assert_eq!(cl.flush(), 0);
+    let md = p.c.dst.with_extension("img.meta");
+    let md_before = std::fs::read(&md).unwrap();
+    let b = p.standby(&[]);
+    let held = read_through(&p.sock_b, 4096, 4096);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(b.terminate().success());
+    let (r, _) = held.join().unwrap();
+    assert!(r < 0, "the held request got {r}, not an error");
+    assert!(
+        !p.sock_b.exists() && !p.ctl_b.exists(),
+        "the standby left its sockets"
+    );
+    assert_eq!(
+        std::fs::read(&md).unwrap(),
+        md_before,
+        "the standby changed the metadata"
+    );
+    assert_eq!(cl.read(4096, 4096), (0, vec![0xc1; 4096]));
+    drop(cl);
+    assert!(a.terminate().success());
+}
+
+/// What a takeover would refuse is refused before anything is bound: a clone
+/// that does not exist (or is not reachable here), a blank one, another
+/// region size, no source for a clone that is not complete.
+#[test]
+fn a_standby_refuses_what_a_takeover_would_refuse() {
+    let p = pair();
+    let src = s(&p.c.src);
+    let dst = s(&p.c.dst);
+    let (code, msg) = p.refused(&["--source", src, "--dest", dst]);
+    assert_eq!(code, 2, "{msg}");
+    assert!(
+        msg.contains("existing clone") && msg.contains("does not exist"),
+        "{msg}"
+    );
+    assert!(
+        !p.c.dst.exists(),
+        "a refused standby created the destination"
+    );
+    // A clone the first daemon made.
+    let a = p.serve();
+    assert!(a.terminate().success());
+    let (code, msg) = p.refused(&["--source", src, "--dest", dst, "--region-size", "4K"]);
+    assert_eq!(code, 2, "{msg}");
+    assert!(msg.contains("region size"), "{msg}");
+    let (code, msg) = p.refused(&["--dest", dst]);
+    assert_eq!(code, 2, "{msg}");
+    assert!(msg.contains("no --source"), "{msg}");
+    let other = p.c.dir.path().join("elsewhere.img");
+    let (code, msg) = p.refused(&[
+        "--source",
+        src,
+        "--dest",
+        s(&other),
+        "--metadata",
+        s(&p.c.dst.with_extension("img.meta")),
+    ]);
+    assert_eq!(code, 2, "{msg}");
+    assert!(
+        msg.contains("destination") && msg.contains("does not exist"),
+        "{msg}"
+    );
+    let blank = p.c.dir.path().join("blank.meta");
+    std::fs::write(&blank, vec![0u8; 8192]).unwrap();
+    let (code, msg) = p.refused(&["--source", src, "--dest", dst, "--metadata", s(&blank)]);
+    assert_eq!(code, 2, "{msg}");
+    assert!(msg.contains("blank"), "{msg}");
+}
