@@ -162,6 +162,54 @@ daemon_kill() {
 	DAEMON_PID=
 }
 
+# daemon_standby SOCKET: start `serve --standby` on the running daemon's files
+# and arguments, on SOCKET: the target daemon of a migration over shared
+# storage, simulated on one host. It answers QEMU at once and takes the clone
+# over when the running daemon stops (daemon_handover). Its log is
+# $D/standby.log until then.
+STANDBY_PID='' STANDBY_SOCK=''
+daemon_standby() {
+	local i
+	STANDBY_SOCK=$1
+	rm -f "$STANDBY_SOCK"
+	# shellcheck disable=SC2086
+	"$VHOST_CLONE" serve --standby --source "${SRC_URI:-$SRC}" --dest "$DST" --metadata "$META" \
+		--socket-path "$STANDBY_SOCK" --num-queues 2 $DAEMON_LAST_ARGS $VHOST_CLONE_EXTRA_ARGS \
+		> "$D/standby.log" 2>&1 &
+	STANDBY_PID=$!
+	for ((i = 0; i < 300; i++)); do
+		[ -S "$STANDBY_SOCK" ] && { note "standby daemon up (pid $STANDBY_PID) on $STANDBY_SOCK"; return 0; }
+		kill -0 "$STANDBY_PID" 2> /dev/null || { tail -20 "$D/standby.log"; die "the standby exited at start"; }
+		sleep 0.1
+	done
+	die "the standby's socket $STANDBY_SOCK did not appear in 30 s"
+}
+
+# daemon_handover: stop the running daemon (daemon_stop); the standby takes
+# the clone over and becomes the daemon (DAEMON_PID, DAEMON_N, SOCK); its log
+# moves to daemon.N.log. Waits (30 s) for the takeover in its log.
+# HANDOVER_MS: how long after the old daemon exited the standby logged the
+# takeover (20 ms resolution).
+HANDOVER_MS=''
+daemon_handover() {
+	local i t0
+	[ -n "$STANDBY_PID" ] || die "daemon_handover: no standby"
+	daemon_stop
+	t0=${EPOCHREALTIME/./}
+	DAEMON_N=$((DAEMON_N + 1))
+	mv "$D/standby.log" "$D/daemon.$DAEMON_N.log"
+	DAEMON_PID=$STANDBY_PID SOCK=$STANDBY_SOCK STANDBY_PID=''
+	for ((i = 0; i < 1500; i++)); do
+		grep -q "taking the clone over" "$D/daemon.$DAEMON_N.log" && break
+		kill -0 "$DAEMON_PID" 2> /dev/null || { tail -20 "$D/daemon.$DAEMON_N.log"; die "the standby exited"; }
+		sleep 0.02
+	done
+	grep -q "taking the clone over" "$D/daemon.$DAEMON_N.log" || die "the standby did not take the clone over in 30 s"
+	HANDOVER_MS=$(((${EPOCHREALTIME/./} - t0) / 1000))
+	note "daemon $DAEMON_N (the standby) took the clone over ${HANDOVER_MS} ms after the old one exited"
+	sandbox_check "after the takeover"
+}
+
 # daemon_restart: start the daemon again with the arguments of the last
 # daemon_start (same files, same socket, same DAEMON_ARGS), e.g. after
 # daemon_kill or daemon_stop. A guest booted with --reconnect reconnects.
@@ -260,7 +308,7 @@ corrupt() {
 
 # ---- guests -----------------------------------------------------------------
 # boot_start NAME [--reboot] [--reconnect] [--control] [--qmp] [KEY=VALUE...] < SCRIPT
-# boot_start NAME [--control] [--qmp] --incoming FROM URI
+# boot_start NAME [--control] [--qmp] [--socket PATH] --incoming FROM URI
 #   Start a guest in the background running SCRIPT (busybox sh, with
 #   /lib/vctest.sh loaded and KEY=VALUE in its environment). Its serial
 #   console goes to $D/NAME.serial. --reboot lets a guest reboot in place.
@@ -269,6 +317,7 @@ corrupt() {
 #   --control: a second serial port (the guest's /dev/ttyS1) carries lines
 #   from the host (guest_send) to the guest (ctl_open/ctl_wait in vctest.sh).
 #   --qmp: a QMP monitor on $D/NAME.qmp (tools/qmp.py talks to it).
+#   --socket PATH: the daemon's socket to attach to (default $SOCK).
 #   --incoming FROM URI: the same machine as guest FROM, waiting for FROM's
 #   migration stream on URI (QEMU's -incoming); the guest and its script
 #   continue here, with the output going to $D/NAME.serial from then on.
@@ -295,7 +344,7 @@ guest_initrd() {
 }
 
 boot_start() {
-	local name=$1 noreboot=-no-reboot reconnect='' from=''
+	local name=$1 noreboot=-no-reboot reconnect='' from='' sock=$SOCK
 	local -a ctl=() extra=()
 	shift
 	while :; do
@@ -309,6 +358,7 @@ boot_start() {
 			ctl=(-chardev pipe,id=ctl,path="$D/$name.ctl" -serial chardev:ctl) ;;
 		--qmp) extra+=(-qmp unix:"$D/$name.qmp",server=on,wait=off) ;;
 		--incoming) from=$2 extra+=(-incoming "$3"); shift 2 ;;
+		--socket) sock=$2; shift ;;
 		*) break ;;
 		esac
 		shift
@@ -329,7 +379,7 @@ boot_start() {
 		-serial file:"$D/$name.serial" "${ctl[@]}" \
 		-kernel "$KERNEL" -initrd "$b/initrd" \
 		-append "console=ttyS0 quiet tsc=reliable panic=-1" \
-		-chardev socket,id=vub0,path="$SOCK"$reconnect \
+		-chardev socket,id=vub0,path="$sock"$reconnect \
 		-device vhost-user-blk-pci,chardev=vub0,num-queues=2 "${extra[@]}" \
 		> "$D/$name.qemu.log" 2>&1 &
 	QEMU_PID[$name]=$!

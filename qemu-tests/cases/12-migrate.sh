@@ -1,6 +1,6 @@
 # shellcheck shell=bash disable=SC2034  # BACKENDS is read by run.sh
 # Case 12 (vhost-clone only): live migration of a guest whose disk is still
-# hydrating, with one daemon. qemu-storage-daemon cannot run it: its
+# hydrating, with one daemon, and to a standby daemon. qemu-storage-daemon cannot run it: its
 # vhost-user server takes one frontend at a time, and a same-host migration
 # attaches two.
 # The daemon hydrates in the background at 4 MiB/s (the 256 MiB clone is not
@@ -16,7 +16,13 @@
 #     (QMP migrate to a unix socket) while the guest verifies: it must
 #     complete, the daemon must report the hand-over of the queues, and the
 #     guest must finish a verify pass on the target. The source QEMU quits.
-#  3. A migration to a file (QMP migrate file:), the QEMU quits, a fresh
+#  3. Another host, simulated on this one: a standby daemon (serve --standby)
+#     on a socket of its own answers a third QEMU while the daemon still
+#     serves the clone; the guest migrates there, the first daemon stops
+#     (SIGTERM, as an operator stops the source host's daemon after the
+#     migration), the standby takes the clone over and the guest finishes a
+#     verify pass on it.
+#  4. A migration to a file (QMP migrate file:), the QEMU quits, a fresh
 #     QEMU restores from the file (-incoming file:) and the guest goes on.
 # Then the host says stop: the guest checks the spans it never wrote against
 # the source and powers off with PASS on the restored QEMU's console; no pass
@@ -79,7 +85,7 @@ migrate() {
 MIGRATIONS=''
 
 run_case() {
-	local st spans
+	local st spans i
 	fresh_files
 	spans=$(src_sums "$UNTOUCHED_SPANS")
 	DAEMON_ARGS="--hydration-rate 4M" daemon_start
@@ -133,8 +139,27 @@ GUEST
 	wait_pass dst
 	note "guest dst verified its data $(passes dst) times after the migration"
 
-	# 3. To a file, and back into a fresh QEMU.
-	migrate dst '' "file:$D/vm.state"
+	# 3. Another host, on this one: a standby daemon on a socket of its own
+	# answers the target QEMU while the daemon still serves the clone, and
+	# takes the clone over once that daemon stops after the migration.
+	daemon_standby "$D/standby.sock"
+	st=$("$VHOST_CLONE" status --socket-path "$D/standby.sock" 2>&1) &&
+		die "the standby reported a status before the takeover: $st"
+	case $st in *standby*) ;; *) die "the standby's status says: $st" ;; esac
+	boot_start far --control --qmp --socket "$D/standby.sock" --incoming src "unix:$D/far.mig"
+	for ((i = 0; i < 300; i++)); do
+		[ -S "$D/far.mig" ] && break
+		kill -0 "${QEMU_PID[far]}" 2> /dev/null || die "guest far's QEMU exited: $(tail -3 "$D/far.qemu.log")"
+		sleep 0.1
+	done
+	[ -S "$D/far.mig" ] || die "guest far never listened for its migration (no answer from the standby?)"
+	migrate dst far "unix:$D/far.mig"
+	daemon_handover
+	wait_pass far
+	note "guest far verified its data $(passes far) times on the standby"
+
+	# 4. To a file, and back into a fresh QEMU.
+	migrate far '' "file:$D/vm.state"
 	note "vm state: $(du -h "$D/vm.state" | cut -f1)"
 	if sabotaging; then
 		daemon_stop
@@ -147,7 +172,8 @@ GUEST
 	boot_wait rst
 	grep -aq '^VCTEST-EVENT: pass ' "$D/rst.serial" || die "no verify pass after the restore"
 	echo "migrate: a failed migration (target killed), then $MIGRATIONS;" \
-		"$(grep -c 'migration: the queues passed' "$D/daemon.$DAEMON_N.log") hand-overs of the queues logged"
+		"$(cat "$D"/daemon.*.log | grep -c 'migration: the queues passed') hand-overs of the queues logged;" \
+		"the standby took the clone over ${HANDOVER_MS} ms after the first daemon exited"
 	daemon_stop
 	offline_check
 	source_unchanged

@@ -20,6 +20,16 @@
 //!    then the vhost-user front serves, on its own thread, until a signal;
 //!    the main thread confines itself, sends READY=1 and waits for it.
 //!
+//! A standby (`--standby`, the target daemon of a migration over shared
+//! storage) reorders this: before step 2 it reads the clone's shape from the
+//! superblock without the lock ([`metadata::peek_superblock`]) and refuses
+//! what a takeover would refuse; it binds the sockets (3), starts the signal
+//! thread, the control socket (answering `standby: ...`) and the front over a
+//! [`Standby`] disk that holds every request, and sends READY=1. Then it
+//! retries step 2 every [`STANDBY_POLL`] until the locks are free, runs 4 to
+//! 6 as above, and hands the disk to the front ([`Standby::take_over`]). A
+//! stop before that fails the held requests and exits 0.
+//!
 //! Shutdown runs in reverse ([`Services`] drops in that order too): the front
 //! stops popping requests, retires the ones in flight and closes the
 //! connection; the metrics endpoint, the hydrator, the committer and the rate

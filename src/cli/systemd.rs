@@ -13,7 +13,9 @@
 //!   logged (once, until one succeeds again), never returned; without
 //!   `NOTIFY_SOCKET` every notification is a no-op and no thread is started;
 //! * `READY=1` is sent once, when the caller says so (after the recovery
-//!   commit and the start of every service, just before serving); `STOPPING=1`
+//!   commit and the start of every service, just before serving; a standby's
+//!   when it answers frontends, with a standby `STATUS=` and the watchdog
+//!   pinged until the takeover gives it an engine to watch); `STOPPING=1`
 //!   at most once, as soon as the shutdown signal fires;
 //! * `WATCHDOG=1` is sent only while the daemon looks healthy: no commit has
 //!   been running for longer than the watchdog timeout and, with the periodic

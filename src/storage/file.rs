@@ -256,7 +256,7 @@ impl FileDevice {
 }
 
 /// The alignment in bytes of the I/O a file opened with `direct` (`O_DIRECT`) or
-/// without takes from the io_uring path ([`super::aio::IoFd::align`]); known
+/// without takes from the io_uring path (`IoFd::align`); known
 /// before the file is opened.
 pub fn io_alignment(direct: bool) -> usize {
     if direct {
