@@ -926,6 +926,23 @@ impl VhostUserBackend for BlkDevice {
             q.started = false;
             q.resubmit.clear();
         }
+        // A migration's switch-over (the queue stops while the frontend logs dirty
+        // pages): what it completed is made durable and committed now, before QEMU gets
+        // the base. The target may be a daemon on another host that takes the clone over
+        // when this one stops; if this one dies instead, the takeover still has it.
+        if self.logging.load(Ordering::Acquire) {
+            match self.backend.flush() {
+                Ok(()) => info!(
+                    queue = queue_index,
+                    "migration: queue stopped at switch-over; what it completed is committed"
+                ),
+                Err(e) => warn!(
+                    queue = queue_index,
+                    error = %e,
+                    "migration: the commit at switch-over failed; the final commit retries it"
+                ),
+            }
+        }
         // Nothing of this queue is in flight any more: at a migration's switch-over, once
         // every queue of the source stopped, the target's queues may run.
         self.frontends

@@ -243,3 +243,43 @@ fn a_standby_refuses_what_a_takeover_would_refuse() {
     assert_eq!(code, 2, "{msg}");
     assert!(msg.contains("blank"), "{msg}");
 }
+
+/// Another host's standby cannot adopt the source daemon's live map. So at the
+/// switch-over of a migration (QEMU stops the queues while it logs dirty pages)
+/// the source daemon commits: a source daemon killed after it still leaves
+/// the standby every write its guest saw completed. Simulated with the live
+/// map in process memory and no periodic commits.
+#[test]
+fn a_source_killed_after_the_switch_over_loses_nothing() {
+    use crate::support::vu;
+    use vhost::VhostBackend;
+    const LOG_ALL: u64 = vhost::vhost_user::message::VhostUserVirtioFeatures::LOG_ALL.bits();
+    let p = pair();
+    // Another host's runtime directory: none the standby could read.
+    let mut args = p.args();
+    args[5] = "none";
+    args.extend_from_slice(&["--commit-interval", "0"]);
+    let a = Daemon::start(&args, &p.c.sock);
+    let mut g = vu::Guest::connect(&p.c.sock, 1);
+    g.negotiate(LOG_ALL);
+    g.setup_memory();
+    g.setup_queues(1, vu::QUEUE_SIZE);
+    g.fe.set_features(g.features | LOG_ALL).unwrap();
+    // Unhydrated regions, never flushed by the guest.
+    let data = vu::pattern(8192, 7);
+    assert_eq!(g.write(0, 2048, &data), vu::S_OK);
+    g.fe.get_vring_base(0).unwrap();
+    args.extend_from_slice(&["--standby", "--socket-path", s(&p.sock_b)]);
+    let b = Daemon::start(&args, &p.sock_b);
+    // SAFETY: kill only sends a signal to our own child's pid.
+    unsafe { libc::kill(a.pid() as i32, libc::SIGKILL) };
+    drop(a);
+    drop(g);
+    let mut cl = Client::connect(&p.sock_b);
+    assert!(
+        cl.read(2048 * 512, 8192) == (0, data),
+        "the write completed before the switch-over is lost"
+    );
+    drop(cl);
+    assert!(b.terminate().success());
+}

@@ -88,3 +88,30 @@ fn a_source_that_dies_mid_migration_hands_over_and_a_target_that_dies_changes_no
     drop(target);
     server.stop();
 }
+
+/// At a migration's switch-over (a queue stopped while `LOG_ALL` is on) the daemon
+/// commits what the queue completed, so that a daemon on another host that takes the
+/// clone over has it even if this one dies; a queue stopped with logging off (a
+/// reconnect, a guest reset) does not add a flush.
+#[test]
+fn the_switch_over_commits_what_the_source_completed() {
+    const LOG_ALL: u64 = vhost::vhost_user::message::VhostUserVirtioFeatures::LOG_ALL.bits();
+    for logging in [false, true] {
+        let disk = MemDisk::new(1 << 20);
+        let server = Server::start(disk.clone(), opts(1));
+        let mut g = Guest::connect(&server.path, 1);
+        g.negotiate(LOG_ALL);
+        g.setup_memory();
+        g.setup_queues(1, QUEUE_SIZE);
+        if logging {
+            g.fe.set_features(g.features | LOG_ALL).unwrap();
+        }
+        assert_eq!(g.write(0, 0, &pattern(4096, 3)), S_OK);
+        let before = disk.c.flushes.load(std::sync::atomic::Ordering::SeqCst);
+        g.fe.get_vring_base(0).unwrap();
+        let after = disk.c.flushes.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(after - before, u64::from(logging), "logging {logging}");
+        drop(g);
+        server.stop();
+    }
+}
