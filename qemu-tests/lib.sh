@@ -200,11 +200,11 @@ daemon_handover() {
 	mv "$D/standby.log" "$D/daemon.$DAEMON_N.log"
 	DAEMON_PID=$STANDBY_PID SOCK=$STANDBY_SOCK STANDBY_PID=''
 	for ((i = 0; i < 1500; i++)); do
-		grep -q "taking the clone over" "$D/daemon.$DAEMON_N.log" && break
+		grep -q "lock is free; taking the clone over" "$D/daemon.$DAEMON_N.log" && break
 		kill -0 "$DAEMON_PID" 2> /dev/null || { tail -20 "$D/daemon.$DAEMON_N.log"; die "the standby exited"; }
 		sleep 0.02
 	done
-	grep -q "taking the clone over" "$D/daemon.$DAEMON_N.log" || die "the standby did not take the clone over in 30 s"
+	grep -q "lock is free; taking the clone over" "$D/daemon.$DAEMON_N.log" || die "the standby did not take the clone over in 30 s"
 	HANDOVER_MS=$(((${EPOCHREALTIME/./} - t0) / 1000))
 	note "daemon $DAEMON_N (the standby) took the clone over ${HANDOVER_MS} ms after the old one exited"
 	sandbox_check "after the takeover"

@@ -4,11 +4,12 @@
 //!
 //! [`Standby`] is the backend of `serve --standby` (the target daemon of a
 //! migration over shared storage): it answers a frontend with the clone's shape
-//! before the daemon may open the clone, and holds every request until the
-//! [`CloneDisk`] is in ([`Standby::take_over`]). Invariant: no request reaches
-//! anything but that disk, and a disk of another shape is never taken in (the
-//! frontend already told its guest the shape); a standby that stops first fails
-//! the requests it held.
+//! before the daemon may open the clone. Requests wait in their rings until the
+//! takeover (the front's gate, [`crate::virtio::handover::Frontends::gated`]);
+//! one that reaches the standby anyway waits until the [`CloneDisk`] is in
+//! ([`Standby::take_over`]). Invariant: no request reaches anything but that
+//! disk, and a disk of another shape is never taken in (the frontend already
+//! told its guest the shape); a standby that stops first fails what it holds.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};

@@ -25,10 +25,12 @@
 //! superblock without the lock ([`metadata::peek_superblock`]) and refuses
 //! what a takeover would refuse; it binds the sockets (3), starts the signal
 //! thread, the control socket (answering `standby: ...`) and the front over a
-//! [`Standby`] disk that holds every request, and sends READY=1. Then it
-//! retries step 2 every [`STANDBY_POLL`] until the locks are free, runs 4 to
-//! 6 as above, and hands the disk to the front ([`Standby::take_over`]). A
-//! stop before that fails the held requests and exits 0.
+//! [`Standby`] disk with gated queues ([`Frontends::gated`]: requests wait in
+//! their rings), and sends READY=1. Once a frontend started its queues, it
+//! retries step 2 every [`STANDBY_POLL`] until the locks are free, checks the
+//! store is the clone it answered for, runs 4 to 6 as above, and hands the
+//! disk to the front ([`Standby::take_over`]), which opens the gate. A stop
+//! before that leaves the waiting requests unanswered and exits 0.
 //!
 //! Shutdown runs in reverse ([`Services`] drops in that order too): the front
 //! stops popping requests, retires the ones in flight and closes the
@@ -56,6 +58,7 @@ use crate::engine::hydrator::{
     self, HydrationControl, Hydrator, HydratorTiming, DEFAULT_BATCH_SIZE, DEFAULT_THRESHOLD,
 };
 use crate::engine::{DestFlush, Engine, EngineConfig, EngineError};
+use crate::metadata::format::Superblock;
 use crate::metadata::live::{Found, LiveError, LiveIdentity, LiveMap, DEFAULT_RUNTIME_DIR};
 use crate::metadata::{self, Metadata, MetadataError, Mode};
 use crate::metrics::{MetricsError, MetricsServer};
@@ -391,16 +394,12 @@ impl Plan {
 /// How often a standby tries the clone's locks.
 const STANDBY_POLL: Duration = Duration::from_millis(100);
 
-/// What a standby tells `status` and systemd while it waits.
-const STANDBY_WAITING: &str =
-    "answering frontends, waiting for the clone's lock (held by the daemon that serves it)";
-
 /// The shape a standby tells frontends, read from the clone's superblock
 /// without its lock (the owner may be committing): refuses, before anything is
 /// bound, what a takeover would refuse later when the superblock already says
 /// so (a missing or new clone, a missing destination, another region size, no
 /// source for a clone that is not complete).
-fn standby_disk(plan: &Plan, a: &ServeArgs) -> Result<Standby> {
+fn standby_disk(plan: &Plan, a: &ServeArgs) -> Result<(Standby, Superblock)> {
     let md_path = &plan.stores.metadata;
     let gone = |what: &str, p: &std::path::Path| {
         CliError::Usage(format!(
@@ -448,6 +447,7 @@ fn standby_disk(plan: &Plan, a: &ServeArgs) -> Result<Standby> {
             geo.nr_regions()
         )));
     }
+    Stores::check_standby(&plan.stores, &geo, a.direct)?;
     let shape = Shape {
         size: geo.device_size(),
         read_only: a.read_only,
@@ -455,39 +455,55 @@ fn standby_disk(plan: &Plan, a: &ServeArgs) -> Result<Standby> {
         logical_block_size: crate::disk::logical_block_size(io_alignment(a.direct)),
     };
     tracing::info!(geometry = %geo, "standby: the clone's shape, from its superblock");
-    Ok(Standby::new(shape, sb.write_cache().unwrap_or(true)))
+    Ok((Standby::new(shape, sb.write_cache().unwrap_or(true)), sb))
 }
 
-/// A standby's wait for the clone: opens and locks the stores once nobody
-/// holds them. `None` when the daemon is told to stop first, or its front
-/// ended.
+/// A standby's wait for the clone: opens and locks the stores once a frontend
+/// started its queues here (a migration's target after switch-over: before
+/// that, a lock released by a restart of the serving daemon is not the
+/// standby's to take) and nobody holds the locks. Refuses a clone that is not
+/// the one the frontends were told about. `None` when the daemon is told to
+/// stop first, or its front ended.
 fn open_when_free(
     plan: &Plan,
     opts: StoreOptions,
+    told: &Superblock,
     shutdown: &ShutdownSignal,
-    front: &Front,
+    front: &StandbyFront,
 ) -> Result<Option<Stores>> {
-    let started = std::time::Instant::now();
     let mut said = false;
     loop {
-        match Stores::open(&plan.stores, opts) {
-            Ok(stores) => {
-                tracing::info!(
-                    waited_ms = started.elapsed().as_millis() as u64,
-                    "standby: the clone's lock is free; taking the clone over"
-                );
-                return Ok(Some(stores));
-            }
-            Err(CliError::Storage(StorageError::Locked { path, holder })) => {
-                if !said {
-                    said = true;
-                    tracing::info!(
-                        holder = holder.as_deref().unwrap_or("unknown"),
-                        "standby: {path} is in use; taking the clone over once it is released"
-                    );
+        if front.frontends.wanted() {
+            match Stores::open(&plan.stores, opts) {
+                Ok(stores) => {
+                    let found = match &stores.state {
+                        MetadataState::Existing(l) => {
+                            Some((l.superblock.uuid, l.superblock.geometry))
+                        }
+                        MetadataState::New => None,
+                    };
+                    if found != Some((told.uuid, told.geometry)) {
+                        return Err(CliError::Refused(format!(
+                            "{} is no longer the clone this standby answered for (clone {}, {}): it was removed or formatted again meanwhile",
+                            plan.stores.metadata.display(),
+                            uuid::Uuid::from_bytes(told.uuid),
+                            told.geometry
+                        )));
+                    }
+                    tracing::info!("standby: the clone's lock is free; taking the clone over");
+                    return Ok(Some(stores));
                 }
+                Err(CliError::Storage(StorageError::Locked { path, holder })) => {
+                    if !said {
+                        said = true;
+                        tracing::info!(
+                            holder = holder.as_deref().unwrap_or("unknown"),
+                            "standby: a frontend started its queues; {path} is in use, taking the clone over once it is released"
+                        );
+                    }
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
         if shutdown.wait_timeout(STANDBY_POLL) || front.ended() {
             return Ok(None);
@@ -561,18 +577,27 @@ impl Front {
 /// requests it holds and stops it before the error is reported.
 struct StandbyFront {
     standby: Arc<Standby>,
+    /// Gated until the takeover ([`Frontends::gated`]).
+    frontends: Arc<Frontends>,
     front: Option<Front>,
     shutdown: ShutdownSignal,
 }
 
 impl StandbyFront {
-    /// Hands the clone to the front; the front then serves it.
+    /// Hands the clone to the front and lets its queues run.
     fn take_over(mut self, disk: CloneDisk) -> std::result::Result<Front, ServeError> {
         self.standby.take_over(disk).map_err(ServeError::Takeover)?;
+        self.frontends.open_gate();
         Ok(self.front.take().expect("taken over once"))
     }
 
-    /// Stops the front; the requests it holds fail with `why`.
+    /// The front stopped serving while standing by.
+    fn ended(&self) -> bool {
+        self.front.as_ref().is_none_or(Front::ended)
+    }
+
+    /// Stops the front: its requests stay unanswered in their rings (any that
+    /// reached the standby fail with `why`).
     fn stop(mut self, why: &str) -> std::result::Result<(), ServeError> {
         self.standby.abandon(why);
         self.shutdown.trigger();
@@ -621,7 +646,8 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         },
     };
     let (stores, standby) = if a.standby {
-        (None, Some(Arc::new(standby_disk(&plan, a)?)))
+        let (disk, told) = standby_disk(&plan, a)?;
+        (None, Some((Arc::new(disk), told)))
     } else {
         (Some(Stores::open(&plan.stores, store_opts)?), None)
     };
@@ -652,7 +678,10 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         .transpose()
         .map_err(ServeError::Metrics)?;
     let shutdown = ShutdownSignal::new().map_err(|e| ServeError::Thread("signals", e))?;
-    let frontends = Arc::new(Frontends::default());
+    let frontends = Arc::new(match a.standby {
+        true => Frontends::gated(),
+        false => Frontends::default(),
+    });
     let opts = ServeOptions {
         socket_path: plan.socket_path.clone(),
         listen_fd: a.fd,
@@ -677,14 +706,14 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     let mut early = None;
     let mut stores = match (stores, standby) {
         (Some(stores), _) => stores,
-        (None, Some(standby)) => {
+        (None, Some((standby, told))) => {
             if let Some(set) = signals.take() {
                 start_signal_thread(set, shutdown.clone())
                     .map_err(|e| ServeError::Thread("signals", e))?;
             }
             let control = ControlServer::start_standby(
                 control_socket.take().expect("bound above"),
-                STANDBY_WAITING.into(),
+                systemd::STANDBY_WAITING.into(),
             )
             .map_err(ServeError::Control)?;
             let notifier = Notifier::start(None, &shutdown);
@@ -696,24 +725,21 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             )?;
             let front = StandbyFront {
                 standby,
+                frontends: frontends.clone(),
                 front: Some(front),
                 shutdown: shutdown.clone(),
             };
             if let Some(p) = &plan.socket_path {
                 super::say(&format!(
-                    "vhost-clone: standing by for {} on {}: {STANDBY_WAITING}",
+                    "vhost-clone: standing by for {} on {}: {}",
                     plan.stores.dest.display(),
-                    p.display()
+                    p.display(),
+                    systemd::STANDBY_WAITING
                 ));
             }
             // READY=1 for a standby: frontends get their answers.
             notifier.ready();
-            let waited = open_when_free(
-                &plan,
-                store_opts,
-                &shutdown,
-                front.front.as_ref().expect("running"),
-            );
+            let waited = open_when_free(&plan, store_opts, &told, &shutdown, &front);
             match waited {
                 Ok(Some(stores)) => {
                     early = Some((front, control, notifier));

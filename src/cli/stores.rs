@@ -175,6 +175,18 @@ fn check_distinct(roles: &[(&'static str, &Path, Named)]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses two of `paths`' roles naming one file.
+fn check_paths(paths: &StorePaths) -> Result<()> {
+    let mut roles = vec![
+        ("dest", paths.dest.as_path(), named(&paths.dest)),
+        ("metadata", paths.metadata.as_path(), named(&paths.metadata)),
+    ];
+    if let Some(s) = paths.source.as_ref().filter(|s| !is_network_source(s)) {
+        roles.insert(0, ("source", s.as_path(), named(s)));
+    }
+    check_distinct(&roles)
+}
+
 fn open_locked(
     path: &Path,
     read_only: bool,
@@ -197,14 +209,7 @@ impl Stores {
     /// Opens and locks the stores. The only writes it makes are to files it
     /// creates (the destination at the clone's size, an empty metadata file).
     pub fn open(paths: &StorePaths, opts: StoreOptions) -> Result<Stores> {
-        let mut roles = vec![
-            ("dest", paths.dest.as_path(), named(&paths.dest)),
-            ("metadata", paths.metadata.as_path(), named(&paths.metadata)),
-        ];
-        if let Some(s) = paths.source.as_ref().filter(|s| !is_network_source(s)) {
-            roles.insert(0, ("source", s.as_path(), named(s)));
-        }
-        check_distinct(&roles)?;
+        check_paths(paths)?;
 
         let mut created = Vec::new();
         let md_exists = paths.metadata.exists();
@@ -368,6 +373,23 @@ impl Stores {
             )));
         }
         Ok(stores)
+    }
+
+    /// What a standby (`serve --standby`) checks before it may lock the stores, so
+    /// that the takeover after a migration is not the first to refuse them: three
+    /// different files, and a file source that fits the clone's `geometry` (opened
+    /// read-only, with the shared lock the serving daemon holds too, and closed
+    /// again). A network source is checked at the takeover.
+    pub fn check_standby(paths: &StorePaths, geometry: &Geometry, direct: bool) -> Result<()> {
+        check_paths(paths)?;
+        if let Some(p) = paths.source.as_ref().filter(|p| !is_network_source(p)) {
+            let src = open_locked(p, true, direct, None, LockKind::Shared)?;
+            let size = src.size() - src.size() % 512;
+            let mdp = &paths.metadata;
+            let want = Geometry::new(size, geometry.region_size()).map_err(md_err(mdp))?;
+            metadata::check_geometry(geometry, &want).map_err(md_err(mdp))?;
+        }
+        Ok(())
     }
 
     /// Formats the metadata if it is new (growing a small regular file to the

@@ -47,9 +47,10 @@ use crate::virtio::ShutdownSignal;
 /// marks a passed socket as the control socket.
 pub const CONTROL_FD_NAME: &str = "control";
 
-/// `STATUS=` of a standby (`serve --standby`) until it takes the clone over.
-pub const STANDBY_STATUS: &str =
-    "standby: answering frontends, waiting for the clone's lock (held by the source daemon)";
+/// What a standby (`serve --standby`) waits for, as `status` and `STATUS=`
+/// (after `standby: `) say it until it takes the clone over.
+pub const STANDBY_WAITING: &str =
+    "answering frontends; takes the clone over once a frontend started its queues here and the clone's lock is free";
 
 /// How often `STATUS=` is refreshed while serving.
 const STATUS_PERIOD: Duration = Duration::from_secs(2);
@@ -379,7 +380,7 @@ impl Shared {
 
     fn status_text(&self) -> String {
         let Some(watched) = self.watched.get() else {
-            return STANDBY_STATUS.into();
+            return format!("standby: {STANDBY_WAITING}");
         };
         let e = &watched.engine;
         let md = e.metadata();

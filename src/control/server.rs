@@ -362,9 +362,13 @@ impl ControlServer {
         socket: BoundSocket,
         reporter: Arc<StatusReporter>,
     ) -> Result<ControlServer, ControlError> {
-        let server = Self::start_standby(socket, String::new())?;
-        server.serve(reporter);
-        Ok(server)
+        Self::start_responder(
+            socket,
+            Responder {
+                reporter: OnceLock::from(reporter),
+                waiting: String::new(),
+            },
+        )
     }
 
     /// Starts a control socket for a daemon that has no engine yet (`serve
@@ -373,6 +377,19 @@ impl ControlServer {
     pub fn start_standby(
         socket: BoundSocket,
         waiting: String,
+    ) -> Result<ControlServer, ControlError> {
+        Self::start_responder(
+            socket,
+            Responder {
+                reporter: OnceLock::new(),
+                waiting,
+            },
+        )
+    }
+
+    fn start_responder(
+        socket: BoundSocket,
+        responder: Responder,
     ) -> Result<ControlServer, ControlError> {
         let path = socket.path().map(Path::to_path_buf).unwrap_or_default();
         let listen_err = |source| ControlError::Listen {
@@ -383,10 +400,7 @@ impl ControlServer {
         listener.set_nonblocking(true).map_err(listen_err)?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let responder = Arc::new(Responder {
-            reporter: OnceLock::new(),
-            waiting,
-        });
+        let responder = Arc::new(responder);
         let r = responder.clone();
         let thread =
             crate::sandbox::spawn(crate::sandbox::ThreadKind::Control, "control", move || {

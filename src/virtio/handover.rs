@@ -53,6 +53,10 @@ struct Owner {
     running: u64,
     /// The connection that ran queues last.
     last: Option<u64>,
+    /// No queue may run yet (a standby before its takeover, [`Frontends::gated`]).
+    gated: bool,
+    /// A queue waited at the gate: a frontend started its device.
+    wanted: bool,
 }
 
 /// What `status` shows about the frontends.
@@ -71,6 +75,32 @@ pub struct FrontReport {
 }
 
 impl Frontends {
+    /// The frontends of a standby daemon (`serve --standby`): connections are served
+    /// and negotiate, but no queue runs until [`Frontends::open_gate`]. Their requests
+    /// stay unpopped in their rings, so a connection that ends meanwhile leaves them
+    /// to its frontend to submit again, and none of them can reach the disk.
+    pub fn gated() -> Frontends {
+        let f = Frontends::default();
+        f.owner.lock().unwrap_or_else(PoisonError::into_inner).gated = true;
+        f
+    }
+
+    /// Lets queues run (a standby took the clone over).
+    pub fn open_gate(&self) {
+        let mut o = self.owner.lock().unwrap_or_else(PoisonError::into_inner);
+        o.gated = false;
+        self.released.notify_all();
+    }
+
+    /// Whether a queue waited at the gate of [`Frontends::gated`]: a frontend started
+    /// its device here (the target of a migration, after switch-over).
+    pub fn wanted(&self) -> bool {
+        self.owner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .wanted
+    }
+
     /// Whether another connection may be attached. While [`MAX_FRONTENDS`] are, the
     /// next one waits in the socket's backlog until one of them ends.
     pub fn has_room(&self) -> bool {
@@ -96,12 +126,31 @@ impl Frontends {
     }
 
     /// Lets `conn`'s queue `queue` run: returns at once if no other connection runs
-    /// queues, otherwise waits until it stopped them. Returns `false` (without the
-    /// ownership) if `stopping()` turns true while waiting.
+    /// queues (and the gate is open), otherwise waits until it stopped them. Returns
+    /// `false` (without the ownership) if `stopping()` turns true while waiting.
     pub fn acquire(&self, conn: u64, queue: usize, stopping: impl Fn() -> bool) -> bool {
         let mut o = self.owner.lock().unwrap_or_else(PoisonError::into_inner);
         let mut warned = false;
         loop {
+            if o.gated {
+                if stopping() {
+                    return false;
+                }
+                if !o.wanted {
+                    o.wanted = true;
+                    info!(
+                        conn,
+                        "connection {conn} started its queues; their requests wait for the \
+                         takeover of the clone"
+                    );
+                }
+                o = self
+                    .released
+                    .wait_timeout(o, WAIT_SLICE)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                continue;
+            }
             match o.conn {
                 Some(c) if c == conn => break,
                 None => {
@@ -268,5 +317,27 @@ mod tests {
                 migrating: false,
             }
         );
+    }
+
+    /// A standby's gate: no queue runs before it opens, a waiting queue marks the
+    /// frontends as wanted, and one whose connection stops gives up unpopped.
+    #[test]
+    fn a_gated_queue_waits_for_the_gate_and_a_stop_ends_the_wait() {
+        let f = Arc::new(Frontends::gated());
+        let (a, b) = (f.attach().unwrap(), f.attach().unwrap());
+        assert!(!f.wanted());
+        let t0 = Instant::now();
+        assert!(!f.acquire(a, 0, || t0.elapsed() > Duration::from_millis(100)));
+        assert!(f.wanted());
+        assert_eq!(f.report().queue_owner, None);
+        let waiter = {
+            let f = f.clone();
+            std::thread::spawn(move || f.acquire(b, 0, || false))
+        };
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(!waiter.is_finished(), "a queue ran before the gate opened");
+        f.open_gate();
+        assert!(waiter.join().unwrap());
+        assert_eq!(f.report().queue_owner, Some(b));
     }
 }

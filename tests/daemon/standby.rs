@@ -165,10 +165,13 @@ fn a_standby_takes_the_clone_over_when_its_daemon_is_killed() {
     takes_over_when_the_owner_stops(Stop::Kill);
 }
 
-/// A standby stopped before the takeover fails the request it held, exits 0,
-/// and changes nothing of the clone, whose daemon keeps serving.
+/// A standby stopped before the takeover exits 0 and leaves the request its
+/// frontend started unpopped and unanswered (for the frontend to submit again
+/// to the next daemon); it changes nothing of the clone, whose daemon keeps
+/// serving.
 #[test]
-fn a_standby_stopped_first_fails_what_it_held_and_changes_nothing() {
+fn a_standby_stopped_first_leaves_requests_unanswered_and_changes_nothing() {
+    use crate::support::vu;
     let p = pair();
     let a = p.serve();
     let mut cl = Client::connect(&p.c.sock);
@@ -177,11 +180,12 @@ fn a_standby_stopped_first_fails_what_it_held_and_changes_nothing() {
     let md = p.c.dst.with_extension("img.meta");
     let md_before = std::fs::read(&md).unwrap();
     let b = p.standby(&[]);
-    let held = read_through(&p.sock_b, 4096, 4096);
-    std::thread::sleep(Duration::from_millis(300));
+    let mut g = vu::Guest::start(&p.sock_b, 1);
+    let (head, _, _) = g.prepare(0, 0, vu::VIRTIO_BLK_T_OUT, 8, &[0xee; 4096], 0);
+    g.publish(0, head);
+    g.assert_idle(0, 300);
     assert!(b.terminate().success());
-    let (r, _) = held.join().unwrap();
-    assert!(r < 0, "the held request got {r}, not an error");
+    assert_eq!(g.used_idx(0), 0, "the standby answered a request it held");
     assert!(
         !p.sock_b.exists() && !p.ctl_b.exists(),
         "the standby left its sockets"
@@ -194,6 +198,66 @@ fn a_standby_stopped_first_fails_what_it_held_and_changes_nothing() {
     assert_eq!(cl.read(4096, 4096), (0, vec![0xc1; 4096]));
     drop(cl);
     assert!(a.terminate().success());
+}
+
+/// A lock released by a restart of the serving daemon is not the standby's to
+/// take while no frontend started its queues on the standby (a migration not
+/// yet at switch-over): the restart gets the clone back. Once a frontend does,
+/// the standby takes the clone over at the next release.
+#[test]
+fn a_standby_takes_nothing_before_its_frontend_starts() {
+    use crate::support::vu;
+    let p = pair();
+    let a = p.serve();
+    status_json(&p.c.ctl); // formatted
+    let b = p.standby(&[]);
+    // A frontend negotiates with the standby but starts no queue yet.
+    let mut g = vu::Guest::connect(&p.sock_b, 1);
+    g.negotiate(0);
+    assert!(a.terminate().success());
+    std::thread::sleep(Duration::from_millis(400));
+    let a = p.serve();
+    let mut cl = Client::connect(&p.c.sock);
+    assert_eq!(cl.write(0, &[0xd1; 4096]), 0);
+    drop(cl);
+    drop(g);
+    // Now a frontend starts its queues on the standby: its request waits for the
+    // next release.
+    let held = read_through(&p.sock_b, 0, 4096);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!held.is_finished());
+    assert!(a.terminate().success());
+    assert_eq!(held.join().unwrap(), (0, vec![0xd1; 4096]));
+    assert!(b.terminate().success());
+}
+
+/// A clone formatted again while the standby waited is not the one its
+/// frontends were told about: the takeover is refused (exit 1) and the
+/// request it held is never answered.
+#[test]
+fn a_clone_replaced_while_standing_by_is_refused() {
+    use crate::support::vu;
+    let p = pair();
+    let a = p.serve();
+    status_json(&p.c.ctl); // formatted
+    let mut b = p.standby(&[]);
+    assert!(a.terminate().success());
+    let o = run(&[
+        "create",
+        "--force",
+        "--source",
+        s(&p.c.src),
+        "--dest",
+        s(&p.c.dst),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut g = vu::Guest::start(&p.sock_b, 1);
+    let (head, _, _) = g.prepare(0, 0, vu::VIRTIO_BLK_T_IN, 8, &[], 4096);
+    g.publish(0, head);
+    let st = b.wait();
+    assert_eq!(st.code(), Some(1), "the standby took a replaced clone over");
+    assert_eq!(g.used_idx(0), 0);
+    assert!(!p.sock_b.exists());
 }
 
 /// What a takeover would refuse is refused before anything is bound: a clone
