@@ -682,16 +682,19 @@ impl BlkDevice {
         } else {
             q.failed += 1;
         }
-        if let Some(log) = &q.log {
-            log.completing(head);
-        }
-        match vring.add_used(head, used) {
-            Ok(()) => {
-                if let Some(log) = &q.log {
-                    log.completed(head, vring.get_ref().get_queue().next_used());
-                }
-                true
+        let added = match &q.log {
+            Some(log) => {
+                log.completing(head);
+                // One lock hold: the used entry, and the index it moved to.
+                let mut v = vring.get_mut();
+                v.add_used(head, used).map(|()| {
+                    log.completed(head, v.get_queue().next_used());
+                })
             }
+            None => vring.add_used(head, used),
+        };
+        match added {
+            Ok(()) => true,
             Err(e) => {
                 warn!(head, "add_used failed: {e}");
                 false
