@@ -214,6 +214,53 @@ fn ready_status_and_stopping_reach_the_notify_socket() {
     assert!(wait_exit(&mut d.0).success());
 }
 
+/// A standby (`serve --standby`) is READY=1 once it answers frontends, says
+/// it stands by in STATUS=, and pings the watchdog while it waits; after the
+/// takeover STATUS= follows the clone.
+#[test]
+fn a_standby_is_ready_once_it_answers_and_reports_its_takeover() {
+    let c = clone();
+    let a = Daemon::spawn(c.command(&["--no-hydration"], &[]), &c.sock);
+    status_json(&c.ctl); // formatted
+    let n = c.notify();
+    let sock_b = c.dir.path().join("b.sock");
+    let cmd = c.command(
+        &["--no-hydration", "--standby", "--socket-path", s(&sock_b)],
+        &[("NOTIFY_SOCKET", s(&n.path)), ("WATCHDOG_USEC", "400000")],
+    );
+    let mut b = Daemon::spawn(cmd, &sock_b);
+    let (ready, _) = n.wait_line("READY=1");
+    assert!(
+        ready
+            .text
+            .lines()
+            .any(|l| l.starts_with("STATUS=standby: answering frontends")),
+        "{}",
+        ready.text
+    );
+    UnixStream::connect(&sock_b).expect("READY=1 before the standby's socket listens");
+    let pings = n.collect(Duration::from_millis(1000));
+    assert!(
+        pings
+            .iter()
+            .filter(|m| m.text.contains("WATCHDOG=1"))
+            .count()
+            >= 2,
+        "a standby stopped pinging the watchdog"
+    );
+    let held = {
+        let sock_b = sock_b.clone();
+        std::thread::spawn(move || Client::connect(&sock_b).read(0, 4096))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(a.terminate().success());
+    assert_eq!(held.join().unwrap().0, 0);
+    n.wait_line("STATUS=hydration paused: 0/128 regions (0.0%)");
+    signal(b.pid(), libc::SIGTERM);
+    n.wait_line("STOPPING=1");
+    assert!(wait_exit(&mut b.0).success());
+}
+
 /// With WATCHDOG_USEC the daemon pings every WATCHDOG_USEC/2; with a
 /// WATCHDOG_PID that is not its own it does not ping. STATUS= says
 /// "hydrating: N/M regions (P%), R MiB/s" while background hydration runs.
