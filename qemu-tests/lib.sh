@@ -169,7 +169,6 @@ daemon_kill() {
 # $D/standby.log until then.
 STANDBY_PID='' STANDBY_SOCK=''
 daemon_standby() {
-	local i
 	STANDBY_SOCK=$1
 	rm -f "$STANDBY_SOCK"
 	# shellcheck disable=SC2086
@@ -177,12 +176,7 @@ daemon_standby() {
 		--socket-path "$STANDBY_SOCK" --num-queues 2 $DAEMON_LAST_ARGS $VHOST_CLONE_EXTRA_ARGS \
 		> "$D/standby.log" 2>&1 &
 	STANDBY_PID=$!
-	for ((i = 0; i < 300; i++)); do
-		[ -S "$STANDBY_SOCK" ] && { note "standby daemon up (pid $STANDBY_PID) on $STANDBY_SOCK"; return 0; }
-		kill -0 "$STANDBY_PID" 2> /dev/null || { tail -20 "$D/standby.log"; die "the standby exited at start"; }
-		sleep 0.1
-	done
-	die "the standby's socket $STANDBY_SOCK did not appear in 30 s"
+	SOCK=$STANDBY_SOCK DAEMON_PID=$STANDBY_PID wait_socket standby "$D/standby.log" "on $STANDBY_SOCK"
 }
 
 # daemon_handover: stop the running daemon (daemon_stop); the standby takes

@@ -54,6 +54,20 @@ pub fn is_blank(dev: &dyn BlockDevice) -> Result<bool> {
     Ok(true)
 }
 
+/// Refuses a store too small for the two superblock slots (blank, or too small).
+fn check_superblock_room(dev: &dyn BlockDevice) -> Result<()> {
+    if dev.size() >= 2 * BLOCK_SIZE {
+        return Ok(());
+    }
+    if is_blank(dev)? {
+        return Err(MetadataError::Blank);
+    }
+    Err(MetadataError::TooSmall {
+        size: dev.size(),
+        need: 2 * BLOCK_SIZE,
+    })
+}
+
 /// How often [`peek_superblock`] reads the two slots before it gives up.
 const PEEK_TRIES: u32 = 5;
 
@@ -66,15 +80,7 @@ const PEEK_TRIES: u32 = 5;
 /// checksum and is skipped; when both fail, both are read again (a commit
 /// rewrites one slot at a time). Changes nothing.
 pub fn peek_superblock(dev: &dyn BlockDevice) -> Result<Superblock> {
-    if dev.size() < 2 * BLOCK_SIZE {
-        if is_blank(dev)? {
-            return Err(MetadataError::Blank);
-        }
-        return Err(MetadataError::TooSmall {
-            size: dev.size(),
-            need: 2 * BLOCK_SIZE,
-        });
-    }
+    check_superblock_room(dev)?;
     let mut last = MetadataError::Blank;
     for attempt in 0..PEEK_TRIES {
         if attempt > 0 {
@@ -126,15 +132,7 @@ pub fn check_geometry(stored: &Geometry, given: &Geometry) -> Result<()> {
 /// the current journal record. `expected` (if given) must match the stored geometry.
 pub fn load(dev: &dyn BlockDevice, expected: Option<&Geometry>) -> Result<Loaded> {
     let mut notes = Vec::new();
-    if dev.size() < 2 * BLOCK_SIZE {
-        if is_blank(dev)? {
-            return Err(MetadataError::Blank);
-        }
-        return Err(MetadataError::TooSmall {
-            size: dev.size(),
-            need: 2 * BLOCK_SIZE,
-        });
-    }
+    check_superblock_room(dev)?;
     // Step 1.
     let sb = current_superblock(dev)?;
     // Step 2.

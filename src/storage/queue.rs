@@ -754,23 +754,17 @@ mod tests {
         drop(bufs);
     }
 
-    /// The emulated queue (the crash suite's): requests complete in a seeded order
-    /// other than their start order, are still retired in start order, and their
-    /// bytes land on (or come from) the simulated device; a file descriptor target
-    /// fails with ENOSYS rather than being issued anywhere.
-    #[test]
-    fn emulated_requests_complete_out_of_order_and_retire_in_order() {
-        use crate::storage::SimDevice;
-        let dev: Arc<dyn BlockDevice> = Arc::new(SimDevice::new(64 * 512));
-        let target = IoTarget::Emulated(dev.clone());
-        let mut q = AsyncQueue::emulated(8, 7);
+    /// Starts 8 writes of 512 bytes (request i writes i + 1 at i * 1024) on `q` and
+    /// runs them to the end. Returns the tags in the order the requests were
+    /// performed, and in the order they retired.
+    fn eight_writes(q: &mut AsyncQueue, target: &IoTarget) -> (Vec<u64>, Vec<u64>) {
         let mut bufs: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i + 1; 512]).collect();
         for (i, b) in bufs.iter_mut().enumerate() {
             let v = iov(b);
             q.next_iov().push(v);
             // SAFETY: `bufs` outlives `q`'s requests (all retired below) and is not
             // touched meanwhile.
-            unsafe { q.start(i as u64, &target, true, i as u64 * 1024, 512) };
+            unsafe { q.start(i as u64, target, true, i as u64 * 1024, 512) };
         }
         let mut completed = Vec::new();
         let mut retired = Vec::new();
@@ -790,6 +784,20 @@ mod tests {
                 retired.push(r.tag);
             }
         }
+        (completed, retired)
+    }
+
+    /// The emulated queue (the crash suite's): requests complete in a seeded order
+    /// other than their start order, are still retired in start order, and their
+    /// bytes land on (or come from) the simulated device; a file descriptor target
+    /// fails with ENOSYS rather than being issued anywhere.
+    #[test]
+    fn emulated_requests_complete_out_of_order_and_retire_in_order() {
+        use crate::storage::SimDevice;
+        let dev: Arc<dyn BlockDevice> = Arc::new(SimDevice::new(64 * 512));
+        let target = IoTarget::Emulated(dev.clone());
+        let mut q = AsyncQueue::emulated(8, 7);
+        let (completed, retired) = eight_writes(&mut q, &target);
         assert_eq!(retired, (0..8).collect::<Vec<u64>>());
         assert_ne!(
             completed, retired,
@@ -828,31 +836,7 @@ mod tests {
         let target = IoTarget::Emulated(dev.clone());
         let mut q = AsyncQueue::emulated(8, 7);
         q.set_in_order(false);
-        let mut bufs: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i + 1; 512]).collect();
-        for (i, b) in bufs.iter_mut().enumerate() {
-            let v = iov(b);
-            q.next_iov().push(v);
-            // SAFETY: `bufs` outlives `q`'s requests (all retired below) and is not
-            // touched meanwhile.
-            unsafe { q.start(i as u64, &target, true, i as u64 * 1024, 512) };
-        }
-        let mut completed = Vec::new();
-        let mut retired = Vec::new();
-        while !q.is_idle() {
-            q.wait();
-            for (i, s) in q.slots.iter().enumerate() {
-                if s.result.is_some()
-                    && !completed.contains(&s.tag)
-                    && q.order.contains(&(i as u16))
-                {
-                    completed.push(s.tag);
-                }
-            }
-            while let Some(r) = q.next_retired() {
-                assert_eq!(r.result, Ok(()));
-                retired.push(r.tag);
-            }
-        }
+        let (completed, retired) = eight_writes(&mut q, &target);
         assert_eq!(retired, completed, "retired in completion order");
         assert_ne!(retired, (0..8).collect::<Vec<u64>>(), "not in start order");
         let mut sorted = retired.clone();
