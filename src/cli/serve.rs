@@ -177,9 +177,9 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = SandboxMode::Auto)]
     pub sandbox: SandboxMode,
     /// Stand by for a migration over shared storage: answer frontends at once with
-    /// the clone's shape (read from its metadata) and hold their requests until
-    /// the daemon that serves the clone stops; then take the clone over, with
-    /// everything that daemon committed, and serve it. The clone must exist.
+    /// the clone's shape (read from its metadata), and once a frontend started its
+    /// queues here and the daemon that serves the clone stopped, take the clone
+    /// over, with everything that daemon committed, and serve it. The clone must exist.
     #[arg(long)]
     pub standby: bool,
     /// Print QEMU's vhost-user capabilities JSON and exit (as `vhost-clone --print-capabilities`).
@@ -396,9 +396,9 @@ const STANDBY_POLL: Duration = Duration::from_millis(100);
 
 /// The shape a standby tells frontends, read from the clone's superblock
 /// without its lock (the owner may be committing): refuses, before anything is
-/// bound, what a takeover would refuse later when the superblock already says
-/// so (a missing or new clone, a missing destination, another region size, no
-/// source for a clone that is not complete).
+/// bound, what a takeover would refuse later (a missing or new clone, a missing
+/// destination, paths naming one file, a file source of another size, another
+/// region size, no source for a clone that is not complete).
 fn standby_disk(plan: &Plan, a: &ServeArgs) -> Result<(Standby, Superblock)> {
     let md_path = &plan.stores.metadata;
     let gone = |what: &str, p: &std::path::Path| {
@@ -573,8 +573,8 @@ impl Front {
 }
 
 /// A standby's front, started before the clone was opened. Until the takeover
-/// ([`StandbyFront::take_over`]), an early return (a failed start) fails the
-/// requests it holds and stops it before the error is reported.
+/// ([`StandbyFront::take_over`]), an early return (a failed start) stops it
+/// before the error is reported; its requests stay unanswered in their rings.
 struct StandbyFront {
     standby: Arc<Standby>,
     /// Gated until the takeover ([`Frontends::gated`]).
@@ -696,10 +696,10 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         frontends: frontends.clone(),
     };
 
-    // A standby serves frontends now and waits for the clone; the threads it
-    // starts for that are confined by their seccomp filters (Landlock, which
-    // must come after the last open, covers the threads started after the
-    // takeover).
+    // A standby serves frontends now and waits for the clone. The threads it
+    // starts for that (and those the front starts later) run under their seccomp
+    // filters only, none of which may open or remove a file: Landlock must come
+    // after the last open, and covers the main thread and the later services.
     let mut signals = Some(signals);
     let mut control_socket = Some(control_socket);
     let mut vhost_socket = Some(vhost_socket);
