@@ -175,6 +175,14 @@ fn check_distinct(roles: &[(&'static str, &Path, Named)]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a source that does not fit the clone of geometry `stored` (of the
+/// metadata at `mdp`): the same checks `load` makes with an expected geometry.
+fn check_source_fits(src: &dyn BlockDevice, stored: &Geometry, mdp: &Path) -> Result<()> {
+    let size = src.size() - src.size() % 512;
+    let want = Geometry::new(size, stored.region_size()).map_err(md_err(mdp))?;
+    metadata::check_geometry(stored, &want).map_err(md_err(mdp))
+}
+
 /// Refuses two of `paths`' roles naming one file.
 fn check_paths(paths: &StorePaths) -> Result<()> {
     let mut roles = vec![
@@ -289,15 +297,9 @@ impl Stores {
                         given,
                     });
                 }
-                let want = Geometry::new(
-                    source
-                        .as_ref()
-                        .map_or(stored.device_size(), |s| s.size() - s.size() % 512),
-                    opts.region_size.unwrap_or(stored.region_size()),
-                )
-                .map_err(md_err(mdp))?;
-                // The same checks `load` makes with an expected geometry.
-                metadata::check_geometry(&stored, &want).map_err(md_err(mdp))?;
+                if let Some(src) = &source {
+                    check_source_fits(src.as_ref(), &stored, mdp)?;
+                }
                 stored
             }
         };
@@ -384,10 +386,7 @@ impl Stores {
         check_paths(paths)?;
         if let Some(p) = paths.source.as_ref().filter(|p| !is_network_source(p)) {
             let src = open_locked(p, true, direct, None, LockKind::Shared)?;
-            let size = src.size() - src.size() % 512;
-            let mdp = &paths.metadata;
-            let want = Geometry::new(size, geometry.region_size()).map_err(md_err(mdp))?;
-            metadata::check_geometry(geometry, &want).map_err(md_err(mdp))?;
+            check_source_fits(&src, geometry, &paths.metadata)?;
         }
         Ok(())
     }
