@@ -599,22 +599,22 @@ impl StandbyFront {
     /// Stops the front: its requests stay unanswered in their rings (any that
     /// reached the standby fail with `why`).
     fn stop(mut self, why: &str) -> std::result::Result<(), ServeError> {
+        self.halt(why)
+    }
+
+    fn halt(&mut self, why: &str) -> std::result::Result<(), ServeError> {
+        let Some(front) = self.front.take() else {
+            return Ok(());
+        };
         self.standby.abandon(why);
         self.shutdown.trigger();
-        self.front
-            .take()
-            .map_or(Ok(()), |f| f.wait(&self.shutdown).0)
+        front.wait(&self.shutdown).0
     }
 }
 
 impl Drop for StandbyFront {
     fn drop(&mut self) {
-        if let Some(f) = self.front.take() {
-            self.standby
-                .abandon("the daemon failed to take the clone over (see its log)");
-            self.shutdown.trigger();
-            let _ = f.wait(&self.shutdown);
-        }
+        let _ = self.halt("the daemon failed to take the clone over (see its log)");
     }
 }
 

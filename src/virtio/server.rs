@@ -90,8 +90,7 @@ impl ShutdownSignal {
 
     /// Whether a stop was requested (by `trigger` or by a write to the fd).
     pub fn is_triggered(&self) -> bool {
-        self.inner.flag.load(Ordering::Acquire)
-            || matches!(poll_readable(&[self.as_raw_fd()], 0), Ok(Some(0)))
+        self.wait_timeout(std::time::Duration::ZERO)
     }
 
     /// Waits up to `timeout` for a stop request; true if there is one.
