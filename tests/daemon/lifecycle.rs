@@ -5,7 +5,6 @@
 use crate::support::vu;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use crate::support::daemon::*;
 
@@ -46,28 +45,7 @@ impl Clone {
     /// `serve` that must be refused: returns its exit code and message, after
     /// checking it exited promptly.
     fn refused(&self, args: &[&str]) -> (i32, String) {
-        let t = Instant::now();
-        let mut child = std::process::Command::new(BIN)
-            .arg("serve")
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        while child.try_wait().unwrap().is_none() {
-            if t.elapsed() > Duration::from_secs(15) {
-                let _ = child.kill();
-                let o = child.wait_with_output().unwrap();
-                panic!(
-                    "serve {args:?} was accepted (still serving after 15 s): {}",
-                    text(&o)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let o = child.wait_with_output().unwrap();
-        assert!(!o.status.success(), "serve {args:?} was accepted");
-        (o.status.code().unwrap_or(-1), text(&o))
+        run_refused(&[&["serve"], args].concat())
     }
 
     /// Serves the clone, writes `data` at `off`, flushes, and stops cleanly.

@@ -58,16 +58,12 @@ impl Pair {
     fn refused(&self, extra: &[&str]) -> (i32, String) {
         let mut args = vec!["serve", "--standby", "--socket-path", s(&self.sock_b)];
         args.extend_from_slice(extra);
-        let o = std::process::Command::new(BIN)
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(!o.status.success(), "{args:?} was accepted");
+        let refused = run_refused(&args);
         assert!(
             !self.sock_b.exists() && !self.ctl_b.exists(),
             "{args:?} left a socket"
         );
-        (o.status.code().unwrap_or(-1), text(&o))
+        refused
     }
 }
 
@@ -306,6 +302,12 @@ fn a_standby_refuses_what_a_takeover_would_refuse() {
     let (code, msg) = p.refused(&["--source", src, "--dest", dst, "--metadata", s(&blank)]);
     assert_eq!(code, 2, "{msg}");
     assert!(msg.contains("blank"), "{msg}");
+    // A file source of another size (exit 1, as for a normal start).
+    let small = p.c.dir.path().join("small.img");
+    std::fs::write(&small, vec![1u8; (SIZE / 2) as usize]).unwrap();
+    let (code, msg) = p.refused(&["--source", s(&small), "--dest", dst]);
+    assert_eq!(code, 1, "{msg}");
+    assert!(msg.contains("device size"), "{msg}");
 }
 
 /// Another host's standby cannot adopt the source daemon's live map. So at the

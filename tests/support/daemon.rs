@@ -71,6 +71,33 @@ pub fn clone_files(size: u64, byte: impl Fn(u64) -> u8) -> CloneFiles {
     }
 }
 
+/// Runs `vhost-clone ARGS...`, which must be refused within 15 s (a `serve` that is
+/// still running then was accepted: it is killed and the test fails). Returns its
+/// exit code and its output.
+pub fn run_refused(args: &[&str]) -> (i32, String) {
+    let t = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "{args:?} was accepted (still running after 15 s): {}",
+                text(&o)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success(), "{args:?} was accepted");
+    (o.status.code().unwrap_or(-1), text(&o))
+}
+
 /// `vhost-clone status --json` of the daemon behind `ctl`.
 pub fn status_json(ctl: &Path) -> serde_json::Value {
     let o = run(&[
