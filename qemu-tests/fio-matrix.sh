@@ -6,13 +6,18 @@
 # the disk). Not part of CI. See README.md ("Guest fio matrix").
 #
 #   fio-matrix.sh [--rounds R] [--runtime S] [--ramp S] [--size-mib N]
-#                 [--qsd-aio threads|io_uring] [--out FILE] [--keep]
+#                 [--qsd-aio threads|io_uring] [--jobs J1,J2] [--only B]
+#                 [--out FILE] [--keep]
 #
 #   --rounds R      rounds; the backends alternate which goes first (default 2)
 #   --runtime S     measured seconds per timed fio job (default 10)
 #   --ramp S        warm-up seconds before each timed job (default 2)
 #   --size-mib N    disk size (default 1024)
 #   --qsd-aio A     QSD's aio= for its file nodes (default threads, as lib.sh)
+#   --jobs LIST     only these jobs, e.g. randread-4k-qd32,randwrite-4k-qd32
+#                   (default: all; a group none of them belongs to is not booted)
+#   --only B        only backend B (vhost-clone or qsd): no ratios, for A/B runs
+#                   of one daemon (VHOST_CLONE, or its environment) against itself
 #   --out FILE      the markdown report (default qemu-tests/results/fio-matrix-DATE.md;
 #                   the per-job numbers go next to it, as .jsonl)
 #   --keep          keep the work directory (images, serial logs, fio JSON)
@@ -22,7 +27,7 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-ROUNDS=2 RUNTIME=10 RAMP=2 SIZE_MIB=1024 QSD_AIO=threads OUT='' KEEP=''
+ROUNDS=2 RUNTIME=10 RAMP=2 SIZE_MIB=1024 QSD_AIO=threads OUT='' KEEP='' JOBS='' ONLY=''
 ARGV="$0${*:+ $*}"
 while [ $# -gt 0 ]; do
 	case $1 in
@@ -31,6 +36,8 @@ while [ $# -gt 0 ]; do
 	--ramp) RAMP=$2; shift 2 ;;
 	--size-mib) SIZE_MIB=$2; shift 2 ;;
 	--qsd-aio) QSD_AIO=$2; shift 2 ;;
+	--jobs) JOBS=$2; shift 2 ;;
+	--only) ONLY=$2; shift 2 ;;
 	--out) OUT=$2; shift 2 ;;
 	--keep) KEEP=1; shift ;;
 	-h | --help) sed -n '3,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -161,7 +168,7 @@ run_one() {
 	esac
 	load0=$(cut -d' ' -f1-3 /proc/loadavg)
 	t0=$SECONDS
-	boot "$name" GROUP="$g" SIZE_BYTES="$DISK_BYTES" RUNTIME="$RUNTIME" RAMP="$RAMP" < "$GUEST"
+	boot "$name" GROUP="$g" SIZE_BYTES="$DISK_BYTES" RUNTIME="$RUNTIME" RAMP="$RAMP" JOBS="$JOBS" < "$GUEST"
 	load1=$(cut -d' ' -f1-3 /proc/loadavg)
 	# the daemon's CPU time (user + system, all threads) over its whole life
 	cpu=$(sed 's/^.*) //' "/proc/$DAEMON_PID/stat" | awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($12 + $13) / hz }')
@@ -186,17 +193,29 @@ run_one() {
 		alloc=(--alloc "$(echo "$out" | sed -n 's|^\([0-9]*\)/[0-9]* = .* allocated.*|\1|p')") ;;
 	esac
 	python3 "$REPORT" extract --serial "$D/$name.serial" --run "$name" --round "$r" --backend "$b" \
-		--group "$g" "${daemon[@]}" "${alloc[@]}" --load0 "$load0" --load1 "$load1" --cpu "$cpu" \
+		--group "$g" --jobs "$JOBS" "${daemon[@]}" "${alloc[@]}" --load0 "$load0" --load1 "$load1" --cpu "$cpu" \
 		--secs $((SECONDS - t0)) --out "$WORK/results.jsonl" || die "implausible results in $name (see above)"
 	[ "$g" = clone ] && rm -f "$DST" "$WORK/clone.meta"
 	return 0
+}
+
+# group_wanted GROUP: whether --jobs names a job of GROUP (any, without --jobs)
+group_wanted() {
+	local j
+	[ -z "$JOBS" ] && return 0
+	for j in ${JOBS//,/ }; do
+		case $1/$j in clone/clone-* | hydrated/[!c]*) return 0 ;; esac
+	done
+	return 1
 }
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for ((round = 1; round <= ROUNDS; round++)); do
 	if ((round % 2)); then order=(vhost-clone qsd); else order=(qsd vhost-clone); fi
 	for group in hydrated clone; do
+		group_wanted "$group" || continue
 		for b in "${order[@]}"; do
+			[ -n "$ONLY" ] && [ "$b" != "$ONLY" ] && continue
 			note "round $round/$ROUNDS: $group, $b"
 			run_one "$round" "$group" "$b"
 		done

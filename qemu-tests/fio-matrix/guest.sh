@@ -6,6 +6,7 @@
 #   SIZE_BYTES  the disk's size
 #   RUNTIME     seconds measured per timed job
 #   RAMP        seconds of warm-up before each timed job (not measured)
+#   JOBS        only these jobs (comma separated; empty: all of the group)
 # Each job's results go to the serial console:
 #   VCTEST-EVENT: fio-stat NAME  <5 counters before> <5 after> <vq0 vq1 before> <vq0 vq1 after>
 #     counters from /sys/block/vda/stat: read ios, read sectors, write ios,
@@ -58,6 +59,11 @@ two() { printf 'numjobs=2\ncpus_allowed=0-1\ncpus_allowed_policy=split\n'; }
 # run_job NAME < JOBS: run fio on "[global]" + JOBS and report as above
 run_job() {
 	name=$1
+	# JOBS (from --jobs): only the jobs it lists run
+	case ",${JOBS:-$name}," in
+	*,"$name",*) ;;
+	*) cat > /dev/null; return 0 ;;
+	esac
 	{ global; cat; } > /tmp/"$name".fio
 	s0=$(devstat); i0=$(vq_irqs); t0=$(cut -d' ' -f1 /proc/uptime)
 	if ! fio --eta=never --output-format=json --output=/tmp/"$name".json /tmp/"$name".fio; then

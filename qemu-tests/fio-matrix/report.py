@@ -85,7 +85,8 @@ def cmd_extract(a):
                 daemon = json.load(fh)
         except (OSError, json.JSONDecodeError) as e:
             daemon = {"error": str(e)}
-    want = [c for c, g, _ in CASES if g == a.group]
+    jobs = [j for j in (a.jobs or "").split(",") if j]
+    want = [c for c, g, _ in CASES if g == a.group and (not jobs or c in jobs)]
     if done != want:
         die(f"{a.run}: jobs done {done}, expected {want}")
     rows, bad = [], []
@@ -226,8 +227,9 @@ def cmd_report(a):
     out.append("the ratio is vhost-clone / QSD IOPS of the same round, median over rounds (> 1: vhost-clone ahead).")
     out.append("")
     table = []
-    table.append("| case | backend | IOPS | MiB/s | p50 (us) | p99 (us) | vhost-clone / QSD | IOPS per round |")
-    table.append("|---|---|---:|---:|---:|---:|---:|---|")
+    table.append("| case | backend | IOPS | MiB/s | p50 (us) | p99 (us) | vhost-clone / QSD | IOPS per round "
+                 "| guest interrupts per request |")
+    table.append("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for case, group, _ in CASES:
         ratios = []
         for rd in rounds:
@@ -250,7 +252,8 @@ def cmd_report(a):
             table.append(
                 f"| {case} | {label} | {fmt(med([r['iops'] for r in rs]))} | {fmt(med([r['mibs'] for r in rs]), 1)} "
                 f"| {fmt(med([r['p50_us'] for r in rs]))} | {fmt(med([r['p99_us'] for r in rs]))} | {ratio} "
-                f"| {', '.join(fmt(r['iops']) for r in rs)} |")
+                f"| {', '.join(fmt(r['iops']) for r in rs)} "
+                f"| {med([sum(r['vq_irqs']) / r['ios'] for r in rs if r['ios']]):.2f} |")
     out.extend(table)
     out.append("")
     cw = sorted((r for r in rows if r["case"] == "clone-randwrite-4k-qd32"),
@@ -369,6 +372,7 @@ def main():
     e.add_argument("--run", required=True)
     e.add_argument("--round", type=int, required=True)
     e.add_argument("--backend", required=True, choices=BACKENDS)
+    e.add_argument("--jobs", help="only these jobs ran (comma separated; default: all of the group)")
     e.add_argument("--group", required=True, choices=["hydrated", "clone"])
     e.add_argument("--daemon")
     e.add_argument("--alloc", type=int)
