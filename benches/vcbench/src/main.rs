@@ -89,9 +89,17 @@ struct Args {
     /// Keep the images afterwards.
     #[arg(long)]
     keep: bool,
+    /// An earlier vhost-clone binary, run as backend `base` in the same rounds (a
+    /// before/after of a change in one run; implies adding `base` to the backends).
+    #[arg(long)]
+    base_daemon: Option<PathBuf>,
     /// Extra arguments for our daemon (repeatable), e.g. --ours-arg=--commit-interval=0.
     #[arg(long, allow_hyphen_values = true)]
     ours_arg: Vec<String>,
+    /// Extra arguments for the base daemon instead of --ours-arg (repeatable); with
+    /// --base-daemon naming the same binary, an A/B of one option.
+    #[arg(long, allow_hyphen_values = true)]
+    base_arg: Vec<String>,
     /// Make the source a hole (all zeroes, no data) instead of random data. Reads then
     /// copy no page-cache data on tmpfs: shows how much of the cost is the copy itself.
     #[arg(long)]
@@ -144,7 +152,7 @@ struct Case {
     depth: usize,
     pat: Pat,
     target: Target,
-    /// Target ratio ours / best QSD from issue 8 (None: no target).
+    /// Target ratio ours / best QSD from issue 16 (issue 8 before it; None: no target).
     goal: Option<f64>,
 }
 
@@ -173,7 +181,7 @@ fn cases(a: &Args, direct: bool) -> Vec<Case> {
             1,
             Rand,
             Hydrated,
-            g(1.2, 1.0),
+            g(1.3, 1.0),
         ),
         c(
             "randread-4k-qd32",
@@ -183,7 +191,7 @@ fn cases(a: &Args, direct: bool) -> Vec<Case> {
             d,
             Rand,
             Hydrated,
-            g(8.0, 1.0),
+            g(10.0, 1.0),
         ),
         c(
             "randwrite-4k-qd32",
@@ -193,7 +201,7 @@ fn cases(a: &Args, direct: bool) -> Vec<Case> {
             d,
             Rand,
             Hydrated,
-            g(6.0, 1.0),
+            g(8.0, 1.0),
         ),
         c(
             "seqread-128k",
@@ -203,7 +211,7 @@ fn cases(a: &Args, direct: bool) -> Vec<Case> {
             (d / 4).max(1),
             Seq,
             Hydrated,
-            None,
+            g(3.0, 1.0),
         ),
         c(
             "seqwrite-128k",
@@ -213,7 +221,7 @@ fn cases(a: &Args, direct: bool) -> Vec<Case> {
             (d / 4).max(1),
             Seq,
             Hydrated,
-            None,
+            g(1.0, 1.0),
         ),
         c(
             "flush-4k",
@@ -233,7 +241,7 @@ fn cases(a: &Args, direct: bool) -> Vec<Case> {
             d,
             FirstTouch,
             Clone,
-            Some(1.0),
+            g(3.0, 1.5),
         ),
         c("clone-randread-4k", Read, 4096, q, d, Rand, Clone, None),
         c("clone-randread-4k-qd1", Read, 4096, 1, 1, Rand, Clone, None),
@@ -258,6 +266,10 @@ enum Backend {
     QsdThreads,
     #[serde(rename = "qsd-uring")]
     QsdUring,
+    /// Another vhost-clone binary (`--base-daemon`), e.g. the commit before a change:
+    /// alternated with the others, for a before/after in one run.
+    #[serde(rename = "base")]
+    Base,
 }
 
 impl Backend {
@@ -266,6 +278,7 @@ impl Backend {
             Backend::Ours => "ours",
             Backend::QsdThreads => "qsd-threads",
             Backend::QsdUring => "qsd-uring",
+            Backend::Base => "base",
         }
     }
 }
@@ -280,6 +293,8 @@ struct Ctx {
     size: u64,
     seconds: f64,
     daemon: PathBuf,
+    /// A private copy of --base-daemon.
+    base_daemon: Option<PathBuf>,
     src: PathBuf,
     dest: PathBuf,
     dest_meta: PathBuf,
@@ -578,8 +593,8 @@ fn spawn(cmd: &mut Command, sock: &Path, log: &Path) -> Daemon {
     }
 }
 
-fn start_ours(c: &Ctx, target: Target, nq: usize) -> Daemon {
-    let mut cmd = Command::new(&c.daemon);
+fn start_ours(c: &Ctx, daemon: &Path, extra: &[String], target: Target, nq: usize) -> Daemon {
+    let mut cmd = Command::new(daemon);
     cmd.arg("serve");
     match target {
         Target::Hydrated => {
@@ -609,7 +624,7 @@ fn start_ours(c: &Ctx, target: Target, nq: usize) -> Daemon {
     if c.direct {
         cmd.arg("--direct");
     }
-    cmd.args(&c.a.ours_arg);
+    cmd.args(extra);
     let mut d = spawn(&mut cmd, &c.sock, &c.dir.join("ours.log"));
     d.ctl = Some(PathBuf::from(format!("{}.ctl", c.sock.display())));
     d
@@ -929,6 +944,8 @@ struct RunResult {
     seconds: f64,
     cpu_s: f64,
     cpu_s_per_mreq: f64,
+    /// CPU of this frontend process (all threads) per million requests.
+    frontend_cpu_s_per_mreq: f64,
     load1: f64,
     startup_ms: f64,
     /// Ours only: metadata commits and flushes during the run.
@@ -972,6 +989,7 @@ fn measure(c: &Ctx, d: &Daemon, case: &Case, b: Backend, round: usize) -> RunRes
     let load = load1();
     let srv0 = c.nbd.as_ref().map(|n| proc_cpu(n.pid()));
     let cpu0 = proc_cpu(d.pid());
+    let fe0 = proc_cpu(std::process::id());
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(c.seconds);
     let results: Vec<QueueResult> = std::thread::scope(|s| {
@@ -1003,6 +1021,7 @@ fn measure(c: &Ctx, d: &Daemon, case: &Case, b: Backend, round: usize) -> RunRes
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let cpu1 = proc_cpu(d.pid());
+    let fe1 = proc_cpu(std::process::id());
     let srv1 = c.nbd.as_ref().map(|n| proc_cpu(n.pid()));
     let s1 = d.ctl.as_deref().and_then(|p| ours_status(c, p));
     drop(blk);
@@ -1050,6 +1069,11 @@ fn measure(c: &Ctx, d: &Daemon, case: &Case, b: Backend, round: usize) -> RunRes
         cpu_s: cpu,
         cpu_s_per_mreq: if ops > 0 {
             cpu / (ops as f64 / 1e6)
+        } else {
+            0.0
+        },
+        frontend_cpu_s_per_mreq: if ops > 0 {
+            (fe1 - fe0) / (ops as f64 / 1e6)
         } else {
             0.0
         },
@@ -1205,6 +1229,8 @@ struct CaseSummary {
     cpu_s_per_mreq: BTreeMap<String, f64>,
     /// ours / max(qsd-threads, qsd-uring), per round.
     ratios: Vec<f64>,
+    /// base / max(qsd-threads, qsd-uring), per round (with --base-daemon).
+    base_ratios: Vec<f64>,
     ratio_median: Option<f64>,
     ratio_min: Option<f64>,
     ratio_max: Option<f64>,
@@ -1251,6 +1277,7 @@ fn summarize(all: &[RunResult], cs: &[Case], rounds: usize) -> Vec<CaseSummary> 
             p99_us: BTreeMap::new(),
             cpu_s_per_mreq: BTreeMap::new(),
             ratios: vec![],
+            base_ratios: vec![],
             ratio_median: None,
             ratio_min: None,
             ratio_max: None,
@@ -1258,7 +1285,12 @@ fn summarize(all: &[RunResult], cs: &[Case], rounds: usize) -> Vec<CaseSummary> 
             met: None,
             unhydrated_vs_hydrated: vec![],
         };
-        for b in [Backend::Ours, Backend::QsdThreads, Backend::QsdUring] {
+        for b in [
+            Backend::Ours,
+            Backend::QsdThreads,
+            Backend::QsdUring,
+            Backend::Base,
+        ] {
             if let Some(v) = of(b, &|x| x.iops) {
                 s.iops.insert(b.name().into(), v);
                 s.mib_s
@@ -1279,6 +1311,9 @@ fn summarize(all: &[RunResult], cs: &[Case], rounds: usize) -> Vec<CaseSummary> 
                 .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
             if let (Some(o), Some(q)) = (ours, q) {
                 s.ratios.push(o / q);
+            }
+            if let (Some(o), Some(q)) = (find(case.name, Backend::Base, r).map(|x| x.iops), q) {
+                s.base_ratios.push(o / q);
             }
             if case.name == "clone-randread-4k" {
                 if let (Some(o), Some(h)) = (ours, find("randread-4k-qd32", Backend::Ours, r)) {
@@ -1312,12 +1347,12 @@ fn fmt_num(v: Option<&f64>) -> String {
 }
 
 fn print_tables(sum: &[CaseSummary]) {
-    let bs = ["ours", "qsd-threads", "qsd-uring"];
+    let bs = ["ours", "qsd-threads", "qsd-uring", "base"];
     println!("\n### IOPS (median over rounds)\n");
     println!(
-        "| case | ours | qsd-threads | qsd-uring | ratio us/QSD median (min-max) | target | met |"
+        "| case | ours | qsd-threads | qsd-uring | ratio us/QSD median (min-max) | target | met | base | base/QSD median (min-max) |"
     );
-    println!("|---|---:|---:|---:|---|---|---|");
+    println!("|---|---:|---:|---:|---|---|---|---:|---|");
     for s in sum {
         let r = match (s.ratio_median, s.ratio_min, s.ratio_max) {
             (Some(m), Some(a), Some(b)) => format!("{m:.2} ({a:.2}-{b:.2})"),
@@ -1336,12 +1371,21 @@ fn print_tables(sum: &[CaseSummary]) {
             Some(false) => "**no**",
             None => "-",
         };
+        let br = match median(&s.base_ratios) {
+            Some(m) => format!(
+                "{m:.2} ({:.2}-{:.2})",
+                s.base_ratios.iter().cloned().fold(f64::INFINITY, f64::min),
+                s.base_ratios.iter().cloned().fold(0.0, f64::max)
+            ),
+            None => "-".into(),
+        };
         println!(
-            "| {} | {} | {} | {} | {r} | {goal} | {met} |",
+            "| {} | {} | {} | {} | {r} | {goal} | {met} | {} | {br} |",
             s.case,
             fmt_num(s.iops.get(bs[0])),
             fmt_num(s.iops.get(bs[1])),
-            fmt_num(s.iops.get(bs[2]))
+            fmt_num(s.iops.get(bs[2])),
+            fmt_num(s.iops.get(bs[3]))
         );
     }
     println!("\n### MiB/s, latency p50/p99 (us), daemon CPU s per million requests (medians)\n");
@@ -1473,10 +1517,13 @@ fn main() {
         .into_iter()
         .filter(|c| a.cases.is_empty() || a.cases.iter().any(|n| n == c.name))
         .collect();
-    let backends: Vec<Backend> = [Backend::Ours, Backend::QsdThreads, Backend::QsdUring]
+    let mut backends: Vec<Backend> = [Backend::Ours, Backend::QsdThreads, Backend::QsdUring]
         .into_iter()
         .filter(|b| a.backends.is_empty() || a.backends.iter().any(|n| n == b.name()))
         .collect();
+    if a.base_daemon.is_some() {
+        backends.push(Backend::Base);
+    }
     let size = a.size_mib.unwrap_or(if a.quick { 256 } else { 1024 }) << 20;
     let rounds = a.rounds.unwrap_or(if a.quick { 1 } else { 3 });
     let seconds = a.seconds.unwrap_or(if a.quick { 1.0 } else { 3.0 });
@@ -1504,6 +1551,11 @@ fn main() {
     let daemon_sum = sh(&format!("sha256sum {} | cut -c1-16", private.display()));
     let daemon_orig = daemon.clone();
     let daemon = private;
+    let base_daemon = a.base_daemon.as_ref().map(|b| {
+        let p = dir.join("vhost-clone-base");
+        std::fs::copy(b, &p).unwrap_or_else(|e| die(format!("copy {}: {e}", b.display())));
+        p
+    });
     let mut c = Ctx {
         src: dir.join("src.img"),
         dest: dir.join("dest.img"),
@@ -1520,6 +1572,7 @@ fn main() {
         size,
         seconds,
         daemon,
+        base_daemon,
     };
     let date = sh("date -u '+%Y-%m-%d %H:%M:%S UTC'");
     let machine = serde_json::json!({
@@ -1616,7 +1669,20 @@ fn main() {
                 order.rotate_left(r % n.max(1));
                 for b in order {
                     let d = match b {
-                        Backend::Ours => start_ours(&c, case.target, a.queues.max(case.queues)),
+                        Backend::Ours => start_ours(
+                            &c,
+                            &c.daemon,
+                            &c.a.ours_arg,
+                            case.target,
+                            a.queues.max(case.queues),
+                        ),
+                        Backend::Base => start_ours(
+                            &c,
+                            c.base_daemon.as_deref().expect("--base-daemon"),
+                            &c.a.base_arg,
+                            case.target,
+                            a.queues.max(case.queues),
+                        ),
                         _ => start_qsd(&c, b, case.target, a.queues.max(case.queues)),
                     };
                     let res = measure(&c, &d, case, b, r);
@@ -1625,6 +1691,7 @@ fn main() {
                     if res.errors > 0 {
                         note += &format!("{} ERRORS ", res.errors);
                     }
+                    note += &format!("frontend CPU {:.2} s/Mreq ", res.frontend_cpu_s_per_mreq);
                     if let (Some(cm), Some(fl)) = (res.commits, res.flushes) {
                         note += &format!("commits {cm} flushes {fl} ");
                     }
