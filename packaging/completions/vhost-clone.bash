@@ -231,7 +231,7 @@ _vhost__clone() {
             return 0
             ;;
         vhost__clone__subcmd__serve)
-            opts="-s -d -m -r -v -h --source --dest --metadata --socket-path --socket-group --socket-mode --fd --control-socket --num-queues --queue-size --region-size --read-only --serial --commit-interval --source-timeout --source-connections --no-discard-passdown --no-hydration --hydration-threshold --hydration-batch-size --hydration-rate --detect-zeroes --direct --io-engine --retire-out-of-order --runtime-dir --metrics-address --sandbox --standby --print-capabilities --log-level --verbose --help"
+            opts="-s -d -m -r -v -h --source --dest --metadata --socket-path --socket-group --socket-mode --fd --control-socket --num-queues --queue-size --region-size --read-only --serial --commit-interval --source-timeout --source-connections --no-discard-passdown --no-hydration --hydration-threshold --hydration-batch-size --hydration-rate --detect-zeroes --direct --io-engine --retire-out-of-order --interrupt-hold --runtime-dir --metrics-address --sandbox --standby --print-capabilities --log-level --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -327,6 +327,10 @@ _vhost__clone() {
                     ;;
                 --io-engine)
                     COMPREPLY=($(compgen -W "auto uring sync" -- "${cur}"))
+                    return 0
+                    ;;
+                --interrupt-hold)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --runtime-dir)

@@ -162,6 +162,14 @@ pub struct ServeArgs {
     /// whose latency varies widely.
     #[arg(long)]
     pub retire_out_of_order: bool,
+    /// Interrupt moderation: while a driver keeps two or more requests in flight
+    /// on a queue and sends them one by one, wait up to this many microseconds
+    /// for its next request before interrupting it, so that one interrupt
+    /// covers more completions (an emulated guest pays dearly for each). The
+    /// wait adapts to the driver and stops when it does not pay; a driver at
+    /// queue depth 1 is never kept waiting. 0 turns it off.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 150, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub interrupt_hold: u32,
     /// Where the live region map is kept: a RAM file system that outlives this
     /// process but not a reboot, so that a restart after kill -9 keeps every
     /// acknowledged write; `none` keeps it in process memory only.
@@ -693,6 +701,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         name: "vhost-clone".into(),
         io_engine: a.io_engine.resolve(a.direct),
         retire_out_of_order: a.retire_out_of_order,
+        interrupt_hold: Duration::from_micros(u64::from(a.interrupt_hold)),
         frontends: frontends.clone(),
     };
 

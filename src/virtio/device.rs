@@ -26,6 +26,7 @@ use std::io::{self, ErrorKind};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 use vhost::vhost_user::message::{
@@ -44,6 +45,7 @@ use super::config::{self, DeviceSpec, SERIAL_LEN};
 use super::dirty::{self, DirtyLog};
 use super::handover::Frontends;
 use super::inflight::{self, InflightArea, QueueLog};
+use super::moderation::Moderation;
 use super::request::{
     self, guest_io_slices, guest_io_slices_mut, BlkRequest, GuestMemory, ParseLimits, ParsedChain,
     Segments, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
@@ -81,6 +83,8 @@ pub struct QueueState {
     log: Option<QueueLog>,
     /// Requests a previous daemon left in flight, run before anything new is popped.
     resubmit: VecDeque<ParsedChain>,
+    /// When to hold completions back for the driver's next request.
+    moderation: Moderation,
 }
 
 /// One connection's vhost-user-blk device.
@@ -163,6 +167,15 @@ impl BlkDevice {
             inflight: Mutex::new(None),
             retire_out_of_order: false,
         })
+    }
+
+    /// Queues may hold completions back for up to `max_hold` while the driver keeps
+    /// sending (see [`super::moderation`]); zero: every batch interrupts at once.
+    pub fn moderating(self, max_hold: Duration) -> Self {
+        for q in &self.queues {
+            q.lock().unwrap_or_else(PoisonError::into_inner).moderation = Moderation::new(max_hold);
+        }
+        self
     }
 
     /// io_uring queues retire requests as they finish when the frontend keeps an
@@ -250,11 +263,17 @@ impl BlkDevice {
     /// lock) and shutdown would never finish. Notifications are enabled by then: the
     /// guest's next kick brings the queue back here.
     fn process_queue(&self, vring: &Vring, q: &mut QueueState) {
-        if !q.started && vring.get_ref().get_queue().ready() && !self.start_queue(vring, q) {
-            return;
+        if !q.started && vring.get_ref().get_queue().ready() {
+            if !self.start_queue(vring, q) {
+                return;
+            }
+            self.signal_earlier_completions(vring);
         }
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut more_reported = false;
+        let mut retired = false;
+        let mut batch = 0;
+        let mut held = Duration::ZERO;
         loop {
             // Calls after GET_VRING_BASE (the queue is not ready) and after `quiesce` find
             // nothing to do; a queue stopped while this loop runs ends it.
@@ -270,8 +289,11 @@ impl BlkDevice {
             let popped = if self.use_uring(q) {
                 self.drain_uring(vring, q)
             } else {
-                self.drain(vring, q)
+                let (popped, r) = self.drain(vring, q);
+                retired |= r;
+                popped
             };
+            batch += popped;
             // Once stopping, the chains left in the ring belong to the next daemon: no
             // second pass for them.
             if !event_idx || self.stopping() || (more_reported && popped == 0) {
@@ -281,11 +303,39 @@ impl BlkDevice {
                 // More buffers arrived while notifications were off (or the ring
                 // claims some it cannot give: then the next pass pops nothing and ends).
                 Ok(true) => more_reported = true,
-                Ok(false) => break,
+                Ok(false) => {
+                    if retired && hold_for_more(vring, &mut q.moderation, &mut held) {
+                        more_reported = false;
+                        continue;
+                    }
+                    break;
+                }
                 Err(e) => {
                     warn!("enable_notification failed: {e}");
                     break;
                 }
+            }
+        }
+        if retired {
+            notify(vring);
+            q.moderation.interrupted(batch);
+        }
+    }
+
+    /// At a ring's first run: interrupts the driver if the ring holds completions (a used
+    /// index past 0). A daemon killed between a completion and its interrupt, or while it
+    /// held completions back (`super::moderation`), left the driver waiting for an
+    /// interrupt that never came; a driver with nothing else in flight would wait forever.
+    /// A spurious interrupt costs the driver one look at the used ring.
+    fn signal_earlier_completions(&self, vring: &Vring) {
+        let mem = self.mem.memory();
+        let used = vring
+            .get_ref()
+            .get_queue()
+            .used_idx(&*mem, Ordering::Acquire);
+        if used.is_ok_and(|u| u.0 != 0) {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("signal_used_queue failed: {e}");
             }
         }
     }
@@ -452,7 +502,7 @@ impl BlkDevice {
 
     /// Synchronous queue loop: each request runs to completion before the next is popped.
     /// Returns the number of chains popped.
-    fn drain(&self, vring: &Vring, q: &mut QueueState) -> usize {
+    fn drain(&self, vring: &Vring, q: &mut QueueState) -> (usize, bool) {
         let mem = self.mem.memory();
         let mut retired = false;
         let mut popped = 0;
@@ -464,10 +514,7 @@ impl BlkDevice {
             let (status, written) = self.run(&mem, &parsed);
             retired |= self.complete(vring, q, &mem, parsed.head, parsed.status, status, written);
         }
-        if retired {
-            notify(vring);
-        }
-        popped
+        (popped, retired)
     }
 
     /// io_uring queue loop (see [`crate::storage::queue`]): reads and writes the backend
@@ -804,6 +851,51 @@ fn notify(vring: &Vring) {
         Ok(false) => {}
         Err(e) => warn!("needs_notification failed: {e}"),
     }
+}
+
+/// Holds the completions of a queue back for the driver's next request if its
+/// moderation says so; `held` is the time held since the last interrupt. Returns whether
+/// a request came (then the queue runs again before the driver is interrupted).
+fn hold_for_more(vring: &Vring, m: &mut Moderation, held: &mut Duration) -> bool {
+    let Some(hold) = m.hold(*held) else {
+        return false;
+    };
+    let t0 = Instant::now();
+    let kicked = wait_kick(vring, hold);
+    let waited = t0.elapsed();
+    *held += waited;
+    if kicked {
+        m.caught(waited);
+    } else {
+        m.timed_out();
+    }
+    kicked
+}
+
+/// Waits up to `timeout` for a kick of `vring`, and consumes it. Returns whether one came.
+fn wait_kick(vring: &Vring, timeout: Duration) -> bool {
+    // The read lock keeps the kick fd open (SET_VRING_KICK replaces it under the write lock).
+    let state = vring.get_ref();
+    let Some(kick) = state.get_kick() else {
+        return false;
+    };
+    let mut pfd = libc::pollfd {
+        fd: kick.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: timeout.as_nanos().min(999_999_999) as libc::c_long,
+    };
+    // SAFETY: one valid pollfd for an fd kept open by the ring's read lock, a valid
+    // timespec, no signal mask.
+    let n = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+    if n == 1 && pfd.revents & libc::POLLIN != 0 {
+        let _ = kick.consume();
+        return true;
+    }
+    false
 }
 
 /// Backend error to status byte: `Unsupported` means UNSUPP, anything else IOERR.

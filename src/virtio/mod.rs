@@ -48,6 +48,7 @@ pub mod device;
 pub mod dirty;
 pub mod handover;
 pub mod inflight;
+pub mod moderation;
 pub mod request;
 pub mod server;
 pub mod vring;
@@ -138,6 +139,9 @@ pub struct ServeOptions {
     /// io_uring queues retire requests as they finish when the frontend keeps an
     /// in-flight area (otherwise, and by default, in pop order).
     pub retire_out_of_order: bool,
+    /// The longest a queue holds completions back for the driver's next request while
+    /// the driver keeps two or more in flight (see [`moderation`]); zero: never.
+    pub interrupt_hold: std::time::Duration,
     /// The frontends' state, shared with whoever reports status.
     pub frontends: Arc<handover::Frontends>,
 }
@@ -155,6 +159,7 @@ impl Default for ServeOptions {
             name: String::from("vhost-clone"),
             io_engine: IoEngine::Sync,
             retire_out_of_order: false,
+            interrupt_hold: std::time::Duration::ZERO,
             frontends: Arc::default(),
         }
     }

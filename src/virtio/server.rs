@@ -306,7 +306,12 @@ impl Front<'_> {
             opts.io_engine,
             (frontends.clone(), id),
         )
-        .map(|d| Arc::new(d.retiring_out_of_order(opts.retire_out_of_order)));
+        .map(|d| {
+            Arc::new(
+                d.retiring_out_of_order(opts.retire_out_of_order)
+                    .moderating(opts.interrupt_hold),
+            )
+        });
         let device = match device {
             Ok(d) => d,
             Err(e) => {

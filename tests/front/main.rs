@@ -15,6 +15,7 @@ mod direct_blocks;
 mod dirty_log;
 mod hostile_guest;
 mod inflight;
+mod moderation;
 mod queue_stop;
 mod serve_clone;
 mod two_frontends;

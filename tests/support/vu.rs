@@ -746,6 +746,19 @@ impl Guest {
         self.queues[q].calls
     }
 
+    /// Waits for queue `q`'s next call notification (an interrupt), as a driver that
+    /// sleeps until interrupted does. Panics after 10 s.
+    pub fn wait_interrupt(&mut self, q: usize) {
+        let (t0, before) = (Instant::now(), self.queues[q].calls);
+        while self.queues[q].calls == before {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "queue {q}: no interrupt (hang)"
+            );
+            self.count_calls(q, 20);
+        }
+    }
+
     /// Assert nothing completes on `q` within `ms`.
     pub fn assert_idle(&mut self, q: usize, ms: u64) {
         std::thread::sleep(Duration::from_millis(ms));
