@@ -78,8 +78,8 @@ impl<'a> WithBitmapSlice<'a> for DirtyLog {
 /// A part of a region's [`DirtyLog`], from `offset` on. It borrows the region's log:
 /// vm-memory slices the bitmap on every guest memory access (ring entries, descriptors,
 /// headers, status bytes), and a slice that cloned the log's two `Arc`s cost four atomic
-/// operations each time (about 5 % of the daemon's CPU per 4 KiB read,
-/// docs/benchmarks.md).
+/// operations each time (4 KiB reads took 6.9 CPU-µs each with such slices and 4.1
+/// without, docs/benchmarks.md, issue 16).
 #[derive(Clone, Copy, Debug)]
 pub struct DirtyLogSlice<'a> {
     log: &'a DirtyLog,

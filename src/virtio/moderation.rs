@@ -6,13 +6,15 @@
 //!
 //! An interrupt costs an emulated (TCG) guest far more than the request itself costs us:
 //! a guest that keeps many requests in flight but submits them slowly would otherwise get
-//! an interrupt for every one or two (docs/benchmarks.md, "Guest fio"). Holding is only
+//! an interrupt for every one or two (docs/benchmarks.md, issue 16, "Guest fio"). Holding is only
 //! worth it while the driver is still sending; a driver that waits for our completions
 //! before it sends more (libblkio, a guest at QD1) must be interrupted at once.
 //!
 //! Invariants kept here:
 //! - **Never at queue depth 1.** A queue holds only once the driver has had two or more
 //!   requests completed per interrupt on average: a lone request is answered at once.
+//!   (A driver that drops from a deep queue to depth 1 may see a few waits while the
+//!   average falls; they catch nothing, so the next rule ends them after three.)
 //! - **Only while holds pay.** Every hold that ends without a new request lowers the
 //!   queue's hit rate; below one in two, the queue stops holding and probes again after
 //!   a number of interrupts that doubles with each failed probe (up to 1024).
