@@ -167,7 +167,8 @@ pub struct ServeArgs {
     /// for its next request before interrupting it, so that one interrupt
     /// covers more completions (an emulated guest pays dearly for each). The
     /// wait adapts to the driver and stops when it does not pay; a driver at
-    /// queue depth 1 is never kept waiting. 0 turns it off.
+    /// queue depth 1 is never kept waiting. 0 (or anything below 10) turns it
+    /// off.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 150, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub interrupt_hold: u32,
     /// Where the live region map is kept: a RAM file system that outlives this

@@ -274,6 +274,10 @@ impl BlkDevice {
         let mut retired = false;
         let mut batch = 0;
         let mut held = Duration::ZERO;
+        // A hold that ended with a kick, until the pass after it shows whether the kick
+        // brought a request: one left pending by a request an earlier pass already popped
+        // is not a catch, and must not teach the moderation that the driver is fast.
+        let mut kicked_after: Option<Duration> = None;
         loop {
             // Calls after GET_VRING_BASE (the queue is not ready) and after `quiesce` find
             // nothing to do; a queue stopped while this loop runs ends it.
@@ -283,7 +287,7 @@ impl BlkDevice {
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
                     warn!("disable_notification failed: {e}");
-                    return;
+                    break;
                 }
             }
             let popped = if self.use_uring(q) {
@@ -294,6 +298,11 @@ impl BlkDevice {
                 popped
             };
             batch += popped;
+            if let Some(waited) = kicked_after.take() {
+                if popped > 0 {
+                    q.moderation.caught(waited);
+                }
+            }
             // Once stopping, the chains left in the ring belong to the next daemon: no
             // second pass for them.
             if !event_idx || self.stopping() || (more_reported && popped == 0) {
@@ -304,11 +313,16 @@ impl BlkDevice {
                 // claims some it cannot give: then the next pass pops nothing and ends).
                 Ok(true) => more_reported = true,
                 Ok(false) => {
-                    if retired && hold_for_more(vring, &mut q.moderation, &mut held) {
-                        more_reported = false;
-                        continue;
+                    if !retired {
+                        break;
                     }
-                    break;
+                    match hold_for_more(vring, &mut q.moderation, &mut held) {
+                        Some(waited) => {
+                            kicked_after = Some(waited);
+                            more_reported = false;
+                        }
+                        None => break,
+                    }
                 }
                 Err(e) => {
                     warn!("enable_notification failed: {e}");
@@ -322,21 +336,15 @@ impl BlkDevice {
         }
     }
 
-    /// At a ring's first run: interrupts the driver if the ring holds completions (a used
-    /// index past 0). A daemon killed between a completion and its interrupt, or while it
+    /// At a ring's first run: interrupts the driver if the ring may hold completions it
+    /// was not interrupted for. A daemon killed between a completion and its interrupt, or while it
     /// held completions back (`super::moderation`), left the driver waiting for an
     /// interrupt that never came; a driver with nothing else in flight would wait forever.
-    /// A spurious interrupt costs the driver one look at the used ring.
+    /// A spurious interrupt costs the driver one look at the used ring, so it is sent at
+    /// every first run: the used index cannot tell (it wraps to 0 every 65536 completions).
     fn signal_earlier_completions(&self, vring: &Vring) {
-        let mem = self.mem.memory();
-        let used = vring
-            .get_ref()
-            .get_queue()
-            .used_idx(&*mem, Ordering::Acquire);
-        if used.is_ok_and(|u| u.0 != 0) {
-            if let Err(e) = vring.signal_used_queue() {
-                warn!("signal_used_queue failed: {e}");
-            }
+        if let Err(e) = vring.signal_used_queue() {
+            warn!("signal_used_queue failed: {e}");
         }
     }
 
@@ -854,22 +862,22 @@ fn notify(vring: &Vring) {
 }
 
 /// Holds the completions of a queue back for the driver's next request if its
-/// moderation says so; `held` is the time held since the last interrupt. Returns whether
-/// a request came (then the queue runs again before the driver is interrupted).
-fn hold_for_more(vring: &Vring, m: &mut Moderation, held: &mut Duration) -> bool {
-    let Some(hold) = m.hold(*held) else {
-        return false;
-    };
+/// moderation says so; `held` is the time held since the last interrupt. Returns how long
+/// it waited if a kick came (then the queue runs again before the driver is interrupted,
+/// and the caller tells the moderation whether the kick brought a request); `None`: no
+/// hold, or one that ended without a kick (counted here).
+fn hold_for_more(vring: &Vring, m: &mut Moderation, held: &mut Duration) -> Option<Duration> {
+    let hold = m.hold(*held)?;
     let t0 = Instant::now();
     let kicked = wait_kick(vring, hold);
     let waited = t0.elapsed();
     *held += waited;
     if kicked {
-        m.caught(waited);
+        Some(waited)
     } else {
         m.timed_out();
+        None
     }
-    kicked
 }
 
 /// Waits up to `timeout` for a kick of `vring`, and consumes it. Returns whether one came.

@@ -57,8 +57,14 @@ impl Default for Moderation {
 }
 
 impl Moderation {
-    /// Moderation with holds of at most `max_hold` (zero: never hold).
+    /// Moderation with holds of at most `max_hold` (zero, or anything shorter than the
+    /// shortest hold worth a system call: never hold).
     pub fn new(max_hold: Duration) -> Self {
+        let max_hold = if max_hold < MIN_HOLD {
+            Duration::ZERO
+        } else {
+            max_hold
+        };
         Moderation {
             max_hold,
             depth: ONE,
@@ -145,6 +151,24 @@ mod tests {
             m.interrupted(32);
         }
         assert_eq!(m.hold(Duration::ZERO), None);
+    }
+
+    #[test]
+    fn off_when_max_hold_is_below_the_shortest_hold() {
+        for us in [1, 5, 9] {
+            let mut m = Moderation::new(Duration::from_micros(us));
+            for _ in 0..8 {
+                m.interrupted(32);
+            }
+            assert_eq!(m.hold(Duration::ZERO), None, "{us} us");
+            m.caught(Duration::from_micros(1));
+            assert_eq!(m.hold(Duration::ZERO), None, "{us} us");
+        }
+        let mut m = Moderation::new(MIN_HOLD);
+        for _ in 0..8 {
+            m.interrupted(32);
+        }
+        assert_eq!(m.hold(Duration::ZERO), Some(MIN_HOLD));
     }
 
     #[test]
