@@ -14,7 +14,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, RegionCopy};
 use crate::storage::aio::{AsyncIo, DirectIo};
 use crate::virtio::BlockBackend;
 
@@ -113,6 +113,13 @@ impl BlockBackend for CloneDisk {
             return None;
         }
         self.engine.direct_io(write, offset, len)
+    }
+
+    fn region_copy(&self, offset: u64, len: u64) -> Option<RegionCopy<'_>> {
+        if self.read_only {
+            return None;
+        }
+        self.engine.region_copy(offset, len)
     }
 
     fn set_write_cache(&self, writeback: bool) {
@@ -305,6 +312,10 @@ impl BlockBackend for Standby {
     /// [`Standby::write`], which wait.
     fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<DirectIo<'_>> {
         self.disk.get()?.direct_io(write, offset, len)
+    }
+
+    fn region_copy(&self, offset: u64, len: u64) -> Option<RegionCopy<'_>> {
+        self.disk.get()?.region_copy(offset, len)
     }
 }
 

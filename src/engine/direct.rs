@@ -2,15 +2,23 @@
 //! engine lets a caller (the virtio front's io_uring engine) issue itself, and
 //! their accounting.
 //!
-//! Invariant: a permit is granted only for a range whose data lives on one
-//! device and that nothing but the guest writes; a direct write that may have
-//! landed counts as a destination write before its requester is told, so the
-//! next flush flushes the destination.
+//! Invariants:
+//! - a permit is granted only for a range whose data lives on one device and that
+//!   nothing but the guest writes; a direct write that may have landed counts as a
+//!   destination write before its requester is told, so the next flush flushes the
+//!   destination;
+//! - a [`RegionCopy`] (a guest write into an unhydrated region, copied by the caller's
+//!   queue) holds the region's lock from grant to end, and sets the region's bit only
+//!   when it ends with the destination write done, before its requester is told: the
+//!   order of [`Engine::write`]'s copies, in steps.
 use std::sync::atomic::Ordering;
 
 use super::counters::bump;
-use super::Engine;
+use super::locks::RegionGuard;
+use super::{Engine, EngineError, Result};
+use crate::metadata::Mode;
 use crate::storage::aio::{DirectIo, DirectIoAccount, IoTarget};
+use crate::storage::AlignedBuf;
 
 impl Engine {
     /// A permit to read or write `[offset, offset + len)` directly (the io_uring
@@ -55,6 +63,68 @@ impl Engine {
         };
         let target = IoTarget::of(dev)?;
         Some(DirectIo::grant(self, target, write, len))
+    }
+
+    /// A copy of the one unhydrated region that `[offset, offset + len)` (a guest
+    /// write) falls in, for the caller to perform on its own queue: read the region
+    /// from [`RegionCopy::source`] into [`RegionCopy::buffer`] (unless the write covers
+    /// it all), then write to [`RegionCopy::dest`] at [`RegionCopy::start`] the buffer's
+    /// bytes before [`RegionCopy::covered`], the guest's data, and the buffer's bytes
+    /// after it; then [`RegionCopy::finish`] before the guest is told. What
+    /// [`Engine::write`] does in one call, without blocking the caller's queue.
+    ///
+    /// `None` (the caller goes through [`Engine::write`]): a write over more than one
+    /// region, into a hydrated region, not aligned to the devices' alignment, a
+    /// region being copied or locked by someone else, fail or read-only mode,
+    /// devices that take no direct requests.
+    pub fn region_copy(&self, offset: u64, len: u64) -> Option<RegionCopy<'_>> {
+        if len == 0
+            || self.md.all_hydrated()
+            || self.check(offset, len).is_err()
+            || self.md.mode() != Mode::Rw
+        {
+            return None;
+        }
+        let r = self.geo.region_of(offset);
+        if self.geo.region_of(offset + len - 1) != r || self.md.is_hydrated(r) {
+            return None;
+        }
+        let source = IoTarget::of(self.source.as_ref()?)?;
+        let dest = IoTarget::of(&self.dest)?;
+        let (rs, re) = (self.geo.region_start(r), self.geo.region_end(r));
+        let a = (source.align() as u64).max(dest.align() as u64).max(1);
+        if [offset, len, rs, re].iter().any(|v| v % a != 0) {
+            return None;
+        }
+        let guard = self.locks.try_lock(r)?;
+        if self.md.is_hydrated(r) {
+            // Hydrated between the look and the lock.
+            return None;
+        }
+        let whole = offset == rs && len == re - rs;
+        #[cfg(feature = "test-hooks")]
+        if self.early_copy_bits.load(Ordering::SeqCst) {
+            // The mutation: the bit before the data.
+            self.md.set_hydrated(r).ok()?;
+        }
+        Some(RegionCopy {
+            engine: self,
+            region: r,
+            start: rs,
+            covered: ((offset - rs) as usize, (offset + len - rs) as usize),
+            buf: (!whole).then(|| AlignedBuf::zeroed((re - rs) as usize)),
+            source,
+            permit: DirectIo::grant(self, dest, true, len),
+            _guard: guard,
+        })
+    }
+
+    /// Test-only mutation: a [`RegionCopy`] marks its region hydrated when it is
+    /// granted, before its destination write, instead of when it ends. Exists so
+    /// that the crash suite's copy workloads can fail.
+    #[cfg(feature = "test-hooks")]
+    pub fn set_early_copy_bits(&self, on: bool) {
+        self.early_copy_bits.store(on, Ordering::SeqCst);
     }
 
     /// Test-only mutation: direct writes are not counted as destination writes,
@@ -102,5 +172,109 @@ impl DirectIoAccount for Engine {
             }
         }
         st.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A guest write into an unhydrated region, copied by the caller: see
+/// [`Engine::region_copy`]. Holds the region locked until it is dropped; dropped
+/// without [`RegionCopy::finish`], the region stays unhydrated.
+#[must_use = "a region copy's outcome must be reported with `finish`"]
+pub struct RegionCopy<'e> {
+    engine: &'e Engine,
+    region: u64,
+    start: u64,
+    covered: (usize, usize),
+    /// The region as the source has it, with the guest's data written over it by
+    /// the destination write's iovecs; `None` when the write covers the region.
+    buf: Option<AlignedBuf>,
+    source: IoTarget,
+    /// The destination write's accounting (in flight, and a destination write).
+    permit: DirectIo<'e>,
+    _guard: RegionGuard<'e>,
+}
+
+impl RegionCopy<'_> {
+    /// Where the region is read from.
+    pub fn source(&self) -> &IoTarget {
+        &self.source
+    }
+
+    /// Where the region is written.
+    pub fn dest(&self) -> &IoTarget {
+        self.permit.target()
+    }
+
+    /// The region's first byte (on both devices).
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// The guest's bytes within the region, as offsets from its start.
+    pub fn covered(&self) -> (usize, usize) {
+        self.covered
+    }
+
+    /// The region's length if it must be read first (the write covers part of it).
+    pub fn read_len(&self) -> Option<u64> {
+        self.buf.as_ref().map(|b| b.len() as u64)
+    }
+
+    /// The buffer the region is read into, region-long, aligned for `O_DIRECT`; null
+    /// when nothing is read. It lives as long as the copy: the caller's queue may
+    /// read into it and write from it until the copy ends.
+    pub fn buffer(&mut self) -> *mut u8 {
+        self.buf
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr())
+    }
+
+    /// Gives the copy back without issuing any of it: the region stays as it was (the
+    /// caller sends the write through [`Engine::write`]).
+    pub fn cancel(self) {
+        self.permit.cancel();
+    }
+
+    /// The copy ended: `ok` when the read (if any) and the destination write moved
+    /// every byte. Counts the write as a destination write, then, on success, marks
+    /// the region hydrated; the guest may be told only after this returns. Fails when
+    /// the bit cannot be set (the metadata failed): the write's data is on the
+    /// destination, but the region still reads from the source.
+    pub fn finish(self, ok: bool) -> Result<()> {
+        let RegionCopy {
+            engine,
+            region,
+            permit,
+            buf,
+            _guard,
+            ..
+        } = self;
+        permit.finish(ok);
+        if !ok {
+            return Ok(());
+        }
+        if buf.is_some() {
+            bump(&engine.stats().guest_hydrations, 1);
+        } else {
+            bump(&engine.stats().overwrites, 1);
+        }
+        #[cfg(feature = "test-hooks")]
+        if engine.early_copy_bits.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        engine
+            .md
+            .set_hydrated(region)
+            .map(|_| ())
+            .map_err(EngineError::Metadata)
+    }
+}
+
+impl std::fmt::Debug for RegionCopy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionCopy")
+            .field("region", &self.region)
+            .field("covered", &self.covered)
+            .field("read", &self.buf.is_some())
+            .finish()
     }
 }

@@ -10,7 +10,7 @@
 //! | read | hydrated / not | destination / source (a mixed read is split) |
 //! | write | hydrated | destination |
 //! | write covering a whole region | not hydrated | destination, then mark, no copy |
-//! | write covering part of a region | not hydrated | copy source region with the write applied, then mark |
+//! | write covering part of a region | not hydrated | copy source region with the write applied, then mark (on an io_uring queue: [`RegionCopy`], the same steps without blocking the queue) |
 //! | discard | whole unhydrated regions | zero them on the destination, then mark |
 //! | discard | hydrated parts | pass down if enabled |
 //! | write zeroes | as write | destination zeroing (fallocate) where possible |
@@ -38,6 +38,7 @@ mod counters;
 mod direct;
 mod hydrate;
 pub mod hydrator;
+pub use direct::RegionCopy;
 mod iov;
 pub mod locks;
 pub mod rate;
@@ -169,6 +170,9 @@ pub struct Engine {
     /// Mutation switch (see [`Engine::set_uncounted_direct_writes`]).
     #[cfg(feature = "test-hooks")]
     uncounted_direct_writes: std::sync::atomic::AtomicBool,
+    /// Mutation switch (see [`Engine::set_early_copy_bits`]).
+    #[cfg(feature = "test-hooks")]
+    early_copy_bits: std::sync::atomic::AtomicBool,
 }
 
 /// `dest_flushed_at` of an engine that has not flushed the destination yet. A
@@ -235,6 +239,8 @@ impl Engine {
             )),
             #[cfg(feature = "test-hooks")]
             uncounted_direct_writes: Default::default(),
+            #[cfg(feature = "test-hooks")]
+            early_copy_bits: Default::default(),
         })
     }
 

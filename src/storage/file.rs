@@ -266,14 +266,15 @@ pub fn io_alignment(direct: bool) -> usize {
     }
 }
 
-/// A heap buffer aligned for `O_DIRECT`.
-struct AlignedBuf {
+/// A heap buffer aligned for `O_DIRECT` (4096 bytes), zeroed when allocated.
+pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
 }
 
 impl AlignedBuf {
-    fn zeroed(len: usize) -> AlignedBuf {
+    /// A zeroed buffer of `len` bytes (at least 1).
+    pub fn zeroed(len: usize) -> AlignedBuf {
         let len = len.max(1);
         let layout = Layout::from_size_align(len, DIRECT_ALIGN).expect("aligned layout");
         // SAFETY: the layout has a non-zero size.
@@ -284,8 +285,19 @@ impl AlignedBuf {
         AlignedBuf { ptr, len }
     }
 
-    fn len(&self) -> usize {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Whether it holds no byte (never: it has at least one).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its first byte, for I/O that fills or reads it without a Rust reference.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
     }
 
     fn as_slice(&self) -> &[u8] {

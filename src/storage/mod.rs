@@ -33,7 +33,7 @@ pub mod queue;
 #[cfg(any(test, feature = "test-utils"))]
 mod sim;
 
-pub use file::{io_alignment, FileDevice, OpenOptions, BLKDISCARD, BLKZEROOUT};
+pub use file::{io_alignment, AlignedBuf, FileDevice, OpenOptions, BLKDISCARD, BLKZEROOUT};
 pub use lock::{FileId, LockKind};
 #[cfg(any(test, feature = "test-utils"))]
 pub use sim::{CrashLog, DeviceId, Fault, LogEvent, Replayer, SimDevice};

@@ -90,6 +90,18 @@ struct Slot {
     iov_pos: usize,
     /// `None` while in flight.
     result: Option<Result<(), i32>>,
+    /// The write that follows this transfer once it moved every byte (a request in two
+    /// steps, [`AsyncQueue::start_read_then_write`]).
+    then: Option<Then>,
+    /// The iovecs of `then`'s write (kept for their capacity when there is none).
+    then_iov: Vec<libc::iovec>,
+}
+
+/// The second step of a two-step request: a write.
+struct Then {
+    target: SlotTarget,
+    offset: u64,
+    len: u64,
 }
 
 impl Slot {
@@ -104,7 +116,25 @@ impl Slot {
             iov: Vec::new(),
             iov_pos: 0,
             result: None,
+            then: None,
+            then_iov: Vec::new(),
         }
+    }
+
+    /// The first step of a two-step request moved every byte: makes its write the
+    /// slot's transfer. Returns whether there was one.
+    fn next_step(&mut self) -> bool {
+        let Some(then) = self.then.take() else {
+            return false;
+        };
+        self.write = true;
+        self.target = then.target;
+        self.offset = then.offset;
+        self.len = then.len;
+        self.done = 0;
+        self.iov_pos = 0;
+        std::mem::swap(&mut self.iov, &mut self.then_iov);
+        true
     }
 
     /// Accounts for `n` more bytes transferred: drops the iovecs (or the part of one)
@@ -227,6 +257,13 @@ fn restrict(ring: &IoUring) -> io::Result<()> {
     sub.register_enable_rings()
 }
 
+fn slot_target(target: &IoTarget) -> SlotTarget {
+    match target {
+        IoTarget::Fd(f) => SlotTarget::Fd(f.fd),
+        IoTarget::Emulated(d) => SlotTarget::Emulated(d.clone()),
+    }
+}
+
 impl AsyncQueue {
     /// A queue with an io_uring that keeps up to `depth` (1..=[`MAX_DEPTH`]) requests
     /// in flight.
@@ -324,28 +361,82 @@ impl AsyncQueue {
         offset: u64,
         len: u64,
     ) {
+        self.launch(tag, target, write, offset, len, None);
+    }
+
+    /// Starts a request in two steps: a read of `len` bytes at `offset` on `target`
+    /// into the iovecs just put into [`AsyncQueue::next_iov`], then, once it moved every
+    /// byte, a write of `then_len` bytes at `then_offset` on `then_target` from
+    /// `then_iov` (which may include the read's buffers). It is retired once, when the
+    /// write finished or the read failed (then the write is never issued), in its
+    /// place in the start order: a copy of a region that also writes the caller's data,
+    /// without a stop in between where the caller would have to run. Requires
+    /// [`AsyncQueue::has_room`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`AsyncQueue::start`], for both steps' targets and iovecs.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn start_read_then_write(
+        &mut self,
+        tag: u64,
+        target: &IoTarget,
+        offset: u64,
+        len: u64,
+        then_target: &IoTarget,
+        then_offset: u64,
+        then_len: u64,
+        then_iov: &[libc::iovec],
+    ) {
+        let idx = self.next_slot();
+        let s = &mut self.slots[idx];
+        s.then_iov.clear();
+        s.then_iov.extend_from_slice(then_iov);
+        let then = Then {
+            target: slot_target(then_target),
+            offset: then_offset,
+            len: then_len,
+        };
+        self.launch(tag, target, false, offset, len, Some(then));
+    }
+
+    /// Fills the next slot with a request and issues it.
+    fn launch(
+        &mut self,
+        tag: u64,
+        target: &IoTarget,
+        write: bool,
+        offset: u64,
+        len: u64,
+        then: Option<Then>,
+    ) {
         let idx = self.next_slot();
         self.free.pop();
         let s = &mut self.slots[idx];
         s.tag = tag;
         s.write = write;
-        s.target = match target {
-            IoTarget::Fd(f) => SlotTarget::Fd(f.fd),
-            IoTarget::Emulated(d) => SlotTarget::Emulated(d.clone()),
-        };
+        s.target = slot_target(target);
         s.len = len;
         s.done = 0;
         s.offset = offset;
         s.iov_pos = 0;
         s.result = None;
+        s.then = then;
+        self.order.push_back(idx as u16);
+        self.issue(idx);
+    }
+
+    /// Hands slot `idx`'s (current step's) transfer to whoever performs it.
+    fn issue(&mut self, idx: usize) {
+        let s = &mut self.slots[idx];
         let emulated = matches!(s.target, SlotTarget::Emulated(_));
         if !emulated && self.ring.is_none() {
             s.result = Some(Err(libc::ENOSYS));
+            return;
         }
-        self.order.push_back(idx as u16);
         if emulated {
             self.emulated.push(idx as u16);
-        } else if self.ring.is_some() {
+        } else {
             self.push(idx);
         }
     }
@@ -463,6 +554,11 @@ impl AsyncQueue {
         if r.is_ok() {
             let rest = (s.len - s.done) as usize;
             s.advance(rest);
+            if s.next_step() {
+                // The write is performed at a later pick, like any other request.
+                self.issue(idx);
+                return true;
+            }
         }
         s.result = Some(r);
         true
@@ -508,6 +604,12 @@ impl AsyncQueue {
                 // res > 0 and at most the bytes asked for.
                 s.advance(res as usize);
                 if s.done >= s.len {
+                    if s.next_step() {
+                        // The read is in: issue the write (an emulated one is
+                        // performed at a later pick).
+                        self.again.push(cqe.user_data() as u16);
+                        continue;
+                    }
                     s.result = Some(Ok(()));
                     finished += 1;
                 } else {
@@ -523,7 +625,7 @@ impl AsyncQueue {
             }
         }
         while let Some(i) = self.again.pop() {
-            self.push(usize::from(i));
+            self.issue(usize::from(i));
         }
         finished
     }
@@ -544,6 +646,7 @@ impl AsyncQueue {
         };
         // Do not keep the device alive through an idle slot.
         s.target = SlotTarget::Fd(-1);
+        s.then = None;
         self.order.remove(pos);
         self.free.push(idx);
         Some(r)
@@ -880,6 +983,124 @@ mod tests {
             .chain((512..1024u32).map(|i| (i % 251) as u8))
             .collect();
         assert_eq!(buf, want);
+    }
+
+    /// Runs a two-step copy on `q`: region [4096, 12288) of `src` read into a buffer,
+    /// then written to `dst` with `data` over its middle 4096 bytes; a second one whose
+    /// read starts past the end of `src`; and a plain write started between them, at
+    /// 65536 on `dst`. Returns the tags in retirement order with their results, and the
+    /// copy's buffer.
+    type Retirements = Vec<(u64, Result<(), i32>)>;
+
+    fn copy_two_steps(
+        q: &mut AsyncQueue,
+        src: &IoTarget,
+        src_size: u64,
+        dst: &IoTarget,
+    ) -> (Retirements, Vec<u8>) {
+        let mut buf = vec![0u8; 8192];
+        let mut bad = vec![0u8; 8192];
+        let mut data = vec![0xAAu8; 4096];
+        let mut plain = vec![0x55u8; 512];
+        let p = buf.as_mut_ptr();
+        let then = [
+            libc::iovec {
+                iov_base: p.cast(),
+                iov_len: 2048,
+            },
+            iov(&mut data),
+            libc::iovec {
+                // SAFETY: 6144 + 2048 = the buffer's length.
+                iov_base: unsafe { p.add(6144) }.cast(),
+                iov_len: 2048,
+            },
+        ];
+        q.next_iov().push(libc::iovec {
+            iov_base: p.cast(),
+            iov_len: 8192,
+        });
+        // SAFETY: every buffer outlives the requests, all retired below, and none is
+        // touched meanwhile.
+        unsafe { q.start_read_then_write(1, src, 4096, 8192, dst, 4096, 8192, &then) };
+        q.next_iov().push(iov(&mut plain));
+        // SAFETY: as above.
+        unsafe { q.start(2, dst, true, 65536, 512) };
+        let bad_then = [iov(&mut bad)];
+        q.next_iov().push(iov(&mut bad));
+        // SAFETY: as above.
+        unsafe { q.start_read_then_write(3, src, src_size, 8192, dst, 0, 8192, &bad_then) };
+        let mut seen = Vec::new();
+        while !q.is_idle() {
+            q.wait();
+            while let Some(r) = q.next_retired() {
+                seen.push((r.tag, r.result));
+            }
+        }
+        (seen, buf)
+    }
+
+    /// What `copy_two_steps` must leave on the destination: the source's bytes around
+    /// the data, nothing of the failed copy.
+    fn expect_copied(src: &[u8], dst: &[u8]) {
+        assert!(dst[4096..6144] == src[4096..6144], "head not copied");
+        assert!(
+            dst[6144..10240].iter().all(|&b| b == 0xAA),
+            "data not written"
+        );
+        assert!(dst[10240..12288] == src[10240..12288], "tail not copied");
+        assert!(dst[..4096].iter().all(|&b| b == 0), "the failed copy wrote");
+        assert!(dst[65536..66048].iter().all(|&b| b == 0x55));
+    }
+
+    /// A copy in two steps writes only once its read moved every byte, is retired
+    /// once, in its place in the start order, and a failed read ends it (the write is
+    /// never issued).
+    #[test]
+    fn two_step_copies_read_then_write_and_retire_once_in_order() {
+        let mut sf = tempfile::tempfile().unwrap();
+        let src: Vec<u8> = (0..32768u32).map(|i| (i % 253) as u8 + 1).collect();
+        sf.write_all(&src).unwrap();
+        let df = tempfile::tempfile().unwrap();
+        df.set_len(1 << 17).unwrap();
+        let (s, d) = (
+            IoTarget::Fd(IoFd {
+                fd: sf.as_raw_fd(),
+                align: 1,
+            }),
+            IoTarget::Fd(IoFd {
+                fd: df.as_raw_fd(),
+                align: 1,
+            }),
+        );
+        let Some(mut q) = queue(4) else { return };
+        let (seen, buf) = copy_two_steps(&mut q, &s, src.len() as u64, &d);
+        assert_eq!(seen, [(1, Ok(())), (2, Ok(())), (3, Err(0))]);
+        assert!(buf == src[4096..12288], "the read did not fill the buffer");
+        let mut back = vec![0u8; 1 << 17];
+        std::os::unix::fs::FileExt::read_exact_at(&df, &mut back, 0).unwrap();
+        expect_copied(&src, &back);
+
+        // The same on emulated devices, whatever order the picks take.
+        use crate::storage::SimDevice;
+        for seed in 0..16 {
+            let sd = SimDevice::new(32768);
+            sd.write_at(&src, 0).unwrap();
+            let dd = Arc::new(SimDevice::new(1 << 17));
+            let (s, d): (Arc<dyn BlockDevice>, Arc<dyn BlockDevice>) = (Arc::new(sd), dd.clone());
+            let mut q = AsyncQueue::emulated(4, seed);
+            let (seen, _) = copy_two_steps(
+                &mut q,
+                &IoTarget::Emulated(s),
+                32768,
+                &IoTarget::Emulated(d),
+            );
+            assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3]);
+            assert_eq!(seen[0].1, Ok(()));
+            assert!(seen[2].1.is_err(), "seed {seed}: {seen:?}");
+            let mut back = vec![0u8; 1 << 17];
+            dd.read_at(&mut back, 0).unwrap();
+            expect_copied(&src, &back);
+        }
     }
 
     #[test]

@@ -52,6 +52,7 @@ use super::request::{
 };
 use super::vring::FrontVring;
 use super::{BlockBackend, IoEngine};
+use crate::engine::RegionCopy;
 use crate::storage::aio::DirectIo;
 use crate::storage::queue::{AsyncQueue, Retired, MAX_IOVECS};
 
@@ -543,6 +544,8 @@ impl BlkDevice {
         // The permits of the requests in flight, by tag; all are finished before
         // this function returns (the queue is idle then).
         let mut flight = Permits::default();
+        // The destination write's iovecs of a region copy (scratch).
+        let mut copy_iov = Vec::new();
         let mut popped = 0;
         loop {
             let mut retired = false;
@@ -566,7 +569,7 @@ impl BlkDevice {
                         head,
                         status: status_addr,
                         read_into,
-                        permit,
+                        io: FlightIo::Direct(permit),
                     });
                     // SAFETY: the iovecs point into guest memory mapped by `mem`, which
                     // this function holds until it returns, and it returns only once the
@@ -578,6 +581,10 @@ impl BlkDevice {
                     // for guest memory in general. The target's fd is the backend's,
                     // open while `self.backend` lives.
                     unsafe { uq.start(tag, &target, write, offset, len) };
+                    continue;
+                }
+                if let Some((status_addr, copy)) = self.copy_plan(&mem, &parsed, &mut copy_iov) {
+                    self.start_copy(&mut uq, &mut flight, head, status_addr, copy, &copy_iov);
                     continue;
                 }
                 // A barrier: everything started before it completes first.
@@ -638,6 +645,106 @@ impl BlkDevice {
         Some((status_addr, offset, len, permit))
     }
 
+    /// Whether `parsed` is a write the backend lets this queue copy into an unhydrated
+    /// region itself ([`BlockBackend::region_copy`]), and with what: fills `iov` with the
+    /// destination write's buffers (the region's head from the copy's buffer, the
+    /// guest's data, its tail) and returns (status address, copy).
+    fn copy_plan(
+        &self,
+        mem: &GuestMemory,
+        parsed: &ParsedChain,
+        iov: &mut Vec<libc::iovec>,
+    ) -> Option<(GuestAddress, RegionCopy<'_>)> {
+        let status_addr = parsed.status?;
+        let (offset, len, data) = match parsed.request.as_ref().ok()? {
+            // Write-through writes need a flush before completion: synchronous path.
+            BlkRequest::Write { offset, len, data } if self.writeback() => (*offset, *len, data),
+            _ => return None,
+        };
+        let mut copy = self.backend.region_copy(offset, len)?;
+        let a = copy.source().align().max(copy.dest().align());
+        let (head, tail) = copy.covered();
+        let buf = copy.buffer();
+        iov.clear();
+        if head > 0 {
+            iov.push(libc::iovec {
+                iov_base: buf.cast(),
+                iov_len: head,
+            });
+        }
+        let guest = iov.len();
+        let usable = request::guest_iovecs(mem, data, iov, MAX_IOVECS - 2).is_ok()
+            && (a <= 1
+                || iov[guest..]
+                    .iter()
+                    .all(|v| (v.iov_base as usize) % a == 0 && v.iov_len % a == 0));
+        if !usable {
+            copy.cancel();
+            return None;
+        }
+        if let Some(region) = copy.read_len() {
+            let rest = region as usize - tail;
+            if rest > 0 {
+                iov.push(libc::iovec {
+                    // SAFETY: `tail` < the buffer's length (the region's): pointer
+                    // arithmetic inside the copy's buffer, not dereferenced here.
+                    iov_base: unsafe { buf.add(tail) }.cast(),
+                    iov_len: rest,
+                });
+            }
+        }
+        Some((status_addr, copy))
+    }
+
+    /// Starts a region copy planned by [`Self::copy_plan`] on the queue's io_uring: the
+    /// region's read into the copy's buffer (unless the write covers the region), then
+    /// the destination write of `write_iov`.
+    fn start_copy<'a>(
+        &self,
+        uq: &mut AsyncQueue,
+        flight: &mut Permits<'a>,
+        head: u16,
+        status: GuestAddress,
+        mut copy: RegionCopy<'a>,
+        write_iov: &[libc::iovec],
+    ) {
+        let start = copy.start();
+        let write_len: u64 = write_iov.iter().map(|v| v.iov_len as u64).sum();
+        let (source, dest) = (copy.source().clone(), copy.dest().clone());
+        let read = copy.read_len().map(|len| (copy.buffer(), len));
+        let tag = flight.insert(Flight {
+            head,
+            status,
+            read_into: Segments::new(),
+            io: FlightIo::Copy(copy),
+        });
+        let iov = uq.next_iov();
+        match read {
+            Some((buf, len)) => {
+                iov.push(libc::iovec {
+                    iov_base: buf.cast(),
+                    iov_len: len as usize,
+                });
+                // SAFETY: the read goes into the copy's buffer, which lives in `flight`
+                // until the request is retired, and no reference to it is formed
+                // meanwhile; the write's iovecs are that buffer and guest memory, kept
+                // mapped and unreferenced as for a direct request (see `drain_uring`).
+                // Both fds are the backend's, open while `self.backend` lives.
+                unsafe {
+                    uq.start_read_then_write(
+                        tag, &source, start, len, &dest, start, write_len, write_iov,
+                    )
+                };
+            }
+            None => {
+                iov.extend_from_slice(write_iov);
+                // SAFETY: as for a direct write (see `drain_uring`): guest memory held
+                // mapped until the queue is idle, the backend's fd.
+                unsafe { uq.start(tag, &dest, true, start, write_len) };
+            }
+        }
+    }
+
     /// Retires the io_uring requests that finished, in order. Returns whether any was.
     fn retire_uring(
         &self,
@@ -653,7 +760,7 @@ impl BlkDevice {
                 head,
                 status: status_addr,
                 read_into,
-                permit,
+                io,
             }) = flight.take(r.tag)
             else {
                 // Cannot happen: every tag is a permit inserted just before its
@@ -665,15 +772,25 @@ impl BlkDevice {
                 debug_assert!(false, "unknown io_uring tag {}", r.tag);
                 continue;
             };
-            // Before the guest is told: a flush that follows covers this write.
-            permit.finish(r.result.is_ok());
-            let status = if let Err(errno) = r.result {
-                self.log_direct_failure(&r, errno)
-            } else {
-                // The kernel wrote the data: into the migration log before the guest is
-                // told.
-                dirty::mark_written(mem, &read_into);
-                STATUS_OK
+            // Before the guest is told: a flush that follows covers this write, and a
+            // copied region is marked hydrated (so a restart reads the guest's data).
+            let ok = r.result.is_ok();
+            let marked = match io {
+                FlightIo::Direct(permit) => {
+                    permit.finish(ok);
+                    Ok(())
+                }
+                FlightIo::Copy(copy) => copy.finish(ok),
+            };
+            let status = match (r.result, marked) {
+                (Err(errno), _) => self.log_direct_failure(&r, errno),
+                (Ok(()), Err(e)) => self.error_status("write", r.offset, &io::Error::other(e)),
+                (Ok(()), Ok(())) => {
+                    // The kernel wrote the data: into the migration log before the guest
+                    // is told.
+                    dirty::mark_written(mem, &read_into);
+                    STATUS_OK
+                }
             };
             let written = if r.write || status != STATUS_OK {
                 0
@@ -1094,7 +1211,15 @@ struct Flight<'a> {
     status: GuestAddress,
     /// A read's guest buffers, marked in the migration log once the data is there.
     read_into: Segments,
-    permit: DirectIo<'a>,
+    io: FlightIo<'a>,
+}
+
+/// What a request in flight on the io_uring was granted.
+enum FlightIo<'a> {
+    /// A read or write of the guest's buffers.
+    Direct(DirectIo<'a>),
+    /// A write into an unhydrated region: the region's copy with the guest's data.
+    Copy(RegionCopy<'a>),
 }
 
 /// The requests of one queue in flight, by the tag their queue knows them by (a slot

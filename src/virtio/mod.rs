@@ -24,7 +24,8 @@
 //! - [`device`]: the `VhostUserBackend` implementation, per-queue state and the queue loops
 //!   (EVENT_IDX notification suppression, write-through handling; the io_uring engine keeps
 //!   the requests the backend grants a [`DirectIo`] permit for in a
-//!   [`crate::storage::queue::AsyncQueue`]).
+//!   [`crate::storage::queue::AsyncQueue`], and the copies of unhydrated regions it grants
+//!   a [`RegionCopy`] for, as a read then a write in one of the queue's requests).
 //! - [`vring`]: the vring type, vhost-user-backend's with a running ring's used index
 //!   kept from SET_VRING_ADDR (sent to running rings when a migration starts).
 //! - [`server`]: [`serve`], the listener loop that builds one `VhostUserDaemon` per
@@ -53,6 +54,7 @@ pub mod request;
 pub mod server;
 pub mod vring;
 
+use crate::engine::RegionCopy;
 use crate::storage::aio::DirectIo;
 
 pub use server::{print_capabilities, serve, serve_on, ShutdownSignal};
@@ -97,6 +99,14 @@ pub trait BlockBackend: Send + Sync + 'static {
     /// always sends it there.
     fn direct_io(&self, write: bool, offset: u64, len: u64) -> Option<DirectIo<'_>> {
         let _ = (write, offset, len);
+        None
+    }
+    /// A copy of the unhydrated region a write of `[offset, offset + len)` falls in,
+    /// for the front to perform on its io_uring with the guest's buffers
+    /// ([`crate::engine::Engine::region_copy`]); the front finishes it before it tells
+    /// the guest. `None` (the default) sends the write to [`BlockBackend::write`].
+    fn region_copy(&self, offset: u64, len: u64) -> Option<RegionCopy<'_>> {
+        let _ = (offset, len);
         None
     }
 }

@@ -21,8 +21,10 @@
 //! time through the engine (`--io-engine sync`), or as the virtio front's
 //! io_uring engine issues them (`--io-engine uring`): reads and writes the
 //! engine grants a permit for go to an asynchronous queue (emulated over the
-//! simulated devices: up to 8 in flight, completed in a seeded random order),
-//! anything else waits for the queue to drain. Crashes and deaths then also
+//! simulated devices: up to 8 in flight, completed in a seeded random order), and
+//! so do writes into an unhydrated region it grants a region copy for (the
+//! region's read, then its write with the guest's data, as two steps of one
+//! request); anything else waits for the queue to drain. Crashes and deaths then also
 //! fall while requests are in flight.
 //!
 //! `VHOST_CLONE_CRASH_WORKLOADS=N` runs N workloads instead of the default
@@ -32,7 +34,9 @@
 //! process death (the in-core bits die with the process), or with a restarted
 //! process whose first flush skips the destination, it must find a violation;
 //! and with the direct queue, also when direct writes are not counted as
-//! destination writes (their permit's accounting).
+//! destination writes (their permit's accounting), and when a region copied on the
+//! queue ([`vhost_clone::engine::RegionCopy`]) is marked before its destination
+//! write.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,7 +46,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::support::sectors::*;
-use vhost_clone::engine::{DestFlush, Engine, EngineConfig};
+use vhost_clone::engine::{DestFlush, Engine, EngineConfig, RegionCopy};
 use vhost_clone::metadata::live::LiveMap;
 use vhost_clone::metadata::{load, Geometry, Metadata};
 use vhost_clone::storage::aio::DirectIo;
@@ -152,9 +156,18 @@ enum QueueEngine {
 /// Requests in flight at most with [`QueueEngine::Direct`].
 const DEPTH: usize = 8;
 
+/// What the engine granted a request in flight.
+enum ReqIo<'e> {
+    /// A read or write of the request's buffer.
+    Direct(DirectIo<'e>),
+    /// A write into an unhydrated region: the region's copy (read, then written with
+    /// the request's data over it).
+    Copy(RegionCopy<'e>),
+}
+
 /// A direct request in flight.
 struct Req<'e> {
-    permit: DirectIo<'e>,
+    io: ReqIo<'e>,
     /// Its index in the workload's requests.
     op: usize,
     first: u64,
@@ -170,6 +183,10 @@ struct Req<'e> {
 struct Flight<'e> {
     q: AsyncQueue,
     reqs: HashMap<u64, Req<'e>>,
+    eng: &'e Engine,
+    /// The live region map after each region copy's mark, with the log index then
+    /// (moved into the workload's record before its next snapshot).
+    marks: Vec<(usize, Vec<u64>)>,
 }
 
 impl<'e> Flight<'e> {
@@ -179,21 +196,69 @@ impl<'e> Flight<'e> {
             .any(|r| r.first < first + n && first < r.first + r.n)
     }
 
-    /// Starts a direct request over `req.buf`.
+    /// Starts a direct request over `req.buf`, or the region copy that writes it.
     fn start(&mut self, tag: u64, mut req: Req<'e>) {
         let (off, len) = (req.first * SECTOR as u64, req.n * SECTOR as u64);
-        let write = req.permit.is_write();
-        let target = req.permit.target().clone();
-        let iov = libc::iovec {
+        let data = libc::iovec {
             iov_base: req.buf.as_mut_ptr().cast(),
             iov_len: req.buf.len(),
         };
-        self.q.next_iov().push(iov);
+        match &mut req.io {
+            ReqIo::Direct(permit) => {
+                let (write, target) = (permit.is_write(), permit.target().clone());
+                self.q.next_iov().push(data);
+                // SAFETY: the buffer is owned by the request kept in `self.reqs` until
+                // it is retired (a Vec's heap buffer does not move with the Vec), and
+                // nothing reads or writes it meanwhile; the target is a simulated
+                // device the queue holds.
+                unsafe { self.q.start(tag, &target, write, off, len) };
+            }
+            ReqIo::Copy(copy) => {
+                let (source, dest, start) =
+                    (copy.source().clone(), copy.dest().clone(), copy.start());
+                let (head, tail) = copy.covered();
+                let read = copy.read_len();
+                let buf = copy.buffer();
+                let mut then = Vec::new();
+                if head > 0 {
+                    then.push(libc::iovec {
+                        iov_base: buf.cast(),
+                        iov_len: head,
+                    });
+                }
+                then.push(data);
+                let rest = read.map_or(0, |r| r as usize - tail);
+                if rest > 0 {
+                    then.push(libc::iovec {
+                        // SAFETY: `tail` < the region's length, the buffer's.
+                        iov_base: unsafe { buf.add(tail) }.cast(),
+                        iov_len: rest,
+                    });
+                }
+                let total: u64 = then.iter().map(|v| v.iov_len as u64).sum();
+                match read {
+                    Some(rlen) => {
+                        self.q.next_iov().push(libc::iovec {
+                            iov_base: buf.cast(),
+                            iov_len: rlen as usize,
+                        });
+                        // SAFETY: as above, for the request's buffer and the copy's,
+                        // which the copy owns and the request keeps until retired.
+                        unsafe {
+                            self.q.start_read_then_write(
+                                tag, &source, start, rlen, &dest, start, total, &then,
+                            )
+                        };
+                    }
+                    None => {
+                        self.q.next_iov().extend_from_slice(&then);
+                        // SAFETY: as above.
+                        unsafe { self.q.start(tag, &dest, true, start, total) };
+                    }
+                }
+            }
+        }
         self.reqs.insert(tag, req);
-        // SAFETY: the buffer is owned by the request kept in `self.reqs` until it is
-        // retired (a Vec's heap buffer does not move with the Vec), and nothing reads
-        // or writes it meanwhile; the target is a simulated device the queue holds.
-        unsafe { self.q.start(tag, &target, write, off, len) };
     }
 
     /// Retires what finished, in order: finishes each permit, records the request's
@@ -204,8 +269,22 @@ impl<'e> Flight<'e> {
                 bad.push(format!("the queue retired an unknown request {tag}"));
                 continue;
             };
-            r.permit.finish(result.is_ok());
+            let marked = match r.io {
+                ReqIo::Direct(permit) => {
+                    permit.finish(result.is_ok());
+                    Ok(())
+                }
+                ReqIo::Copy(copy) => {
+                    let marked = copy.finish(result.is_ok());
+                    let live = self.eng.metadata().live_map().snapshot();
+                    self.marks.push((log.len(), live));
+                    marked
+                }
+            };
             ops[r.op].end = log.len();
+            if let Err(e) = marked {
+                bad.push(format!("region copy {tag} could not mark its region: {e}"));
+            }
             if let Err(e) = result {
                 bad.push(format!("direct request {tag} failed: errno {e}"));
                 continue;
@@ -260,6 +339,8 @@ struct Outcome {
     death_points: u64,
     /// Requests that went to the asynchronous queue.
     direct: u64,
+    /// Of them, writes into unhydrated regions copied on the queue.
+    copies: u64,
     /// Most requests in flight on it at once.
     max_in_flight: usize,
     violations: Vec<String>,
@@ -274,6 +355,9 @@ enum Mutation {
     /// Direct writes are not counted as destination writes, so a flush after
     /// them may skip the destination.
     UncountedDirectWrites,
+    /// A region copy on the queue marks its region when it is granted, before its
+    /// destination write.
+    EarlyCopyBits,
 }
 
 struct World {
@@ -298,6 +382,7 @@ fn world(mutation: Mutation) -> World {
         Mutation::None => {}
         Mutation::NoDestFlushInCommit => eng.metadata().set_skip_dest_flush(true),
         Mutation::UncountedDirectWrites => eng.set_uncounted_direct_writes(true),
+        Mutation::EarlyCopyBits => eng.set_early_copy_bits(true),
     }
     World {
         log,
@@ -340,6 +425,8 @@ fn run_workload(seed: u64, mutation: Mutation, kinds: Kinds, qe: QueueEngine) ->
     let mut flight = (qe == QueueEngine::Direct).then(|| Flight {
         q: AsyncQueue::emulated(DEPTH, seed),
         reqs: HashMap::new(),
+        eng: &w.eng,
+        marks: Vec::new(),
     });
     let mut bad = Vec::new();
     let mut next_tag = 100u64;
@@ -347,6 +434,9 @@ fn run_workload(seed: u64, mutation: Mutation, kinds: Kinds, qe: QueueEngine) ->
     for i in 0..OPS {
         let op = gen_op(&mut rng);
         if let Some(f) = flight.as_mut() {
+            // Marks made while the last step retired requests, before any later
+            // snapshot.
+            rec.lives.append(&mut f.marks);
             // A read or write the engine grants goes to the queue; not one that
             // overlaps a request in flight (the guest orders those itself).
             if let Op::Write(a, n) | Op::Read(a, n) = op {
@@ -358,7 +448,13 @@ fn run_workload(seed: u64, mutation: Mutation, kinds: Kinds, qe: QueueEngine) ->
                 }
                 let write = matches!(op, Op::Write(..));
                 let (off, len) = (a * SECTOR as u64, n * SECTOR as u64);
-                if let Some(permit) = w.eng.direct_io(write, off, len) {
+                let io = match w.eng.direct_io(write, off, len) {
+                    Some(permit) => Some(ReqIo::Direct(permit)),
+                    None if write => w.eng.region_copy(off, len).map(ReqIo::Copy),
+                    None => None,
+                };
+                if let Some(io) = io {
+                    out.copies += u64::from(matches!(io, ReqIo::Copy(_)));
                     let at = w.log.len();
                     let tag = next_tag;
                     next_tag += 1;
@@ -377,7 +473,7 @@ fn run_workload(seed: u64, mutation: Mutation, kinds: Kinds, qe: QueueEngine) ->
                         vals,
                     });
                     let req = Req {
-                        permit,
+                        io,
                         op: rec.ops.len() - 1,
                         first: a,
                         n,
@@ -393,6 +489,7 @@ fn run_workload(seed: u64, mutation: Mutation, kinds: Kinds, qe: QueueEngine) ->
             match op {
                 Op::Reap => {
                     f.reap(&w.log, &mut rec.ops, &mut bad);
+                    rec.lives.append(&mut f.marks);
                     rec.lives.push((w.log.len(), live(&w)));
                     continue;
                 }
@@ -401,6 +498,7 @@ fn run_workload(seed: u64, mutation: Mutation, kinds: Kinds, qe: QueueEngine) ->
                 // Anything else runs once the queue is idle.
                 _ => f.drain(&w.log, &mut rec.ops, &mut bad),
             }
+            rec.lives.append(&mut f.marks);
         }
         let at = w.log.len();
         let issued = rec.hist.len();
@@ -493,6 +591,7 @@ fn run_workload(seed: u64, mutation: Mutation, kinds: Kinds, qe: QueueEngine) ->
     }
     if let Some(f) = flight.as_mut() {
         f.drain(&w.log, &mut rec.ops, &mut bad);
+        rec.lives.append(&mut f.marks);
         rec.lives.push((w.log.len(), live(&w)));
     }
     drop(flight);
@@ -782,16 +881,17 @@ fn crash_suite() {
         .iter()
         .filter(|(qe, _)| *qe == QueueEngine::Direct)
         .count();
-    let (mut requests, mut depth) = (0, 0);
+    let (mut requests, mut copies, mut depth) = (0, 0, 0);
     for (_, o) in results {
         requests += o.direct;
+        copies += o.copies;
         depth = depth.max(o.max_in_flight);
         points += o.crash_points;
         deaths += o.death_points;
         violations.extend(o.violations);
     }
     println!(
-        "crash suite: {n} workloads ({} sync, {direct} direct: {requests} requests through the queue, up to {depth} in flight), {points} power-cut points, {deaths} process-death points, {} violations, {:.1} s",
+        "crash suite: {n} workloads ({} sync, {direct} direct: {requests} requests through the queue, {copies} of them region copies, up to {depth} in flight), {points} power-cut points, {deaths} process-death points, {} violations, {:.1} s",
         n as usize - direct,
         violations.len(),
         start.elapsed().as_secs_f64()
@@ -803,6 +903,7 @@ fn crash_suite() {
     );
     if n >= 256 {
         assert!(requests >= 1000, "only {requests} direct requests");
+        assert!(copies >= 200, "only {copies} region copies on the queue");
         assert!(depth >= 4, "never more than {depth} requests in flight");
         assert!(points >= 10_000, "only {points} crash points");
         assert!(deaths >= 10_000, "only {deaths} process-death points");
@@ -853,6 +954,20 @@ fn mutation_uncounted_direct_writes_is_caught() {
         0xD1EC,
         Mutation::UncountedDirectWrites,
         Kinds::PowerCut,
+        QueueEngine::Direct,
+    );
+}
+
+/// A region copied on the queue must be marked only once its destination write
+/// is done: marked at the grant, a process death while the copy is in flight (or a
+/// read meanwhile) finds the region's bit set over data that never arrived.
+#[test]
+fn mutation_marking_a_copied_region_early_is_caught() {
+    mutation(
+        "region copy marked before its destination write",
+        0xEA21,
+        Mutation::EarlyCopyBits,
+        Kinds::Both,
         QueueEngine::Direct,
     );
 }
