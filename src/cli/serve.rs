@@ -150,9 +150,10 @@ pub struct ServeArgs {
     /// Open source and destination with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     pub direct: bool,
-    /// How queues execute reads and writes that need no region copy: `uring` keeps many
-    /// in flight per queue through io_uring, `sync` does one blocking call at a time;
-    /// `auto` picks `uring` with --direct and `sync` otherwise.
+    /// How queues execute reads and writes (and the region copies of writes into
+    /// unhydrated regions): `uring` keeps many in flight per queue through io_uring,
+    /// `sync` does one blocking call at a time; `auto` picks `uring` with --direct and
+    /// `sync` otherwise.
     #[arg(long, value_enum, default_value_t = IoEngineArg::Auto)]
     pub io_engine: IoEngineArg,
     /// With the io_uring engine and a frontend that keeps an in-flight area (QEMU's

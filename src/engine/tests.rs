@@ -397,6 +397,65 @@ fn direct_write_permits_make_the_next_flush_flush_the_destination() {
     assert_eq!(r.eng.counters().writes, 3);
 }
 
+/// `region_copy` grants a copy only for a write inside one unhydrated region that no
+/// one else holds, keeps the region locked while it lives, and marks the region only
+/// when it finishes successfully.
+#[test]
+fn region_copies_are_granted_for_one_free_unhydrated_region_and_mark_at_the_end() {
+    let r = rig(4, 0);
+    let e = &r.eng;
+    // Refused: two regions, empty, unaligned, past the end.
+    assert!(e.region_copy(RS - 512, 1024).is_none(), "two regions");
+    assert!(e.region_copy(0, 0).is_none(), "empty");
+    assert!(e.region_copy(1, 512).is_none(), "unaligned");
+    assert!(e.region_copy(4 * RS, 512).is_none(), "past the end");
+
+    // Granted: the source and destination of the region, the guest's part of it.
+    let mut c = e.region_copy(RS + 1024, 512).expect("a partial write");
+    assert_eq!(c.start(), RS);
+    assert_eq!(c.covered(), (1024, 1536));
+    assert_eq!(c.read_len(), Some(RS));
+    assert!(!c.buffer().is_null());
+    assert_eq!(e.ios_in_flight(), 1);
+    // While it lives the region is locked: no second copy, and hydration skips it.
+    assert!(e.region_copy(RS, 512).is_none(), "region held");
+    assert_eq!(e.locks.held(), 1);
+    assert!(!e.metadata().is_hydrated(1), "marked before the copy ended");
+    // A failed copy marks nothing and unlocks.
+    c.finish(false).unwrap();
+    assert!(!e.metadata().is_hydrated(1));
+    assert_eq!((e.locks.held(), e.ios_in_flight()), (0, 0));
+    // A cancelled or dropped one neither.
+    e.region_copy(RS, 512).unwrap().cancel();
+    drop(e.region_copy(RS, 512).unwrap());
+    assert!(!e.metadata().is_hydrated(1));
+    assert_eq!(e.locks.held(), 0);
+
+    // A successful one marks, after which the region is no longer copied.
+    let f0 = r.dst.flush_count();
+    e.region_copy(RS, 512).unwrap().finish(true).unwrap();
+    assert!(e.metadata().is_hydrated(1));
+    assert!(e.region_copy(RS, 512).is_none(), "hydrated");
+    assert_eq!(e.counters().guest_hydrations, 1);
+    // Its destination write is flushed before the commit that makes the bit durable.
+    e.flush().unwrap();
+    assert!(r.dst.flush_count() > f0);
+
+    // A write covering the whole region reads nothing.
+    let c = e.region_copy(2 * RS, RS).unwrap();
+    assert_eq!(c.read_len(), None);
+    c.finish(true).unwrap();
+    assert_eq!(e.counters().overwrites, 1);
+
+    // Read-only metadata (a failed destination flush): no copies.
+    e.write_at(&[2u8; 512], RS).unwrap();
+    r.dst
+        .set_fault(crate::storage::Fault::Flush, Some(libc::EIO));
+    assert!(e.flush().is_err());
+    assert_eq!(e.metadata().mode(), Mode::Ro);
+    assert!(e.region_copy(3 * RS, 512).is_none(), "read-only");
+}
+
 /// The engine of a restarted process on the devices of `r` (whose caches, like
 /// the page cache, survived) with the live map `live` the dead one left.
 fn restart(r: &Rig, live: crate::metadata::live::LiveMap) -> Engine {
