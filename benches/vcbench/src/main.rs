@@ -104,6 +104,12 @@ struct Args {
     /// copy no page-cache data on tmpfs: shows how much of the cost is the copy itself.
     #[arg(long)]
     sparse_source: bool,
+    /// Give our clone a destination whose blocks are all allocated (written with zeroes
+    /// before each clone measurement) instead of a sparse file that serve extends: shows
+    /// what allocating blocks on the file system (and journaling it at each commit's
+    /// destination flush) costs first-touch writes. QSD's overlay is unchanged.
+    #[arg(long)]
+    allocated_clone: bool,
     /// Serve the source through an NBD server instead of as a file (issue 14):
     /// the tool starts `qemu-nbd --read-only --shared=16` on the source image over a
     /// unix socket (`unix`) or TCP on 127.0.0.1 (`tcp`). The clone cases then read
@@ -606,6 +612,20 @@ fn start_ours(c: &Ctx, daemon: &Path, extra: &[String], target: Target, nq: usiz
         Target::Clone => {
             rm(&c.clone);
             rm(&c.clone_meta);
+            if c.a.allocated_clone {
+                let f = File::create(&c.clone)
+                    .unwrap_or_else(|e| die(format!("{}: {e}", c.clone.display())));
+                let zero = vec![0u8; 1 << 20];
+                let mut w = std::io::BufWriter::new(&f);
+                for _ in 0..c.size.div_ceil(1 << 20) {
+                    std::io::Write::write_all(&mut w, &zero)
+                        .unwrap_or_else(|e| die(format!("{}: {e}", c.clone.display())));
+                }
+                drop(w);
+                f.set_len(c.size)
+                    .and_then(|()| f.sync_all())
+                    .unwrap_or_else(|e| die(format!("{}: {e}", c.clone.display())));
+            }
             cmd.arg("--source")
                 .arg(c.source_arg())
                 .arg("--dest")
