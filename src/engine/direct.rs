@@ -97,11 +97,17 @@ impl Engine {
             return None;
         }
         let guard = self.locks.try_lock(r)?;
-        if self.md.is_hydrated(r) {
-            // Hydrated between the look and the lock.
+        if self.md.is_hydrated(r) || self.md.mode() != Mode::Rw {
+            // Hydrated, or the metadata failed, between the look and the lock.
             return None;
         }
         let whole = offset == rs && len == re - rs;
+        let buf = if whole {
+            None
+        } else {
+            // No memory for the buffer: the synchronous path's scratch buffer will do.
+            Some(AlignedBuf::try_zeroed((re - rs) as usize)?)
+        };
         #[cfg(feature = "test-hooks")]
         if self.early_copy_bits.load(Ordering::SeqCst) {
             // The mutation: the bit before the data.
@@ -112,7 +118,7 @@ impl Engine {
             region: r,
             start: rs,
             covered: ((offset - rs) as usize, (offset + len - rs) as usize),
-            buf: (!whole).then(|| AlignedBuf::zeroed((re - rs) as usize)),
+            buf,
             source,
             permit: DirectIo::grant(self, dest, true, len),
             _guard: guard,

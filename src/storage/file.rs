@@ -276,13 +276,21 @@ impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (at least 1).
     pub fn zeroed(len: usize) -> AlignedBuf {
         let len = len.max(1);
-        let layout = Layout::from_size_align(len, DIRECT_ALIGN).expect("aligned layout");
+        Self::try_zeroed(len).unwrap_or_else(|| {
+            alloc::handle_alloc_error(
+                Layout::from_size_align(len, DIRECT_ALIGN).expect("aligned layout"),
+            )
+        })
+    }
+
+    /// A zeroed buffer of `len` bytes (at least 1), or `None` if the allocator has
+    /// no memory for it (or `len` is absurd).
+    pub fn try_zeroed(len: usize) -> Option<AlignedBuf> {
+        let len = len.max(1);
+        let layout = Layout::from_size_align(len, DIRECT_ALIGN).ok()?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            alloc::handle_alloc_error(layout);
-        }
-        AlignedBuf { ptr, len }
+        (!ptr.is_null()).then_some(AlignedBuf { ptr, len })
     }
 
     /// Its length in bytes.

@@ -510,9 +510,11 @@ impl AsyncQueue {
     }
 
     /// Submits what was started and, unless the oldest request already finished (so
-    /// that [`AsyncQueue::next_retired`] has something to give), makes at least one
-    /// more request finish: performs an emulated one, or blocks until the kernel
-    /// completes one. Requires that the queue is not idle.
+    /// that [`AsyncQueue::next_retired`] has something to give), makes progress:
+    /// performs an emulated transfer, or blocks until the kernel completes one. A
+    /// transfer that was the first step of a two-step request finishes nothing (its
+    /// second step starts), so callers wait in a loop. Requires that the queue is not
+    /// idle.
     pub fn wait(&mut self) {
         if self.retirable().is_some() || self.reap() > 0 || self.complete_emulated() {
             // Still submit what was queued since.
@@ -656,7 +658,13 @@ impl AsyncQueue {
 impl Drop for AsyncQueue {
     fn drop(&mut self) {
         // The device never drops a queue with requests in flight; if that ever happens,
-        // wait for them rather than let the kernel write into memory that is reused.
+        // wait for them rather than let the kernel write into memory that is reused,
+        // and start no second step of a two-step request (its buffers may be the
+        // caller's, going away: like emulated requests not yet performed, it never
+        // happens).
+        for s in &mut self.slots {
+            s.then = None;
+        }
         while self.in_kernel() {
             self.enter(1);
             self.reap();

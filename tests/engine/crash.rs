@@ -481,6 +481,11 @@ fn run_workload(seed: u64, mutation: Mutation, kinds: Kinds, qe: QueueEngine) ->
                         expect,
                     };
                     f.start(tag, req);
+                    // The live map as the grant left it (a copy must not have marked
+                    // its region yet: the early-mark mutation shows here), after the
+                    // marks of the copies retired while making room for it.
+                    rec.lives.append(&mut f.marks);
+                    rec.lives.push((w.log.len(), live(&w)));
                     out.direct += 1;
                     out.max_in_flight = out.max_in_flight.max(f.reqs.len());
                     continue;
