@@ -234,6 +234,39 @@ impl RegionCopy<'_> {
             .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr())
     }
 
+    /// Fills `out` with the destination write's iovecs: the buffer's bytes before the
+    /// guest's, then what `guest` appends (the guest's data, exactly the covered
+    /// bytes), then the buffer's bytes after them. Returns `false`, with `out` unusable,
+    /// when `guest` does (its buffers cannot be used).
+    pub fn write_iovecs(
+        &mut self,
+        out: &mut Vec<libc::iovec>,
+        guest: impl FnOnce(&mut Vec<libc::iovec>) -> bool,
+    ) -> bool {
+        let (head, tail) = self.covered;
+        let buf = self.buffer();
+        out.clear();
+        if head > 0 {
+            out.push(libc::iovec {
+                iov_base: buf.cast(),
+                iov_len: head,
+            });
+        }
+        if !guest(out) {
+            return false;
+        }
+        let rest = self.read_len().map_or(0, |len| len as usize - tail);
+        if rest > 0 {
+            out.push(libc::iovec {
+                // SAFETY: `tail` < the buffer's length (the region's): pointer
+                // arithmetic inside the copy's buffer, not dereferenced here.
+                iov_base: unsafe { buf.add(tail) }.cast(),
+                iov_len: rest,
+            });
+        }
+        true
+    }
+
     /// Gives the copy back without issuing any of it: the region stays as it was (the
     /// caller sends the write through [`Engine::write`]).
     pub fn cancel(self) {

@@ -648,11 +648,8 @@ impl BlkDevice {
         let permit = self.backend.direct_io(write, offset, len)?;
         let a = permit.target().align();
         let usable = request::guest_iovecs(mem, data, iov, MAX_IOVECS).is_ok()
-            && (a <= 1
-                || (offset % a as u64 == 0
-                    && iov
-                        .iter()
-                        .all(|v| (v.iov_base as usize) % a == 0 && v.iov_len % a == 0)));
+            && offset % a.max(1) as u64 == 0
+            && aligned(iov, a);
         if !usable {
             permit.cancel();
             return None;
@@ -678,35 +675,14 @@ impl BlkDevice {
         };
         let mut copy = self.backend.region_copy(offset, len)?;
         let a = copy.source().align().max(copy.dest().align());
-        let (head, tail) = copy.covered();
-        let buf = copy.buffer();
-        iov.clear();
-        if head > 0 {
-            iov.push(libc::iovec {
-                iov_base: buf.cast(),
-                iov_len: head,
-            });
-        }
-        let guest = iov.len();
-        let usable = request::guest_iovecs(mem, data, iov, MAX_IOVECS - 2).is_ok()
-            && (a <= 1
-                || iov[guest..]
-                    .iter()
-                    .all(|v| (v.iov_base as usize) % a == 0 && v.iov_len % a == 0));
+        let usable = copy.write_iovecs(iov, |iov| {
+            let guest = iov.len();
+            request::guest_iovecs(mem, data, iov, MAX_IOVECS - 2).is_ok()
+                && aligned(&iov[guest..], a)
+        });
         if !usable {
             copy.cancel();
             return None;
-        }
-        if let Some(region) = copy.read_len() {
-            let rest = region as usize - tail;
-            if rest > 0 {
-                iov.push(libc::iovec {
-                    // SAFETY: `tail` < the buffer's length (the region's): pointer
-                    // arithmetic inside the copy's buffer, not dereferenced here.
-                    iov_base: unsafe { buf.add(tail) }.cast(),
-                    iov_len: rest,
-                });
-            }
         }
         Some((status_addr, copy))
     }
@@ -1043,6 +1019,15 @@ fn wait_kick(vring: &Vring, timeout: Duration) -> bool {
         return true;
     }
     false
+}
+
+/// Whether every buffer of `iov` starts and ends on a multiple of `a` (0 or 1: none
+/// needed), as O_DIRECT asks of addresses and lengths.
+fn aligned(iov: &[libc::iovec], a: usize) -> bool {
+    a <= 1
+        || iov
+            .iter()
+            .all(|v| (v.iov_base as usize) % a == 0 && v.iov_len % a == 0)
 }
 
 /// Backend error to status byte: `Unsupported` means UNSUPP, anything else IOERR.

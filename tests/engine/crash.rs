@@ -216,25 +216,13 @@ impl<'e> Flight<'e> {
             ReqIo::Copy(copy) => {
                 let (source, dest, start) =
                     (copy.source().clone(), copy.dest().clone(), copy.start());
-                let (head, tail) = copy.covered();
                 let read = copy.read_len();
                 let buf = copy.buffer();
                 let mut then = Vec::new();
-                if head > 0 {
-                    then.push(libc::iovec {
-                        iov_base: buf.cast(),
-                        iov_len: head,
-                    });
-                }
-                then.push(data);
-                let rest = read.map_or(0, |r| r as usize - tail);
-                if rest > 0 {
-                    then.push(libc::iovec {
-                        // SAFETY: `tail` < the region's length, the buffer's.
-                        iov_base: unsafe { buf.add(tail) }.cast(),
-                        iov_len: rest,
-                    });
-                }
+                copy.write_iovecs(&mut then, |v| {
+                    v.push(data);
+                    true
+                });
                 let total: u64 = then.iter().map(|v| v.iov_len as u64).sum();
                 match read {
                     Some(rlen) => {
