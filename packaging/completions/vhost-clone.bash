@@ -101,7 +101,7 @@ _vhost__clone() {
             return 0
             ;;
         vhost__clone__subcmd__create)
-            opts="-s -d -m -r -v -h --source --dest --metadata --region-size --force --log-level --verbose --help"
+            opts="-s -d -m -r -v -h --source --dest --metadata --region-size --partial-regions --force --log-level --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -136,6 +136,10 @@ _vhost__clone() {
                     return 0
                     ;;
                 -r)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --partial-regions)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -231,7 +235,7 @@ _vhost__clone() {
             return 0
             ;;
         vhost__clone__subcmd__serve)
-            opts="-s -d -m -r -v -h --source --dest --metadata --socket-path --socket-group --socket-mode --fd --control-socket --num-queues --queue-size --region-size --read-only --serial --commit-interval --source-timeout --source-connections --no-discard-passdown --no-hydration --hydration-threshold --hydration-batch-size --hydration-rate --detect-zeroes --direct --io-engine --retire-out-of-order --interrupt-hold --runtime-dir --metrics-address --sandbox --standby --print-capabilities --log-level --verbose --help"
+            opts="-s -d -m -r -v -h --source --dest --metadata --socket-path --socket-group --socket-mode --fd --control-socket --num-queues --queue-size --region-size --partial-regions --read-only --serial --commit-interval --source-timeout --source-connections --no-discard-passdown --no-hydration --hydration-threshold --hydration-batch-size --hydration-rate --detect-zeroes --direct --io-engine --retire-out-of-order --interrupt-hold --runtime-dir --metrics-address --sandbox --standby --print-capabilities --log-level --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -294,6 +298,10 @@ _vhost__clone() {
                     return 0
                     ;;
                 -r)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --partial-regions)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

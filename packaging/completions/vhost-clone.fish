@@ -50,6 +50,7 @@ complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l contro
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l num-queues -d 'Number of request queues, one worker thread each [default: the number of CPUs, at most 16, which is what QEMU\'s vhost-user-blk-pci asks for by default]' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l queue-size -d 'Largest virtqueue size a frontend may choose (power of two)' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -s r -l region-size -d 'Region size for a new clone (power of two, 4K..1G); must match an existing one' -r
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l partial-regions -d 'For a new clone: regions that may be partly written at once (see `create --partial-regions`); 0: none (metadata version 1). Must match an existing one' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l serial -d 'The disk\'s serial number (GET_ID), at most 20 bytes' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l commit-interval -d 'Seconds between periodic metadata commits (0 disables them)' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand serve" -l source-timeout -d 'With an NBD source: seconds a source read may wait for the server, reconnecting included, before it fails with an I/O error' -r
@@ -108,6 +109,7 @@ complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -s s -l 
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -s d -l dest -d 'The destination (the clone)' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -s m -l metadata -d 'The metadata file [default: DEST.meta]' -r -F
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -s r -l region-size -d 'Region size (power of two, 4K..1G), e.g. 64K' -r
+complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -l partial-regions -d 'Regions that may be partly written at once: a write of whole 4 KiB sub-blocks into an unhydrated region writes only them, recorded in a table of this many slots (16 bytes each) [default: 65536, or one per region for a smaller clone]; 0: no table, every such write copies its region (metadata format version 1, which daemons before version 2 can open)' -r
 complete -c vhost-clone -n "__fish_vhost_clone_using_subcommand create" -l log-level -d 'Log level; RUST_LOG overrides it (tracing\'s EnvFilter syntax)' -r -f -a "error\t'Errors only'
 warn\t'Errors and warnings (`warning` is accepted too, as syslog spells it)'
 info\t'Also state changes: start, stop, commits adopted, hydration complete'

@@ -163,6 +163,13 @@ pub struct CreateArgs {
     /// Region size (power of two, 4K..1G), e.g. 64K.
     #[arg(long, short = 'r', value_parser = parse_region_size, default_value = "64K")]
     pub region_size: u64,
+    /// Regions that may be partly written at once: a write of whole 4 KiB
+    /// sub-blocks into an unhydrated region writes only them, recorded in a table
+    /// of this many slots (16 bytes each) [default: 65536, or one per region for a
+    /// smaller clone]; 0: no table, every such write copies its region (metadata
+    /// format version 1, which daemons before version 2 can open).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    pub partial_regions: Option<u64>,
     /// Overwrite metadata that is already formatted (the clone restarts from scratch).
     #[arg(long)]
     pub force: bool,

@@ -41,6 +41,7 @@ pub fn create(a: &CreateArgs) -> Result<()> {
         },
         StoreOptions {
             region_size: Some(a.region_size),
+            partial_slots: a.partial_regions,
             direct: false,
             reformat: a.force,
             network: Default::default(),
@@ -99,8 +100,44 @@ struct CheckReport {
     regions: Option<u64>,
     hydrated: Option<u64>,
     complete: Option<bool>,
+    /// Format version 2: the table of partly written regions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partial: Option<PartialReport>,
     source: Option<StoreReport>,
     dest: Option<StoreReport>,
+}
+
+/// The table of partly written regions, in `check` and `dump`.
+#[derive(Debug, Serialize)]
+struct PartialReport {
+    /// Slots of the table.
+    slots: u64,
+    /// Sub-block size in bytes (one bit of a written mask).
+    sub_block: u64,
+    /// Partly written regions in the committed state, with their written masks.
+    regions: Vec<PartialRegion>,
+}
+
+#[derive(Debug, Serialize)]
+struct PartialRegion {
+    region: u64,
+    written_mask: u64,
+}
+
+fn partial_report(l: &metadata::Loaded) -> Option<PartialReport> {
+    let spec = l.superblock.partial;
+    (spec.slots > 0).then(|| PartialReport {
+        slots: spec.slots,
+        sub_block: spec.sub_block,
+        regions: l
+            .partial_regions()
+            .into_iter()
+            .map(|(region, written_mask)| PartialRegion {
+                region,
+                written_mask,
+            })
+            .collect(),
+    })
 }
 
 fn check_store(
@@ -171,6 +208,7 @@ pub fn check(a: &CheckArgs) -> Result<()> {
                 r.regions = Some(sb.geometry.nr_regions());
                 r.hydrated = Some(sb.hydrated);
                 r.complete = Some(sb.hydrated == sb.geometry.nr_regions());
+                r.partial = partial_report(&l);
                 r.notes.extend(l.notes);
             }
         },
@@ -206,6 +244,16 @@ pub fn check(a: &CheckArgs) -> Result<()> {
                 r.sequence.unwrap_or(0)
             )
             .map_err(CliError::Output)?;
+            if let Some(p) = &r.partial {
+                writeln!(
+                    o,
+                    "partly written: {} regions (table of {} slots, sub-blocks of {} bytes)",
+                    p.regions.len(),
+                    p.slots,
+                    p.sub_block
+                )
+                .map_err(CliError::Output)?;
+            }
         }
         for n in &r.notes {
             writeln!(o, "note: {n}").map_err(CliError::Output)?;
@@ -234,6 +282,9 @@ struct Dump {
     complete: bool,
     /// Inclusive `[first, last]` region ranges that are hydrated.
     hydrated_ranges: Vec<[u64; 2]>,
+    /// Format version 2: the table of partly written regions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partial: Option<PartialReport>,
 }
 
 /// `vhost-clone dump`: shows the hydration state.
@@ -254,6 +305,7 @@ pub fn dump(a: &DumpArgs) -> Result<()> {
             .into_iter()
             .map(|(f, n)| [f, f + n - 1])
             .collect(),
+        partial: partial_report(&l),
     };
     let mut o = out();
     if a.json {
@@ -272,6 +324,23 @@ pub fn dump(a: &DumpArgs) -> Result<()> {
     for [f, l] in &d.hydrated_ranges {
         let (bs, be) = (g.region_start(*f), g.region_end(*l));
         writeln!(o, "  regions {f}-{l}  bytes {bs}-{}", be - 1).map_err(CliError::Output)?;
+    }
+    if let Some(p) = &d.partial {
+        writeln!(
+            o,
+            "partly written: {} regions (sub-blocks of {} bytes)",
+            p.regions.len(),
+            p.sub_block
+        )
+        .map_err(CliError::Output)?;
+        for e in &p.regions {
+            writeln!(
+                o,
+                "  region {}  written sub-blocks {:#x}",
+                e.region, e.written_mask
+            )
+            .map_err(CliError::Output)?;
+        }
     }
     Ok(())
 }

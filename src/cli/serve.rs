@@ -109,6 +109,10 @@ pub struct ServeArgs {
     /// Region size for a new clone (power of two, 4K..1G); must match an existing one.
     #[arg(long, short = 'r', value_parser = parse_region_size)]
     pub region_size: Option<u64>,
+    /// For a new clone: regions that may be partly written at once (see `create
+    /// --partial-regions`); 0: none (metadata version 1). Must match an existing one.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    pub partial_regions: Option<u64>,
     /// Offer a read-only disk to the guest (no writes, no hydration; `--readonly` is an alias).
     #[arg(long, alias = "readonly")]
     pub read_only: bool,
@@ -648,6 +652,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     // it can lock them (below).
     let store_opts = StoreOptions {
         region_size: a.region_size,
+        partial_slots: a.partial_regions,
         direct: a.direct,
         reformat: false,
         network: super::stores::NetworkOptions {
@@ -786,17 +791,22 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         unreachable!("format_if_new leaves an existing store");
     };
     let geo = stores.geometry;
+    let slots = loaded.superblock.partial.slots;
     let live = match &plan.runtime_dir {
         Some(dir) => {
             let dest_id = stores.dest.id();
-            let id =
-                LiveIdentity::current(loaded.superblock.uuid, &geo, (dest_id.dev, dest_id.ino))
-                    .map_err(|source| {
-                        ServeError::Live(LiveError::Io {
-                            path: "/proc/sys/kernel/random/boot_id".into(),
-                            source,
-                        })
-                    })?;
+            let id = LiveIdentity::current(
+                loaded.superblock.uuid,
+                &geo,
+                slots,
+                (dest_id.dev, dest_id.ino),
+            )
+            .map_err(|source| {
+                ServeError::Live(LiveError::Io {
+                    path: "/proc/sys/kernel/random/boot_id".into(),
+                    source,
+                })
+            })?;
             let (live, found) = LiveMap::open(dir, &id).map_err(ServeError::Live)?;
             if let Found::Replaced(why) = &found {
                 tracing::info!(path = ?live.path(), "replacing a live region map: {why}");
@@ -807,7 +817,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             tracing::warn!(
                 "--runtime-dir none: bits set since the last commit die with the process; a restart after kill -9 may lose acknowledged writes"
             );
-            LiveMap::anonymous(geo.nr_regions())
+            LiveMap::anonymous(geo.nr_regions(), slots)
         }
     };
     let md_dev: Arc<dyn BlockDevice> = stores.metadata.clone();

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{CliError, Result};
-use crate::metadata::format::Layout;
+use crate::metadata::format::{Layout, PartialSpec};
 use crate::metadata::{self, Geometry, Loaded, MetadataError};
 use crate::storage::nbd::{self, NbdConfig, NbdDevice, NbdUri};
 use crate::storage::{is_all_zero, BlockDevice, FileDevice, FileId, LockKind, OpenOptions};
@@ -59,6 +59,8 @@ pub struct Stores {
     pub state: MetadataState,
     /// The clone's geometry (stored, or for a new clone from the source).
     pub geometry: Geometry,
+    /// The clone's table of partly written regions (stored, or for a new clone).
+    pub partial: PartialSpec,
     /// Files this open created: removed on drop unless [`Stores::keep`] was called.
     created: Vec<PathBuf>,
 }
@@ -68,6 +70,9 @@ pub struct Stores {
 pub struct StoreOptions {
     /// Region size asked for (a new clone's, or checked against the stored one).
     pub region_size: Option<u64>,
+    /// Slots of the table of partly written regions asked for (a new clone's, 0
+    /// for none; or checked against the stored one); `None`: the default.
+    pub partial_slots: Option<u64>,
     /// Open source and destination with O_DIRECT.
     pub direct: bool,
     /// Treat existing metadata as new (`create --force`).
@@ -289,6 +294,13 @@ impl Stores {
             }
             MetadataState::Existing(l) => {
                 let stored = l.superblock.geometry;
+                let table = l.superblock.partial.slots;
+                if let Some(given) = opts.partial_slots.filter(|n| *n != table) {
+                    return Err(CliError::Usage(format!(
+                        "metadata {}: its table of partly written regions has {table} slots, but --partial-regions {given} was given (the table is chosen when the clone is created; leave the option out)",
+                        mdp.display()
+                    )));
+                }
                 // An option the clone contradicts: fixed on the command line (exit 2).
                 if let Some(given) = opts.region_size.filter(|r| *r != stored.region_size()) {
                     return Err(CliError::RegionSizeMismatch {
@@ -302,6 +314,10 @@ impl Stores {
                 }
                 stored
             }
+        };
+        let partial = match &state {
+            MetadataState::Existing(l) => l.superblock.partial,
+            MetadataState::New => new_table(&geometry, opts.partial_slots)?,
         };
         if let (MetadataState::Existing(l), None) = (&state, &dest) {
             if l.superblock.hydrated > 0 {
@@ -349,6 +365,7 @@ impl Stores {
             metadata: Arc::new(md),
             state,
             geometry,
+            partial,
             created,
         };
         // Again on the open files: a path may have been swapped meanwhile.
@@ -398,14 +415,14 @@ impl Stores {
             return Ok(false);
         }
         let path = self.metadata.path().to_path_buf();
-        let need = Layout::new(&self.geometry).required_size();
+        let need = Layout::with(&self.geometry, &self.partial).required_size();
         if self.metadata.size() < need {
             let dev = Arc::get_mut(&mut self.metadata).ok_or_else(|| {
                 CliError::Refused("the metadata device is shared while formatting".into())
             })?;
             dev.grow(need)?;
         }
-        metadata::Metadata::format_store(self.metadata.as_ref(), self.geometry)
+        metadata::Metadata::format_store_with(self.metadata.as_ref(), self.geometry, self.partial)
             .map_err(md_err(&path))?;
         let loaded =
             metadata::load(self.metadata.as_ref(), Some(&self.geometry)).map_err(md_err(&path))?;
@@ -417,6 +434,29 @@ impl Stores {
     pub fn keep(&mut self) {
         self.created.clear();
     }
+}
+
+/// The table of partly written regions of a new clone of `geo`: the default,
+/// none (`Some(0)`), or `Some(n)` slots of the default sub-block size.
+fn new_table(geo: &Geometry, slots: Option<u64>) -> Result<PartialSpec> {
+    let default = PartialSpec::default_for(geo);
+    let spec = match slots {
+        None => return Ok(default),
+        Some(0) => return Ok(PartialSpec::none(geo)),
+        Some(_) if default.slots == 0 => {
+            return Err(CliError::Usage(format!(
+                "--partial-regions: regions of {} bytes have one sub-block and no table (use a region size of 8K or more)",
+                geo.region_size()
+            )))
+        }
+        Some(n) => PartialSpec {
+            slots: n,
+            sub_block: default.sub_block,
+        },
+    };
+    spec.validate(geo)
+        .map_err(|e| CliError::Usage(format!("--partial-regions: {e}")))?;
+    Ok(spec)
 }
 
 impl Drop for Stores {

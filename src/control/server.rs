@@ -32,6 +32,10 @@ pub struct Status {
     pub regions: u64,
     /// Hydrated regions.
     pub hydrated_regions: u64,
+    /// Regions partly written (some sub-blocks the guest's, the rest still the
+    /// source's; version 2 stores).
+    #[serde(default)]
+    pub partly_written_regions: u64,
     /// Hydrated bytes.
     pub hydrated_bytes: u64,
     /// True when every region is hydrated (the source is no longer needed).
@@ -248,6 +252,7 @@ impl StatusReporter {
             region_size: g.region_size(),
             regions: g.nr_regions(),
             hydrated_regions: hydrated,
+            partly_written_regions: md.partial_count(),
             hydrated_bytes,
             complete: hydrated == g.nr_regions(),
             hydrating_regions: e.regions_in_flight(),

@@ -58,6 +58,10 @@ pub struct Counters {
     /// Write-zeroes requests that failed.
     #[serde(default)]
     pub write_zeroes_errors: u64,
+    /// Writes into unhydrated regions that wrote only their sub-blocks (no
+    /// region copy; the regions are partly written until hydrated).
+    #[serde(default)]
+    pub partial_writes: u64,
 }
 
 /// Counter shards: each thread adds to its own (cache-line aligned) shard, so
@@ -99,6 +103,7 @@ pub(super) struct AtomicCounters {
     pub(super) flush_errors: AtomicU64,
     pub(super) discard_errors: AtomicU64,
     pub(super) write_zeroes_errors: AtomicU64,
+    pub(super) partial_writes: AtomicU64,
 }
 
 /// Selects one counter of a shard (the per-kind error counters).
@@ -158,6 +163,7 @@ impl Engine {
             flush_errors: self.sum(|c| &c.flush_errors),
             discard_errors: self.sum(|c| &c.discard_errors),
             write_zeroes_errors: self.sum(|c| &c.write_zeroes_errors),
+            partial_writes: self.sum(|c| &c.partial_writes),
         }
     }
 }

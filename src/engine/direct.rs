@@ -47,15 +47,9 @@ impl Engine {
         let dev = if self.md.all_hydrated() {
             &self.dest
         } else {
-            let (first, last) = (
-                self.geo.region_of(offset),
-                self.geo.region_of(offset + len - 1),
-            );
-            let hydrated = self.md.is_hydrated(first);
-            if !(first + 1..=last).all(|r| self.md.is_hydrated(r) == hydrated) {
-                return None;
-            }
-            match (hydrated, write) {
+            // Written sub-blocks of a partly written region are the destination's
+            // as a hydrated region is: nothing but the guest writes them again.
+            match (self.one_device(offset, offset + len)?, write) {
                 (true, _) => &self.dest,
                 (false, false) => self.source.as_ref()?,
                 (false, true) => return None,
@@ -72,6 +66,10 @@ impl Engine {
     /// bytes before [`RegionCopy::covered`], the guest's data, and the buffer's bytes
     /// after it; then [`RegionCopy::finish`] before the guest is told. What
     /// [`Engine::write`] does in one call, without blocking the caller's queue.
+    ///
+    /// In a version 2 store the "region" copied is only the sub-blocks the write
+    /// touches (read from the source only for an edge sub-block it covers in part
+    /// and the guest never wrote), and `finish` marks them written.
     ///
     /// `None` (the caller goes through [`Engine::write`]): a write over more than one
     /// region, into a hydrated region, not aligned to the devices' alignment, a
@@ -102,23 +100,40 @@ impl Engine {
             return None;
         }
         let whole = offset == rs && len == re - rs;
-        let buf = if whole {
+        let plan = if whole {
+            None
+        } else {
+            self.sub_block_plan(r, offset, offset + len)
+        };
+        let (start, end) = plan.map_or((rs, re), |p| (p.start, p.end));
+        if start % a != 0 || end % a != 0 {
+            return None;
+        }
+        let buf = if whole || plan.is_some_and(|p| !p.fills(offset, offset + len)) {
             None
         } else {
             // No memory for the buffer: the synchronous path's scratch buffer will do.
-            Some(AlignedBuf::try_zeroed((re - rs) as usize)?)
+            Some(AlignedBuf::try_zeroed((end - start) as usize)?)
         };
         #[cfg(feature = "test-hooks")]
         if self.early_copy_bits.load(Ordering::SeqCst) {
-            // The mutation: the bit before the data.
-            self.md.set_hydrated(r).ok()?;
+            // The mutation: the bits before the data.
+            match plan {
+                Some(p) => {
+                    self.md.mark_written(r, p.bits).ok()?;
+                }
+                None => {
+                    self.md.set_hydrated(r).ok()?;
+                }
+            }
         }
         Some(RegionCopy {
             engine: self,
             region: r,
-            start: rs,
-            covered: ((offset - rs) as usize, (offset + len - rs) as usize),
+            start,
+            covered: ((offset - start) as usize, (offset + len - start) as usize),
             buf,
+            sub_blocks: plan.map(|p| (p.mask, p.bits)),
             source,
             permit: DirectIo::grant(self, dest, true, len),
             _guard: guard,
@@ -190,9 +205,13 @@ pub struct RegionCopy<'e> {
     region: u64,
     start: u64,
     covered: (usize, usize),
-    /// The region as the source has it, with the guest's data written over it by
-    /// the destination write's iovecs; `None` when the write covers the region.
+    /// The region (or the sub-blocks) as the source has it, with the guest's data
+    /// written over it by the destination write's iovecs; `None` when nothing is
+    /// read.
     buf: Option<AlignedBuf>,
+    /// Sub-blocks only: the region's written mask before, and the sub-blocks
+    /// written; `None`: the whole region, hydrated at the end.
+    sub_blocks: Option<(u64, u64)>,
     source: IoTarget,
     /// The destination write's accounting (in flight, and a destination write).
     permit: DirectIo<'e>,
@@ -210,23 +229,25 @@ impl RegionCopy<'_> {
         self.permit.target()
     }
 
-    /// The region's first byte (on both devices).
+    /// The first byte written (on both devices): the region's, or its first
+    /// sub-block's the write touches.
     pub fn start(&self) -> u64 {
         self.start
     }
 
-    /// The guest's bytes within the region, as offsets from its start.
+    /// The guest's bytes within what is written, as offsets from its start.
     pub fn covered(&self) -> (usize, usize) {
         self.covered
     }
 
-    /// The region's length if it must be read first (the write covers part of it).
+    /// The length read first from [`RegionCopy::start`], if any (the write covers
+    /// part of the region, or of an unwritten edge sub-block).
     pub fn read_len(&self) -> Option<u64> {
         self.buf.as_ref().map(|b| b.len() as u64)
     }
 
-    /// The buffer the region is read into, region-long, aligned for `O_DIRECT`; null
-    /// when nothing is read. It lives as long as the copy: the caller's queue may
+    /// The buffer the region is read into, [`RegionCopy::read_len`] long, aligned
+    /// for `O_DIRECT`; null when nothing is read. It lives as long as the copy: the caller's queue may
     /// read into it and write from it until the copy ends.
     pub fn buffer(&mut self) -> *mut u8 {
         self.buf
@@ -284,6 +305,7 @@ impl RegionCopy<'_> {
             region,
             permit,
             buf,
+            sub_blocks,
             _guard,
             ..
         } = self;
@@ -291,14 +313,18 @@ impl RegionCopy<'_> {
         if !ok {
             return Ok(());
         }
+        #[cfg(feature = "test-hooks")]
+        if engine.early_copy_bits.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Some((mask, bits)) = sub_blocks {
+            bump(&engine.stats().partial_writes, 1);
+            return engine.mark_sub_blocks(region, mask, bits);
+        }
         if buf.is_some() {
             bump(&engine.stats().guest_hydrations, 1);
         } else {
             bump(&engine.stats().overwrites, 1);
-        }
-        #[cfg(feature = "test-hooks")]
-        if engine.early_copy_bits.load(Ordering::SeqCst) {
-            return Ok(());
         }
         engine
             .md
@@ -314,6 +340,7 @@ impl std::fmt::Debug for RegionCopy<'_> {
             .field("region", &self.region)
             .field("covered", &self.covered)
             .field("read", &self.buf.is_some())
+            .field("sub_blocks", &self.sub_blocks)
             .finish()
     }
 }

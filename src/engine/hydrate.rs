@@ -5,7 +5,8 @@
 //! Invariant: the caller holds the lock of every region copied, and a region's
 //! bit is set only after its whole copy completed on the destination (and was
 //! counted as a destination write, so the commit that records it flushes it
-//! first).
+//! first). A partly written region's copy is only of the sub-blocks its mask
+//! lacks: the written ones hold the guest's data.
 use std::sync::atomic::Ordering;
 
 use super::counters::bump;
@@ -73,11 +74,19 @@ impl Engine {
         let mut buf = Vec::new();
         let mut r = first;
         while r < first + n {
-            // A run of regions of one kind (data or hole).
+            if let Some(mask) = self.written_mask_to_keep(r) {
+                let n = self.fill_missing(r, mask)?;
+                bump(&self.hydration_bytes_read, n);
+                read += n;
+                r += 1;
+                continue;
+            }
+            // A run of regions of one kind (data or hole), none partly written.
             let data = has_data(self.geo.region_start(r), self.geo.region_end(r));
             let mut e = r + 1;
             while e < first + n
                 && has_data(self.geo.region_start(e), self.geo.region_end(e)) == data
+                && self.written_mask_to_keep(e).is_none()
             {
                 e += 1;
             }
@@ -122,6 +131,23 @@ impl Engine {
             self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
         }
         Ok((holes, read))
+    }
+
+    /// The written mask of region `r`, whose sub-blocks a copy must keep.
+    fn written_mask_to_keep(&self, r: u64) -> Option<u64> {
+        #[cfg(feature = "test-hooks")]
+        if self.whole_copies.load(Ordering::SeqCst) {
+            // The mutation: copies overwrite the guest's sub-blocks.
+            return None;
+        }
+        self.md.written_mask(r)
+    }
+
+    /// Test-only mutation: hydration copies partly written regions whole, over
+    /// the sub-blocks the guest wrote. Exists so that the crash suite can fail.
+    #[cfg(feature = "test-hooks")]
+    pub fn set_whole_copies(&self, on: bool) {
+        self.whole_copies.store(on, Ordering::SeqCst);
     }
 
     /// One background hydration step: copies up to `max` adjacent unhydrated

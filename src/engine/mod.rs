@@ -10,7 +10,9 @@
 //! | read | hydrated / not | destination / source (a mixed read is split) |
 //! | write | hydrated | destination |
 //! | write covering a whole region | not hydrated | destination, then mark, no copy |
-//! | write covering part of a region | not hydrated | copy source region with the write applied, then mark (on an io_uring queue: [`RegionCopy`], the same steps without blocking the queue) |
+//! | write covering part of a region | not hydrated, version 2 store | write the sub-blocks it touches (an edge sub-block it covers in part completed from the source), then mark them written (`subblock.rs`); the region is partly written until every sub-block is |
+//! | write covering part of a region | not hydrated, no table or no room in it | copy source region with the write applied, then mark (on an io_uring queue: [`RegionCopy`], the same steps without blocking the queue) |
+//! | read | partly written | written sub-blocks from the destination, the rest from the source |
 //! | discard | whole unhydrated regions | zero them on the destination, then mark |
 //! | discard | hydrated parts | pass down if enabled |
 //! | write zeroes | as write | destination zeroing (fallocate) where possible |
@@ -42,6 +44,7 @@ pub use direct::RegionCopy;
 mod iov;
 pub mod locks;
 pub mod rate;
+mod subblock;
 pub mod throttle;
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -173,6 +176,9 @@ pub struct Engine {
     /// Mutation switch (see [`Engine::set_early_copy_bits`]).
     #[cfg(feature = "test-hooks")]
     early_copy_bits: std::sync::atomic::AtomicBool,
+    /// Mutation switch (see [`Engine::set_whole_copies`]).
+    #[cfg(feature = "test-hooks")]
+    whole_copies: std::sync::atomic::AtomicBool,
 }
 
 /// `dest_flushed_at` of an engine that has not flushed the destination yet. A
@@ -241,6 +247,8 @@ impl Engine {
             uncounted_direct_writes: Default::default(),
             #[cfg(feature = "test-hooks")]
             early_copy_bits: Default::default(),
+            #[cfg(feature = "test-hooks")]
+            whole_copies: Default::default(),
         })
     }
 
@@ -403,28 +411,28 @@ impl Engine {
             return Ok(());
         }
         let end = offset + len;
-        // Split into runs of regions with the same state.
-        let mut pos = offset;
-        while pos < end {
-            let r = self.geo.region_of(pos);
-            let hydrated = self.md.is_hydrated(r);
-            let mut run_end = self.geo.region_end(r).min(end);
-            while run_end < end && self.md.is_hydrated(self.geo.region_of(run_end)) == hydrated {
-                run_end = self.geo.region_end(self.geo.region_of(run_end)).min(end);
-            }
+        if self.md.all_hydrated() {
+            return self
+                .dest
+                .read_vectored_at(bufs, offset)
+                .map_err(EngineError::Dest);
+        }
+        // Split into runs that live on one device.
+        self.runs(offset, end, |pos, run_end, hydrated| {
             let (dev, wrap): (&Arc<dyn BlockDevice>, ErrWrap) = if hydrated {
                 (&self.dest, EngineError::Dest)
             } else {
-                (self.source_dev(r)?, EngineError::Source)
+                (
+                    self.source_dev(self.geo.region_of(pos))?,
+                    EngineError::Source,
+                )
             };
             if pos == offset && run_end == end {
                 return dev.read_vectored_at(bufs, offset).map_err(wrap);
             }
             let mut sub = sub_iov_mut(bufs, (pos - offset) as usize, (run_end - pos) as usize);
-            dev.read_vectored_at(&mut sub, pos).map_err(wrap)?;
-            pos = run_end;
-        }
-        Ok(())
+            dev.read_vectored_at(&mut sub, pos).map_err(wrap)
+        })
     }
 
     /// Convenience: reads into one buffer.
@@ -535,6 +543,9 @@ impl Engine {
             // Overwrite of the whole region: no copy.
             self.dest_write(pos, re - rs, offset, payload)?;
             bump(&self.stats().overwrites, 1);
+        } else if let Some(plan) = self.sub_block_plan(r, pos, piece_end) {
+            // Its sub-blocks only; the region stays partly written.
+            return self.write_sub_blocks(r, plan, pos, piece_end, offset, payload);
         } else {
             // Partial: copy the region with the new data applied, in one write.
             let src = self.source_dev(r)?;

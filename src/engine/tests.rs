@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::metadata::format::Layout;
+use crate::metadata::RegionState;
 use crate::storage::aio::{AsyncIo, IoTarget};
 use crate::storage::SimDevice;
 
@@ -590,4 +591,170 @@ fn the_hydration_rate_is_sampled_not_asked() {
     let rate = e.hydration_rate();
     // 4 regions of RS bytes in a bit over 0.6 s.
     assert!(rate > 0.0 && rate <= 4.0 * RS as f64 / 0.6, "{rate}");
+}
+
+/// Sub-block rigs: 16 KiB regions of four 4 KiB sub-blocks, a table of `slots`.
+const PRS: u64 = 16384;
+const SUB: u64 = 4096;
+
+fn partial_rig(regions: u64, slots: u64) -> Rig {
+    let size = regions * PRS;
+    let mut img = vec![0u8; size as usize];
+    for (i, b) in img.iter_mut().enumerate() {
+        *b = (i / 512) as u8 | 0x80;
+    }
+    let src = Arc::new(SimDevice::from_image(img));
+    let dst = Arc::new(SimDevice::new(size));
+    let geo = Geometry::new(size, PRS).unwrap();
+    let spec = crate::metadata::format::PartialSpec {
+        slots,
+        sub_block: SUB,
+    };
+    let mdd = Arc::new(SimDevice::new(Layout::with(&geo, &spec).required_size()));
+    let md = Arc::new(Metadata::format_with(mdd.clone(), geo, spec).unwrap());
+    let eng =
+        Arc::new(Engine::new(Some(src.clone()), dst.clone(), md, EngineConfig::default()).unwrap());
+    Rig { src, dst, mdd, eng }
+}
+
+/// Reads region `r` and checks each byte against `want(offset in region)`:
+/// `Some(v)` the guest's byte, `None` the source's.
+fn check_region(r: &Rig, region: u64, want: impl Fn(u64) -> Option<u8>) {
+    let mut b = vec![0u8; PRS as usize];
+    r.eng.read_at(&mut b, region * PRS).unwrap();
+    for (i, x) in b.iter().enumerate() {
+        let i = i as u64;
+        let w = want(i).unwrap_or(src_byte(region * PRS + i));
+        assert_eq!(*x, w, "byte {i} of region {region}");
+    }
+}
+
+#[test]
+fn writes_of_whole_sub_blocks_copy_nothing_and_reads_merge_both_devices() {
+    let r = partial_rig(4, 8);
+    let md = r.eng.metadata();
+    let reads = r.src.read_count();
+    r.eng.write_at(&[1u8; 4096], PRS + SUB).unwrap();
+    assert_eq!(
+        r.src.read_count(),
+        reads,
+        "a whole sub-block needs no source read"
+    );
+    assert_eq!(r.dst.write_count(), 1);
+    assert!(!md.is_hydrated(1));
+    assert_eq!(md.written_mask(1), Some(0b0010));
+    assert_eq!(md.region_state(1), RegionState::Partial(0b0010));
+    check_region(&r, 1, |i| (SUB..2 * SUB).contains(&i).then_some(1));
+    // A read inside the written sub-block alone, and one across both devices.
+    let mut b = vec![0u8; 1024];
+    r.eng.read_at(&mut b, PRS + SUB + 512).unwrap();
+    assert!(b.iter().all(|&x| x == 1));
+    let mut b = vec![0u8; 2 * SUB as usize];
+    r.eng.read_at(&mut b, PRS + SUB / 2).unwrap();
+    assert_eq!(b[0], src_byte(PRS + SUB / 2));
+    assert_eq!(b[SUB as usize], 1);
+    assert_eq!(b[2 * SUB as usize - 1], src_byte(PRS + 5 * SUB / 2 - 1));
+    assert_eq!(r.eng.counters().partial_writes, 1);
+    assert_eq!(r.eng.counters().guest_hydrations, 0);
+}
+
+#[test]
+fn an_edge_sub_block_is_completed_from_the_source_unless_the_guest_wrote_it() {
+    let r = partial_rig(4, 8);
+    let md = r.eng.metadata();
+    r.eng.write_at(&[1u8; 4096], PRS + SUB).unwrap();
+    // Part of unwritten sub-block 2: its other bytes come from the source.
+    r.eng.write_at(&[2u8; 512], PRS + 2 * SUB + 1024).unwrap();
+    assert_eq!(md.written_mask(1), Some(0b0110));
+    // Part of written sub-block 1: only the guest's bytes are written.
+    let writes = r.dst.write_count();
+    let reads = r.src.read_count();
+    r.eng.write_at(&[3u8; 512], PRS + SUB + 512).unwrap();
+    assert_eq!(r.src.read_count(), reads);
+    assert_eq!(r.dst.write_count(), writes + 1);
+    check_region(&r, 1, |i| match i {
+        _ if (SUB + 512..SUB + 1024).contains(&i) => Some(3),
+        _ if (SUB..2 * SUB).contains(&i) => Some(1),
+        _ if (2 * SUB + 1024..2 * SUB + 1536).contains(&i) => Some(2),
+        _ => None,
+    });
+    // The last two sub-blocks: the region is hydrated and leaves the table.
+    r.eng.write_at(&[4u8; 4096], PRS).unwrap();
+    r.eng.write_at(&[5u8; 4096], PRS + 3 * SUB).unwrap();
+    assert!(md.is_hydrated(1));
+    assert_eq!(md.written_mask(1), None);
+    assert_eq!(md.partial_count(), 0);
+    check_region(&r, 1, |i| match i {
+        _ if i < SUB => Some(4),
+        _ if (SUB + 512..SUB + 1024).contains(&i) => Some(3),
+        _ if (SUB..2 * SUB).contains(&i) => Some(1),
+        _ if (2 * SUB + 1024..2 * SUB + 1536).contains(&i) => Some(2),
+        _ if i >= 3 * SUB => Some(5),
+        _ => None,
+    });
+}
+
+#[test]
+fn hydration_copies_only_what_a_partly_written_region_lacks() {
+    let r = partial_rig(4, 8);
+    r.eng.write_at(&[1u8; 4096], PRS + SUB).unwrap();
+    r.eng.write_zeroes(3 * PRS + 2 * SUB, SUB).unwrap();
+    assert_eq!(r.eng.metadata().partial_count(), 2);
+    while r.eng.hydrate_next().unwrap().is_some() {}
+    assert!(r.eng.metadata().all_hydrated());
+    assert_eq!(r.eng.metadata().partial_count(), 0);
+    check_region(&r, 1, |i| (SUB..2 * SUB).contains(&i).then_some(1));
+    check_region(&r, 3, |i| (2 * SUB..3 * SUB).contains(&i).then_some(0));
+    check_region(&r, 0, |_| None);
+}
+
+#[test]
+fn a_full_table_falls_back_to_region_copies() {
+    let r = partial_rig(4, 2);
+    let md = r.eng.metadata();
+    r.eng.write_at(&[1u8; 4096], 0).unwrap();
+    r.eng.write_at(&[2u8; 4096], PRS).unwrap();
+    assert_eq!(md.partial_count(), 2);
+    // No slot left: region 2 is copied whole and hydrated.
+    r.eng.write_at(&[3u8; 4096], 2 * PRS + SUB).unwrap();
+    assert!(md.is_hydrated(2));
+    assert_eq!(r.eng.counters().guest_hydrations, 1);
+    check_region(&r, 2, |i| (SUB..2 * SUB).contains(&i).then_some(3));
+    // A region with a slot still takes more sub-blocks.
+    r.eng.write_at(&[4u8; 4096], 3 * SUB).unwrap();
+    assert_eq!(md.written_mask(0), Some(0b1001));
+    // Hydrating one frees its slot for the next.
+    r.eng.hydrate_region(1).unwrap();
+    r.eng.write_at(&[5u8; 4096], 3 * PRS).unwrap();
+    assert_eq!(md.written_mask(3), Some(0b0001));
+}
+
+#[test]
+fn masks_survive_a_commit_and_a_process_death() {
+    let r = partial_rig(4, 8);
+    r.eng.write_at(&[1u8; 4096], PRS + SUB).unwrap();
+    r.eng.flush().unwrap();
+    // After the commit: another sub-block, then the process dies.
+    r.eng.write_at(&[2u8; 4096], 2 * PRS).unwrap();
+    let live = r.eng.metadata().live_map().survivor().unwrap();
+    let dev: Arc<dyn crate::storage::BlockDevice> = r.mdd.clone();
+    let loaded = crate::metadata::load(dev.as_ref(), None).unwrap();
+    assert_eq!(loaded.partial_regions(), vec![(1, 0b0010)]);
+    let md = Arc::new(Metadata::from_loaded(dev.clone(), loaded, live).unwrap());
+    assert_eq!(md.written_mask(1), Some(0b0010));
+    assert_eq!(md.written_mask(2), Some(0b0001));
+    assert!(md.changed(), "the adopted mask is the first commit's");
+    let eng = Engine::new(
+        Some(r.src.clone()),
+        r.dst.clone(),
+        md,
+        EngineConfig::default(),
+    )
+    .unwrap();
+    eng.flush().unwrap();
+    let loaded = crate::metadata::load(dev.as_ref(), None).unwrap();
+    assert_eq!(loaded.partial_regions().len(), 2);
+    // Lost live map (another boot): the committed masks alone.
+    let md = Metadata::open(dev, None).unwrap();
+    assert_eq!(md.written_mask(2), Some(0b0001));
 }

@@ -6,28 +6,56 @@
 //!
 //! Invariant: no metadata write happens before the destination flush of the
 //! same commit returned (rule 1), and the superblock that makes a commit
-//! current is written only after its journal record is durable.
+//! current is written only after its journal record is durable. The table
+//! blocks a commit writes are the table as it was at pre-commit, never a later
+//! state: a mask bit set after pre-commit may cover data this commit's
+//! destination flush does not.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::format::{
     encode_block, Superblock, BLOCK_SIZE, FLAG_HYDRATED, FLAG_WCE_SET, FLAG_WRITEBACK, KIND_BITMAP,
-    KIND_JOURNAL, WORDS_PER_BLOCK,
+    KIND_JOURNAL, KIND_TABLE, WORDS_PER_BLOCK,
 };
 use super::{load, lock, CommitOutcome, DiskState, Metadata, MetadataError, Mode, Result, Txn};
 use crate::storage::{BlockDevice, StorageError};
 
 impl Metadata {
-    /// Pre-commit: swaps out the current transaction's changes.
+    /// Pre-commit: swaps out the current transaction's changes, and takes the
+    /// images of the table blocks it changed (and of those whose in-place copy
+    /// failed earlier) as the table is now, under the transaction lock that every
+    /// change of the table holds.
     fn pre_commit(&self, disk: &mut DiskState) -> Txn {
         let mut t = lock(&self.txn);
         let fresh = std::mem::take(&mut disk.spare);
         let dirty = std::mem::replace(&mut t.dirty, fresh);
+        let blocks = t.table_dirty.len();
+        let table_dirty = std::mem::replace(
+            &mut t.table_dirty,
+            bitvec::vec::BitVec::repeat(false, blocks),
+        );
+        let bitmap_blocks = self.layout.bitmap_blocks;
+        let mut table_images = Vec::new();
+        let live = self.live.table();
+        for b in 0..blocks as u64 {
+            let index = bitmap_blocks + b;
+            if table_dirty[b as usize] || disk.unsynced.contains(&index) {
+                let a = (b as usize * WORDS_PER_BLOCK).min(live.len());
+                let e = (a + WORDS_PER_BLOCK).min(live.len());
+                let words = live[a..e]
+                    .iter()
+                    .map(|w| w.load(Ordering::Acquire))
+                    .collect();
+                table_images.push((index, words));
+            }
+        }
         Txn {
             dirty,
             count: std::mem::take(&mut t.count),
             wce: t.wce.take(),
+            table_dirty,
+            table_images,
         }
     }
 
@@ -45,7 +73,7 @@ impl Metadata {
         }
         let started = Instant::now();
         let mut txn = self.pre_commit(&mut disk);
-        if txn.count == 0 && txn.wce.is_none() {
+        if txn.count == 0 && txn.wce.is_none() && txn.table_images.is_empty() {
             disk.spare = txn.dirty;
             if flush_dest {
                 if let Err(e) = dest.flush() {
@@ -86,8 +114,12 @@ impl Metadata {
         if !self.mutated_to_skip_dest_flush() {
             dest.flush().map_err(io("destination flush"))?;
         }
-        let blocks = changed_blocks(disk, txn);
-        let images: Vec<Vec<u64>> = blocks.iter().map(|&i| merged(disk, txn, i)).collect();
+        let mut blocks = changed_blocks(disk, txn, self.layout.bitmap_blocks);
+        let mut images: Vec<Vec<u64>> = blocks.iter().map(|&i| merged(disk, txn, i)).collect();
+        for (index, words) in &txn.table_images {
+            blocks.push(*index);
+            images.push(words.clone());
+        }
         let seq = disk.sb.seq + 1;
         // Step 3: the journal record, durable (which also makes the previous
         // commit's in-place writes durable).
@@ -113,6 +145,10 @@ impl Metadata {
         {
             let raw = disk.committed.as_raw_mut_slice();
             for (&index, words) in blocks.iter().zip(&images) {
+                if index >= self.layout.bitmap_blocks {
+                    // A table block: the live table is newer, nothing to keep.
+                    continue;
+                }
                 let a = index as usize * WORDS_PER_BLOCK;
                 raw[a..a + words.len()].copy_from_slice(words);
             }
@@ -154,7 +190,12 @@ impl Metadata {
     ) {
         disk.unsynced.clear();
         for (&index, words) in blocks.iter().zip(images) {
-            let enc = encode_block(KIND_BITMAP, index, seq, &self.uuid, words);
+            let kind = if index < self.layout.bitmap_blocks {
+                KIND_BITMAP
+            } else {
+                KIND_TABLE
+            };
+            let enc = encode_block(kind, index, seq, &self.uuid, words);
             if let Err(e) = self.dev.write_at(&enc, self.layout.bitmap_offset(index)) {
                 tracing::warn!(
                     block = index,
@@ -196,6 +237,8 @@ impl Metadata {
             if t.wce.is_none() {
                 t.wce = a.wce;
             }
+            let table_dirty = t.table_dirty.clone() | a.table_dirty.clone();
+            t.table_dirty = table_dirty;
         }
         match load(self.dev.as_ref(), Some(&self.geo)) {
             Ok(loaded) if loaded.superblock.uuid == self.uuid => {
@@ -218,8 +261,9 @@ impl Metadata {
 /// The bitmap blocks a commit writes: those with a dirty word (so a commit costs
 /// O(changed blocks) plus a word scan), and those whose in-place copy failed
 /// after an earlier commit (only the journal covers them, and this commit's
-/// journal replaces that one).
-fn changed_blocks(disk: &DiskState, txn: &Txn) -> Vec<u64> {
+/// journal replaces that one). Table blocks are the pre-commit's
+/// (`Txn::table_images`).
+fn changed_blocks(disk: &DiskState, txn: &Txn, bitmap_blocks: u64) -> Vec<u64> {
     let mut blocks: Vec<u64> = Vec::new();
     for (wi, w) in txn.dirty.as_raw_slice().iter().enumerate() {
         let b = (wi / WORDS_PER_BLOCK) as u64;
@@ -228,7 +272,7 @@ fn changed_blocks(disk: &DiskState, txn: &Txn) -> Vec<u64> {
         }
     }
     if !disk.unsynced.is_empty() {
-        blocks.extend_from_slice(&disk.unsynced);
+        blocks.extend(disk.unsynced.iter().filter(|&&i| i < bitmap_blocks));
         blocks.sort_unstable();
         blocks.dedup();
     }

@@ -22,10 +22,16 @@
 //! does with the bits it finds (flush the destination, then commit them) is
 //! [`super::Metadata`]'s: see `Metadata::from_store`.
 //!
+//! The table of partly written regions (version 2 stores) follows the bitmap:
+//! two words a slot, the region plus one (0: a free slot) and its written mask
+//! (see [`super::partial`] for the order of the stores, which keeps a slot
+//! meaningful whenever the process dies).
+//!
 //! Invariant: a bit is set here only by `Metadata::set_hydrated` (after the
 //! region's data write completed) or when a store is opened (bits that were
 //! already committed, or left by a dead process of the same boot); it is
-//! cleared only when a failed commit aborts its transaction (design rule 6).
+//! never cleared, not even when a failed commit aborts its transaction (design
+//! rule 6). A mask bit likewise, until its region's bit is set.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -84,18 +90,27 @@ pub struct LiveIdentity {
     pub region_size: u64,
     /// Device and inode of the destination.
     pub dest: (u64, u64),
+    /// Slots of the table of partly written regions (0 for a version 1 store,
+    /// whose file is then the same as before the table existed).
+    pub table_slots: u64,
 }
 
 impl LiveIdentity {
     /// The identity of a clone of `geo` with `uuid` on destination `dest` (device,
     /// inode), on this boot.
-    pub fn current(uuid: [u8; 16], geo: &Geometry, dest: (u64, u64)) -> io::Result<LiveIdentity> {
+    pub fn current(
+        uuid: [u8; 16],
+        geo: &Geometry,
+        table_slots: u64,
+        dest: (u64, u64),
+    ) -> io::Result<LiveIdentity> {
         Ok(LiveIdentity {
             boot_id: boot_id()?,
             uuid,
             nr_regions: geo.nr_regions(),
             region_size: geo.region_size(),
             dest,
+            table_slots,
         })
     }
 
@@ -109,6 +124,7 @@ impl LiveIdentity {
         h[56..64].copy_from_slice(&self.region_size.to_le_bytes());
         h[64..72].copy_from_slice(&self.dest.0.to_le_bytes());
         h[72..80].copy_from_slice(&self.dest.1.to_le_bytes());
+        h[80..88].copy_from_slice(&self.table_slots.to_le_bytes());
         let crc = crc32c::crc32c(&h[..92]);
         h[92..96].copy_from_slice(&crc.to_le_bytes());
         h
@@ -147,11 +163,13 @@ enum Backing {
     },
 }
 
-/// The region map's memory: `words` atomic 64-bit words, bit `r % 64` of word
-/// `r / 64` for region `r`.
+/// The region map's memory: `count` atomic 64-bit words, bit `r % 64` of word
+/// `r / 64` for region `r`, then `2 * slots` words of the table of partly
+/// written regions.
 pub struct LiveMap {
     words: NonNull<AtomicU64>,
     count: usize,
+    slots: usize,
     backing: Backing,
 }
 
@@ -165,7 +183,7 @@ unsafe impl Sync for LiveMap {}
 impl std::fmt::Debug for LiveMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut d = f.debug_struct("LiveMap");
-        d.field("words", &self.count);
+        d.field("words", &self.count).field("slots", &self.slots);
         if let Backing::File { path, .. } = &self.backing {
             d.field("path", path);
         }
@@ -180,20 +198,24 @@ fn words_for(nr_regions: u64) -> usize {
 impl LiveMap {
     /// A map in process memory: it dies with the process (offline tools, tests,
     /// `--runtime-dir none`).
-    pub fn anonymous(nr_regions: u64) -> LiveMap {
-        let words: Arc<[AtomicU64]> = (0..words_for(nr_regions))
+    pub fn anonymous(nr_regions: u64, table_slots: u64) -> LiveMap {
+        let count = words_for(nr_regions);
+        let words: Arc<[AtomicU64]> = (0..count + 2 * table_slots as usize)
             .map(|_| AtomicU64::new(0))
             .collect();
-        Self::from_heap(words)
+        Self::from_heap(words, count)
     }
 
-    fn from_heap(words: Arc<[AtomicU64]>) -> LiveMap {
-        let count = words.len();
+    /// `words`: the bitmap's `count` words, then the table's.
+    fn from_heap(words: Arc<[AtomicU64]>, count: usize) -> LiveMap {
+        let count = count.min(words.len());
+        let slots = (words.len() - count) / 2;
         // An empty slice still has a dangling, well-aligned, non-null pointer.
         let ptr = NonNull::new(words.as_ptr() as *mut AtomicU64).unwrap_or(NonNull::dangling());
         LiveMap {
             words: ptr,
             count,
+            slots,
             backing: Backing::Heap(words),
         }
     }
@@ -202,7 +224,7 @@ impl LiveMap {
     /// maps in process memory only (the crash suite's "process death").
     pub fn survivor(&self) -> Option<LiveMap> {
         match &self.backing {
-            Backing::Heap(w) => Some(Self::from_heap(w.clone())),
+            Backing::Heap(w) => Some(Self::from_heap(w.clone(), self.count)),
             Backing::File { .. } => None,
         }
     }
@@ -226,7 +248,8 @@ impl LiveMap {
             source,
         };
         let count = words_for(id.nr_regions);
-        let len = HEADER_BYTES + count * 8;
+        let slots = id.table_slots as usize;
+        let len = HEADER_BYTES + (count + 2 * slots) * 8;
         let header = id.encode();
         let (mut file, created) = match OpenOptions::new()
             .read(true)
@@ -288,8 +311,9 @@ impl LiveMap {
             Found::New
         } else {
             let mut old = [0u8; 96];
-            let matches =
-                meta.len() == len as u64 && file.read_exact(&mut old).is_ok() && old == header;
+            // Read first, whatever the length: the log says what differs.
+            let read = file.read_exact(&mut old).is_ok();
+            let matches = read && meta.len() == len as u64 && old == header;
             if matches {
                 Found::Kept
             } else {
@@ -330,12 +354,14 @@ impl LiveMap {
         }
         let base = NonNull::new(base).ok_or_else(|| err(io::ErrorKind::Other.into()))?;
         // SAFETY: the mapping is `len` bytes, page aligned; the words start at
-        // HEADER_BYTES (a multiple of 8) and `count` of them fit before `len`.
+        // HEADER_BYTES (a multiple of 8) and `count + 2 * slots` of them fit
+        // before `len`.
         let words = unsafe { base.cast::<u8>().add(HEADER_BYTES).cast::<AtomicU64>() };
         Ok((
             LiveMap {
                 words,
                 count,
+                slots,
                 backing: Backing::File {
                     base,
                     len,
@@ -347,12 +373,28 @@ impl LiveMap {
         ))
     }
 
-    /// The words.
+    /// The bitmap's words.
     pub fn words(&self) -> &[AtomicU64] {
-        // SAFETY: `words` points to `count` initialised AtomicU64 kept alive by
-        // `backing` for the life of `self` (an Arc of atomics, or a shared
-        // mapping of at least HEADER_BYTES + 8 * count bytes unmapped in Drop).
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr(), self.count) }
+        &self.all()[..self.count]
+    }
+
+    /// The table's words: slot `i` is words `2i` (region + 1, or 0 when free) and
+    /// `2i + 1` (its written mask).
+    pub fn table(&self) -> &[AtomicU64] {
+        &self.all()[self.count..]
+    }
+
+    /// Slots of the table.
+    pub fn table_slots(&self) -> u64 {
+        self.slots as u64
+    }
+
+    fn all(&self) -> &[AtomicU64] {
+        // SAFETY: `words` points to `count + 2 * slots` initialised AtomicU64 kept
+        // alive by `backing` for the life of `self` (an Arc of atomics, or a
+        // shared mapping of at least HEADER_BYTES + 8 * (count + 2 * slots) bytes
+        // unmapped in Drop).
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr(), self.count + 2 * self.slots) }
     }
 
     /// The file behind the map, if any.
@@ -372,18 +414,22 @@ impl LiveMap {
         }
     }
 
-    /// A snapshot of the bits (for tests and diagnostics).
+    /// A snapshot of every word, the bitmap's then the table's (for tests and
+    /// diagnostics).
     pub fn snapshot(&self) -> Vec<u64> {
-        self.words()
+        self.all()
             .iter()
             .map(|w| w.load(Ordering::Acquire))
             .collect()
     }
 
-    /// A map in process memory holding `bits` (the crash suite rebuilds the map a
-    /// dead process left from a snapshot).
-    pub fn from_snapshot(bits: &[u64]) -> LiveMap {
-        Self::from_heap(bits.iter().map(|&w| AtomicU64::new(w)).collect())
+    /// A map in process memory holding a [`LiveMap::snapshot`] of a map of
+    /// `nr_regions` (the crash suite rebuilds the map a dead process left).
+    pub fn from_snapshot(words: &[u64], nr_regions: u64) -> LiveMap {
+        Self::from_heap(
+            words.iter().map(|&w| AtomicU64::new(w)).collect(),
+            words_for(nr_regions),
+        )
     }
 }
 
@@ -413,6 +459,9 @@ fn describe_mismatch(old: &[u8; 96], id: &LiveIdentity, have: u64, want: u64) ->
     if old[64..80] != [id.dest.0.to_le_bytes(), id.dest.1.to_le_bytes()].concat()[..] {
         return "it belongs to another destination file".into();
     }
+    if old[80..88] != id.table_slots.to_le_bytes()[..] {
+        return "it has another table of partly written regions".into();
+    }
     if have != want {
         return format!("it has {have} bytes, expected {want}");
     }
@@ -425,7 +474,7 @@ mod tests {
 
     fn id(dest: (u64, u64)) -> LiveIdentity {
         let g = Geometry::new(130 * 4096, 4096).unwrap();
-        LiveIdentity::current([7; 16], &g, dest).unwrap()
+        LiveIdentity::current([7; 16], &g, 0, dest).unwrap()
     }
 
     #[test]
@@ -446,6 +495,29 @@ mod tests {
         drop(m);
         let (m, found) = LiveMap::open(dir.path(), &id((1, 3))).unwrap();
         assert_eq!(found, Found::New);
+        assert_eq!(m.snapshot(), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn the_table_follows_the_bitmap_and_its_size_is_part_of_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut with_table = id((1, 2));
+        with_table.table_slots = 3;
+        let (m, _) = LiveMap::open(dir.path(), &with_table).unwrap();
+        assert_eq!((m.words().len(), m.table().len()), (3, 6));
+        m.table()[5].store(0xf0, Ordering::Release);
+        m.words()[0].store(1, Ordering::Release);
+        drop(m);
+        let (m, found) = LiveMap::open(dir.path(), &with_table).unwrap();
+        assert_eq!(found, Found::Kept);
+        assert_eq!(m.snapshot(), vec![1, 0, 0, 0, 0, 0, 0, 0, 0xf0]);
+        drop(m);
+        // A version 1 store's map has no table: another identity.
+        let (m, found) = LiveMap::open(dir.path(), &id((1, 2))).unwrap();
+        assert!(
+            matches!(found, Found::Replaced(ref w) if w.contains("table")),
+            "{found:?}"
+        );
         assert_eq!(m.snapshot(), vec![0, 0, 0]);
     }
 
@@ -492,10 +564,13 @@ mod tests {
 
     #[test]
     fn survivors_share_memory() {
-        let m = LiveMap::anonymous(100);
+        let m = LiveMap::anonymous(100, 1);
         let s = m.survivor().unwrap();
         m.words()[1].fetch_or(4, Ordering::AcqRel);
+        m.table()[1].store(9, Ordering::Release);
         drop(m);
-        assert_eq!(s.snapshot(), vec![0, 4]);
+        assert_eq!(s.snapshot(), vec![0, 4, 0, 9]);
+        assert_eq!(s.words().len(), 2);
+        assert_eq!(s.table().len(), 2);
     }
 }

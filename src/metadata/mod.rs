@@ -30,11 +30,18 @@
 //!   adopted when the store is opened ([`Metadata::from_loaded`]): they join the
 //!   first transaction, whose commit flushes the destination before recording
 //!   them (design rule 7).
+//! * The table of partly written regions ([`mod@partial`], version 2 stores): a
+//!   region whose written mask says which of its sub-blocks the guest wrote
+//!   reads those from the destination and the rest from the source. Masks live
+//!   in the live map beside the bitmap, are tracked per transaction by table
+//!   block, snapshotted at pre-commit (so that a commit records only masks whose
+//!   data the destination flush covers) and journaled with the bitmap blocks.
 
 mod commit;
 pub mod format;
 mod geometry;
 pub mod live;
+pub mod partial;
 mod recovery;
 
 use std::fmt;
@@ -47,9 +54,11 @@ use serde::Serialize;
 
 use crate::storage::{BlockDevice, StorageError};
 use format::{
-    encode_block, Layout, Superblock, BLOCK_SIZE, KIND_BITMAP, SUPERBLOCK_BYTES, WORDS_PER_BLOCK,
+    encode_block, Layout, PartialSpec, Superblock, BLOCK_SIZE, ENTRIES_PER_BLOCK, KIND_BITMAP,
+    KIND_TABLE, SUPERBLOCK_BYTES, WORDS_PER_BLOCK,
 };
 use live::LiveMap;
+use partial::{full_mask, Added, Partial};
 
 pub use geometry::{Geometry, DEFAULT_REGION_SIZE, MAX_REGIONS, MAX_REGION_SIZE, MIN_REGION_SIZE};
 pub use recovery::{check_geometry, is_blank, load, peek_superblock, Loaded};
@@ -190,6 +199,37 @@ struct Txn {
     count: u64,
     /// The write-cache choice, if it changed in this transaction.
     wce: Option<bool>,
+    /// Table blocks with a slot changed in this transaction.
+    table_dirty: BitVec<u64, Lsb0>,
+    /// Swapped out only: the images of the table blocks this commit writes, as
+    /// the table was at pre-commit (logical block index, words).
+    table_images: Vec<(u64, Vec<u64>)>,
+}
+
+/// Where a region's data is, in core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionState {
+    /// On the destination.
+    Hydrated,
+    /// On the source.
+    Unhydrated,
+    /// The sub-blocks of this written mask on the destination, the rest on the
+    /// source.
+    Partial(u64),
+}
+
+/// What [`Metadata::mark_written`] recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marked {
+    /// The region's mask now has these bits.
+    Partial(u64),
+    /// Every sub-block is written (or the region was hydrated already): the
+    /// region is hydrated.
+    Hydrated,
+    /// The region has no slot and the table is full: nothing was recorded; the
+    /// caller must hydrate the region (copy what the mask lacks, then
+    /// [`Metadata::set_hydrated`]).
+    NoRoom,
 }
 
 /// The committed state, guarded by the commit lock.
@@ -211,9 +251,11 @@ pub struct Metadata {
     geo: Geometry,
     layout: Layout,
     uuid: [u8; 16],
-    /// In-core region map (committed and uncommitted bits), in memory that
-    /// outlives the process. Read without locks.
+    /// In-core region map (committed and uncommitted bits) and the table's
+    /// slots, in memory that outlives the process. Read without locks.
     live: LiveMap,
+    /// The index of the table of partly written regions.
+    partial: Partial,
     /// Regions a dead process hydrated but never committed, adopted at open.
     adopted: u64,
     hydrated: AtomicU64,
@@ -252,15 +294,37 @@ fn now_secs() -> u64 {
 }
 
 impl Metadata {
-    /// Formats `dev` for `geo` (every region unhydrated) and opens it.
+    /// Formats `dev` for `geo` (every region unhydrated, the default table of
+    /// partly written regions) and opens it.
     pub fn format(dev: Arc<dyn BlockDevice>, geo: Geometry) -> Result<Metadata> {
-        Self::format_store(dev.as_ref(), geo)?;
+        Self::format_with(dev, geo, PartialSpec::default_for(&geo))
+    }
+
+    /// [`Metadata::format`] with the table `spec`.
+    pub fn format_with(
+        dev: Arc<dyn BlockDevice>,
+        geo: Geometry,
+        spec: PartialSpec,
+    ) -> Result<Metadata> {
+        Self::format_store_with(dev.as_ref(), geo, spec)?;
         Self::open(dev, Some(&geo))
     }
 
-    /// Writes a new store for `geo` (every region unhydrated, a new uuid) on `dev`.
+    /// Writes a new store for `geo` (every region unhydrated, a new uuid, the
+    /// default table) on `dev`.
     pub fn format_store(dev: &dyn BlockDevice, geo: Geometry) -> Result<()> {
-        let layout = Layout::new(&geo);
+        Self::format_store_with(dev, geo, PartialSpec::default_for(&geo))
+    }
+
+    /// [`Metadata::format_store`] with the table `spec`.
+    pub fn format_store_with(
+        dev: &dyn BlockDevice,
+        geo: Geometry,
+        spec: PartialSpec,
+    ) -> Result<()> {
+        spec.validate(&geo)
+            .map_err(MetadataError::InvalidGeometry)?;
+        let layout = Layout::with(&geo, &spec);
         if dev.size() < layout.required_size() {
             return Err(MetadataError::TooSmall {
                 size: dev.size(),
@@ -273,8 +337,13 @@ impl Metadata {
         dev.write_at(&[0u8; SUPERBLOCK_BYTES], 0)?;
         dev.write_at(&[0u8; SUPERBLOCK_BYTES], BLOCK_SIZE)?;
         dev.flush()?;
-        for index in 0..layout.bitmap_blocks {
-            let b = encode_block(KIND_BITMAP, index, 0, &uuid, &zero_words);
+        for index in 0..layout.logical_blocks() {
+            let kind = if index < layout.bitmap_blocks {
+                KIND_BITMAP
+            } else {
+                KIND_TABLE
+            };
+            let b = encode_block(kind, index, 0, &uuid, &zero_words);
             dev.write_at(&b, layout.bitmap_offset(index))?;
         }
         dev.flush()?;
@@ -286,6 +355,7 @@ impl Metadata {
             journal_count: 0,
             hydrated: 0,
             created: now_secs(),
+            partial: spec,
         };
         dev.write_at(&sb.encode(), BLOCK_SIZE)?;
         dev.flush()?;
@@ -296,7 +366,8 @@ impl Metadata {
     /// with its in-core map in process memory (see [`Metadata::from_loaded`]).
     pub fn open(dev: Arc<dyn BlockDevice>, expected: Option<&Geometry>) -> Result<Metadata> {
         let loaded = load(dev.as_ref(), expected)?;
-        let live = LiveMap::anonymous(loaded.superblock.geometry.nr_regions());
+        let sb = &loaded.superblock;
+        let live = LiveMap::anonymous(sb.geometry.nr_regions(), sb.partial.slots);
         Self::from_loaded(dev, loaded, live)
     }
 
@@ -331,24 +402,25 @@ impl Metadata {
     ) -> Result<Metadata> {
         let geo = loaded.superblock.geometry;
         let nr = geo.nr_regions() as usize;
+        let spec = loaded.superblock.partial;
+        let layout = loaded.superblock.layout();
         if !loaded.journaled.is_empty() {
             let sb = &loaded.superblock;
-            let layout = Layout::new(&geo);
-            let raw = loaded.bits.as_raw_slice();
             for &index in &loaded.journaled {
-                let a = (index as usize * WORDS_PER_BLOCK).min(raw.len());
-                let b = (a + WORDS_PER_BLOCK).min(raw.len());
-                let enc = encode_block(KIND_BITMAP, index, sb.seq, &sb.uuid, &raw[a..b]);
+                let (kind, words) = loaded.block_words(index);
+                let enc = encode_block(kind, index, sb.seq, &sb.uuid, &words);
                 dev.write_at(&enc, layout.bitmap_offset(index))?;
             }
             dev.flush()?;
         }
         let committed = loaded.bits.as_raw_slice();
-        if live.words().len() != committed.len() {
+        if live.words().len() != committed.len() || live.table().len() != loaded.table.len() {
             return Err(MetadataError::Inconsistent(format!(
-                "the live region map has {} words, the bitmap {}",
+                "the live region map has {} words and {} table slots, the bitmap {} words and the table {} slots",
                 live.words().len(),
-                committed.len()
+                live.table_slots(),
+                committed.len(),
+                spec.slots
             )));
         }
         let mut dirty: BitVec<u64, Lsb0> = BitVec::repeat(false, nr);
@@ -360,6 +432,12 @@ impl Metadata {
             }
             dirty.as_raw_mut_slice()[i] = l & !c;
             w.store(l | c, Ordering::Release);
+        }
+        let (table_dirty, full) = adopt_table(&live, &loaded, &geo);
+        for r in full {
+            // Every sub-block was written: hydrated (see `adopt_table`).
+            live.words()[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::AcqRel);
+            dirty.set(r as usize, true);
         }
         let adopted = dirty.count_ones() as u64;
         if adopted > 0 {
@@ -374,11 +452,13 @@ impl Metadata {
             Some(true) => 2,
         };
         let hydrated = loaded.bits.count_ones() as u64 + adopted;
+        let partial = Partial::new(spec, &geo, &live);
         Ok(Metadata {
             dev,
             geo,
-            layout: Layout::new(&geo),
+            layout,
             uuid: loaded.superblock.uuid,
+            partial,
             live,
             adopted,
             hydrated: AtomicU64::new(hydrated),
@@ -387,6 +467,8 @@ impl Metadata {
                 dirty,
                 count: adopted,
                 wce: None,
+                table_dirty,
+                table_images: Vec::new(),
             }),
             disk: Mutex::new(DiskState {
                 sb: loaded.superblock,
@@ -513,21 +595,118 @@ impl Metadata {
             Mode::Ro => return Err(MetadataError::ReadOnly),
             Mode::Fail => return Err(MetadataError::Failed),
         }
+        Ok(self.hydrate_locked(&mut txn, r))
+    }
+
+    /// Sets region `r`'s bit, then frees its slot in the table if it has one;
+    /// the caller holds the transaction lock. True when the bit was newly set.
+    fn hydrate_locked(&self, txn: &mut Txn, r: u64) -> bool {
         let bit = 1u64 << (r % 64);
         let prev = self.map()[(r / 64) as usize].fetch_or(bit, Ordering::AcqRel);
         if prev & bit != 0 {
-            return Ok(false);
+            return false;
         }
         txn.dirty.set(r as usize, true);
         txn.count += 1;
         self.hydrated.fetch_add(1, Ordering::AcqRel);
-        Ok(true)
+        // The bit first: a reader that finds the slot gone finds the bit set.
+        if let Some(slot) = self.partial.remove(&self.live, r) {
+            txn.table_dirty
+                .set((slot / ENTRIES_PER_BLOCK) as usize, true);
+        }
+        true
+    }
+
+    /// The table of partly written regions this store has.
+    pub fn partial_spec(&self) -> PartialSpec {
+        self.partial.spec()
+    }
+
+    /// The written mask of region `r`'s sub-blocks (bit `i`: bytes
+    /// `i * sub_block..` of the region), when it is partly written.
+    pub fn written_mask(&self, r: u64) -> Option<u64> {
+        self.partial.mask(&self.live, r)
+    }
+
+    /// The mask of all of region `r`'s sub-blocks (the last region may have fewer).
+    pub fn full_mask(&self, r: u64) -> u64 {
+        full_mask(
+            self.geo
+                .region_len(r)
+                .div_ceil(self.partial.spec().sub_block),
+        )
+    }
+
+    /// Where region `r`'s data is. Lock-free but for a partly written region's
+    /// mask. A region leaving the table has its bit set before its slot is freed,
+    /// so the bit is looked at again after the table: a region is never seen
+    /// unhydrated after a write that made it partial or hydrated completed.
+    pub fn region_state(&self, r: u64) -> RegionState {
+        if self.is_hydrated(r) {
+            return RegionState::Hydrated;
+        }
+        if let Some(mask) = self.written_mask(r) {
+            return RegionState::Partial(mask);
+        }
+        if self.is_hydrated(r) {
+            RegionState::Hydrated
+        } else {
+            RegionState::Unhydrated
+        }
+    }
+
+    /// Regions partly written now (in core).
+    pub fn partial_count(&self) -> u64 {
+        self.partial.len()
+    }
+
+    /// Every partly written region and its mask, in region order (in core).
+    pub fn partial_regions(&self) -> Vec<(u64, u64)> {
+        self.partial.entries(&self.live)
+    }
+
+    /// Records that the sub-blocks `bits` of region `r` hold the guest's data on
+    /// the destination. Call only after their data write completed, holding the
+    /// region's lock. A region whose every sub-block is then written is marked
+    /// hydrated instead.
+    pub fn mark_written(&self, r: u64, bits: u64) -> Result<Marked> {
+        let nr = self.geo.nr_regions();
+        if r >= nr {
+            return Err(MetadataError::OutOfRange { region: r, nr });
+        }
+        let full = self.full_mask(r);
+        let bits = bits & full;
+        let mut txn = lock(&self.txn);
+        match self.mode() {
+            Mode::Rw => {}
+            Mode::Ro => return Err(MetadataError::ReadOnly),
+            Mode::Fail => return Err(MetadataError::Failed),
+        }
+        if self.is_hydrated(r) {
+            return Ok(Marked::Hydrated);
+        }
+        let old = self.partial.mask(&self.live, r).unwrap_or(0);
+        if old | bits == full {
+            self.hydrate_locked(&mut txn, r);
+            return Ok(Marked::Hydrated);
+        }
+        if bits & !old == 0 {
+            return Ok(Marked::Partial(old));
+        }
+        match self.partial.add(&self.live, r, bits) {
+            Added::Recorded { slot, mask } => {
+                txn.table_dirty
+                    .set((slot / ENTRIES_PER_BLOCK) as usize, true);
+                Ok(Marked::Partial(mask))
+            }
+            Added::NoRoom => Ok(Marked::NoRoom),
+        }
     }
 
     /// True when the current transaction has something to commit.
     pub fn changed(&self) -> bool {
         let t = lock(&self.txn);
-        t.count > 0 || t.wce.is_some()
+        t.count > 0 || t.wce.is_some() || t.table_dirty.any()
     }
 
     /// The guest's stored write-cache choice (`None` if it never chose).
@@ -577,6 +756,98 @@ impl Metadata {
     pub fn superblock(&self) -> Superblock {
         lock(&self.disk).sb.clone()
     }
+}
+
+/// Merges the committed table into the live one (design rule 7: the live map
+/// may hold slots a dead process filled or freed since the last commit, and it
+/// is at least as new as the store on this boot) and cleans it: a free slot is
+/// zeroed, a slot of a hydrated region or of no region of this device freed,
+/// mask bits past a region's sub-blocks dropped, a second slot of one region
+/// merged into the first. Returns the table blocks that now differ from the
+/// committed ones (the first transaction records them) and the regions whose
+/// masks are full (every sub-block written: hydrated, by the caller). Committed
+/// slots that find no free slot cannot occur (a region leaves the table only
+/// hydrated) and are kept out, logged.
+fn adopt_table(live: &LiveMap, loaded: &Loaded, geo: &Geometry) -> (BitVec<u64, Lsb0>, Vec<u64>) {
+    let spec = loaded.superblock.partial;
+    let t = live.table();
+    let nr = geo.nr_regions();
+    let hydrated =
+        |r: u64| live.words()[(r / 64) as usize].load(Ordering::Acquire) & (1 << (r % 64)) != 0;
+    let full_of = |r: u64| full_mask(geo.region_len(r).div_ceil(spec.sub_block));
+    let mut owner: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    let mut full = Vec::new();
+    let free = |slot: usize| {
+        t[2 * slot].store(0, Ordering::Release);
+        t[2 * slot + 1].store(0, Ordering::Release);
+    };
+    for slot in 0..spec.slots as usize {
+        let key = t[2 * slot].load(Ordering::Acquire);
+        let mask = t[2 * slot + 1].load(Ordering::Acquire);
+        if key == 0 || key > nr || hydrated(key - 1) {
+            if key > nr {
+                tracing::warn!(slot, key, "live map: a table slot names no region; freed");
+            }
+            free(slot);
+            continue;
+        }
+        let r = key - 1;
+        let m = mask & full_of(r);
+        if let Some(&first) = owner.get(&r) {
+            tracing::warn!(
+                slot,
+                region = r,
+                "live map: a second slot of one region; merged"
+            );
+            t[2 * first + 1].fetch_or(m, Ordering::AcqRel);
+            free(slot);
+        } else if m == 0 {
+            free(slot);
+        } else {
+            t[2 * slot + 1].store(m, Ordering::Release);
+            owner.insert(r, slot);
+        }
+    }
+    for (slot, e) in loaded.table.chunks(2).enumerate() {
+        if e[0] == 0 || hydrated(e[0] - 1) {
+            continue;
+        }
+        let r = e[0] - 1;
+        if let Some(&s) = owner.get(&r) {
+            t[2 * s + 1].fetch_or(e[1], Ordering::AcqRel);
+            continue;
+        }
+        let target = if t[2 * slot].load(Ordering::Acquire) == 0 {
+            Some(slot)
+        } else {
+            (0..spec.slots as usize).find(|&s| t[2 * s].load(Ordering::Acquire) == 0)
+        };
+        match target {
+            Some(s) => {
+                t[2 * s + 1].store(e[1], Ordering::Release);
+                t[2 * s].store(e[0], Ordering::Release);
+                owner.insert(r, s);
+            }
+            None => tracing::error!(
+                region = r,
+                "the committed table names a region the live table has no room for"
+            ),
+        }
+    }
+    for (&r, &s) in &owner {
+        if t[2 * s + 1].load(Ordering::Acquire) == full_of(r) {
+            full.push(r);
+            free(s);
+        }
+    }
+    let blocks = spec.table_blocks() as usize;
+    let mut dirty: BitVec<u64, Lsb0> = BitVec::repeat(false, blocks);
+    for (i, (l, c)) in t.iter().zip(&loaded.table).enumerate() {
+        if l.load(Ordering::Acquire) != *c {
+            dirty.set(i / WORDS_PER_BLOCK, true);
+        }
+    }
+    (dirty, full)
 }
 
 #[cfg(test)]

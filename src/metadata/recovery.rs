@@ -6,7 +6,9 @@
 //! 3. the journal record of the current commit, whose blocks replace their
 //!    in-place copies (which the crash may have torn) ([`read_journal`]);
 //! 4. every bitmap block, from the journal or in place ([`read_bitmap`]);
-//! 5. the counts the superblock records against the bitmap ([`check_counts`]).
+//! 5. the counts the superblock records against the bitmap ([`check_counts`]);
+//! 6. version 2: every table block, likewise, and each entry against the bitmap
+//!    ([`read_table`]).
 //!
 //! Invariant: `load` changes nothing on the device and accepts only states a
 //! crash at any point of the commit order can leave; anything else is an error
@@ -15,9 +17,10 @@
 use bitvec::prelude::*;
 
 use super::format::{
-    decode_block, Layout, Superblock, BITS_PER_BLOCK, BLOCK_SIZE, FLAG_HYDRATED, KIND_BITMAP,
-    KIND_JOURNAL, SUPERBLOCK_BYTES,
+    decode_block, Layout, Superblock, BITS_PER_BLOCK, BLOCK_SIZE, ENTRIES_PER_BLOCK, FLAG_HYDRATED,
+    KIND_BITMAP, KIND_JOURNAL, KIND_TABLE, SUPERBLOCK_BYTES, WORDS_PER_BLOCK,
 };
+use super::partial::full_mask;
 use super::{Geometry, MetadataError, Result};
 use crate::storage::BlockDevice;
 
@@ -30,9 +33,12 @@ pub struct Loaded {
     pub bits: BitVec<u64, Lsb0>,
     /// Notes about benign findings (e.g. a journal replayed).
     pub notes: Vec<String>,
-    /// Bitmap blocks the current journal record replaced (their in-place
-    /// copies may be stale or torn until rewritten).
+    /// Logical blocks (bitmap, then table) the current journal record replaced
+    /// (their in-place copies may be stale or torn until rewritten).
     pub journaled: Vec<u64>,
+    /// The committed table of partly written regions: two words a slot, the
+    /// region plus one (0: free) and its written mask; empty in version 1.
+    pub table: Vec<u64>,
 }
 
 /// Reads the superblock slots and tells whether the store was ever formatted.
@@ -140,7 +146,7 @@ pub fn load(dev: &dyn BlockDevice, expected: Option<&Geometry>) -> Result<Loaded
     if let Some(want) = expected {
         check_geometry(&geo, want)?;
     }
-    let layout = Layout::new(&geo);
+    let layout = sb.layout();
     if dev.size() < layout.required_size() {
         return Err(MetadataError::TooSmall {
             size: dev.size(),
@@ -158,11 +164,14 @@ pub fn load(dev: &dyn BlockDevice, expected: Option<&Geometry>) -> Result<Loaded
     // Steps 4 and 5.
     let bits = read_bitmap(dev, &sb, &layout, &mut replaced)?;
     check_counts(&sb, &bits)?;
+    // Step 6.
+    let table = read_table(dev, &sb, &layout, &mut replaced, &bits)?;
     Ok(Loaded {
         superblock: sb,
         bits,
         notes,
         journaled,
+        table,
     })
 }
 
@@ -221,7 +230,7 @@ fn read_journal(
 ) -> Result<(Vec<Option<Vec<u64>>>, Vec<u64>)> {
     let slot = sb.seq % 2;
     let mut journaled = Vec::new();
-    let mut replaced: Vec<Option<Vec<u64>>> = vec![None; layout.bitmap_blocks as usize];
+    let mut replaced: Vec<Option<Vec<u64>>> = vec![None; layout.logical_blocks() as usize];
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
     for n in 0..sb.journal_count {
         dev.read_at(&mut buf, layout.journal_offset(slot, n))?;
@@ -233,12 +242,13 @@ fn read_journal(
                 reason: format!("has sequence number {}, expected {}", blk.seq, sb.seq),
             });
         }
-        if blk.index >= layout.bitmap_blocks {
+        if blk.index >= layout.logical_blocks() {
             return Err(MetadataError::BadBlock {
                 what,
                 reason: format!(
-                    "names bitmap block {} of {}",
-                    blk.index, layout.bitmap_blocks
+                    "names block {} of {} (bitmap and table)",
+                    blk.index,
+                    layout.logical_blocks()
                 ),
             });
         }
@@ -262,27 +272,15 @@ fn read_bitmap(
     for index in 0..layout.bitmap_blocks {
         let words = match replaced[index as usize].take() {
             Some(w) => w,
-            None => {
-                dev.read_at(&mut buf, layout.bitmap_offset(index))?;
-                let what = format!("bitmap block {index}");
-                let blk = decode_block(&what, &buf, KIND_BITMAP, &sb.uuid)?;
-                if blk.index != index {
-                    return Err(MetadataError::BadBlock {
-                        what,
-                        reason: format!("is labelled as block {}", blk.index),
-                    });
-                }
-                if blk.seq > sb.seq {
-                    return Err(MetadataError::BadBlock {
-                        what,
-                        reason: format!(
-                            "was written by commit {}, newer than the superblock's {}: the newest superblock is lost or damaged",
-                            blk.seq, sb.seq
-                        ),
-                    });
-                }
-                blk.words
-            }
+            None => read_in_place(
+                dev,
+                sb,
+                layout,
+                index,
+                KIND_BITMAP,
+                &format!("bitmap block {index}"),
+                &mut buf,
+            )?,
         };
         let first = index * BITS_PER_BLOCK;
         for (wi, w) in words.iter().enumerate() {
@@ -302,6 +300,130 @@ fn read_bitmap(
         }
     }
     Ok(bits)
+}
+
+/// Logical block `index`, read in place and validated: its kind, label and age.
+fn read_in_place(
+    dev: &dyn BlockDevice,
+    sb: &Superblock,
+    layout: &Layout,
+    index: u64,
+    kind: u32,
+    what: &str,
+    buf: &mut [u8],
+) -> Result<Vec<u64>> {
+    dev.read_at(buf, layout.bitmap_offset(index))?;
+    let blk = decode_block(what, buf, kind, &sb.uuid)?;
+    let bad = |reason: String| MetadataError::BadBlock {
+        what: what.to_string(),
+        reason,
+    };
+    if blk.index != index {
+        return Err(bad(format!("is labelled as block {}", blk.index)));
+    }
+    if blk.seq > sb.seq {
+        return Err(bad(format!(
+            "was written by commit {}, newer than the superblock's {}: the newest superblock is lost or damaged",
+            blk.seq, sb.seq
+        )));
+    }
+    Ok(blk.words)
+}
+
+/// Step 6: the committed table of partly written regions, each block from the
+/// journal (`replaced`) or in place, and every entry checked: a region of the
+/// device, not hydrated, in one slot only, with a mask of its own sub-blocks,
+/// neither empty nor full (a full mask is recorded as a hydrated region).
+fn read_table(
+    dev: &dyn BlockDevice,
+    sb: &Superblock,
+    layout: &Layout,
+    replaced: &mut [Option<Vec<u64>>],
+    bits: &BitSlice<u64, Lsb0>,
+) -> Result<Vec<u64>> {
+    let geo = sb.geometry;
+    let slots = sb.partial.slots;
+    let mut table = vec![0u64; 2 * slots as usize];
+    let mut seen: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    for t in 0..layout.table_blocks {
+        let index = layout.bitmap_blocks + t;
+        let what = format!("table block {t}");
+        let words = match replaced[index as usize].take() {
+            Some(w) => w,
+            None => read_in_place(dev, sb, layout, index, KIND_TABLE, &what, &mut buf)?,
+        };
+        let bad = |reason: String| MetadataError::BadBlock {
+            what: what.clone(),
+            reason,
+        };
+        for e in 0..ENTRIES_PER_BLOCK {
+            let slot = t * ENTRIES_PER_BLOCK + e;
+            let (key, mask) = (words[2 * e as usize], words[2 * e as usize + 1]);
+            if slot >= slots || key == 0 {
+                if key != 0 || mask != 0 {
+                    return Err(bad(format!("free slot {slot} is not zero")));
+                }
+                continue;
+            }
+            let r = key - 1;
+            if r >= geo.nr_regions() {
+                return Err(bad(format!(
+                    "slot {slot} names region {r}, past the last region"
+                )));
+            }
+            if bits[r as usize] {
+                return Err(bad(format!(
+                    "slot {slot} names region {r}, which is hydrated"
+                )));
+            }
+            let full = full_mask(geo.region_len(r).div_ceil(sb.partial.sub_block));
+            if mask == 0 || mask & !full != 0 || mask == full {
+                return Err(bad(format!(
+                    "slot {slot} has written mask {mask:#x} for region {r} (its sub-blocks: {full:#x}; neither none nor all may be recorded)"
+                )));
+            }
+            if let Some(other) = seen.insert(r, slot) {
+                return Err(bad(format!(
+                    "slot {slot} names region {r}, as slot {other} does"
+                )));
+            }
+            table[2 * slot as usize] = key;
+            table[2 * slot as usize + 1] = mask;
+        }
+    }
+    debug_assert!(2 * ENTRIES_PER_BLOCK as usize <= WORDS_PER_BLOCK);
+    Ok(table)
+}
+
+impl Loaded {
+    /// The payload of logical block `index` (bitmap, then table) in this state,
+    /// and its in-place kind.
+    pub fn block_words(&self, index: u64) -> (u32, Vec<u64>) {
+        let layout = self.superblock.layout();
+        let (kind, raw) = if index < layout.bitmap_blocks {
+            (KIND_BITMAP, self.bits.as_raw_slice())
+        } else {
+            (KIND_TABLE, &self.table[..])
+        };
+        let first = if index < layout.bitmap_blocks {
+            index
+        } else {
+            index - layout.bitmap_blocks
+        };
+        let a = (first as usize * WORDS_PER_BLOCK).min(raw.len());
+        let b = (a + WORDS_PER_BLOCK).min(raw.len());
+        (kind, raw[a..b].to_vec())
+    }
+
+    /// Entries of the committed table: (region, written mask), in slot order.
+    pub fn partial_regions(&self) -> Vec<(u64, u64)> {
+        self.table
+            .chunks(2)
+            .filter(|e| e[0] != 0)
+            .map(|e| (e[0] - 1, e[1]))
+            .collect()
+    }
 }
 
 /// Step 5: the superblock's hydrated count and hydration-complete flag agree

@@ -476,3 +476,167 @@ fn a_failed_recovery_commit_keeps_the_adopted_bits_in_the_live_map() {
     );
     assert!(md.is_hydrated(7));
 }
+
+/// A version 2 geometry: 16 KiB regions of four 4 KiB sub-blocks.
+fn partial_geo(regions: u64) -> (Geometry, PartialSpec) {
+    let g = Geometry::new(regions * 16384, 16384).unwrap();
+    (
+        g,
+        PartialSpec {
+            slots: 600,
+            sub_block: 4096,
+        },
+    )
+}
+
+/// The committed state a store holds: hydrated regions and partly written ones.
+type State = (Vec<u64>, Vec<(u64, u64)>);
+
+fn state_of(md: &Metadata, nr: u64) -> State {
+    (
+        (0..nr).filter(|&r| md.is_hydrated(r)).collect(),
+        md.partial_regions(),
+    )
+}
+
+#[test]
+fn crash_at_every_point_of_commits_with_masks_loads_old_or_new_state() {
+    let (g, spec) = partial_geo(5000);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let log = CrashLog::new();
+    let size = Layout::with(&g, &spec).required_size();
+    let dev = Arc::new(SimDevice::new(size).with_log(log.clone(), 1));
+    let dest = SimDevice::new(4096);
+    let md = Metadata::format_with(dev.clone(), g, spec).unwrap();
+    let initial = dev.durable_image();
+    let base = log.len();
+    let nr = g.nr_regions();
+    let mut states: Vec<(usize, State)> = vec![(base, state_of(&md, nr))];
+    for round in 0..10u64 {
+        for k in 0..40u64 {
+            let r = (round * 7919 + k * 104_729) % nr;
+            match k % 4 {
+                // Whole regions, some of them partly written before.
+                0 => {
+                    md.set_hydrated(r).unwrap();
+                }
+                // Sub-blocks: new slots, more bits, and full masks (hydrated).
+                _ => {
+                    md.mark_written(r, 1 << (k % 4)).unwrap();
+                    md.mark_written((r + 1) % nr, 0b0110).unwrap();
+                }
+            }
+        }
+        md.commit(&dest, false).unwrap();
+        states.push((log.len(), state_of(&md, nr)));
+    }
+    assert!(md.partial_count() > 100, "{}", md.partial_count());
+    for point in base..=log.len() {
+        for _ in 0..3 {
+            let img = log.crash_image(1, &initial, point, &mut rng);
+            let dev2: Arc<dyn BlockDevice> = Arc::new(SimDevice::from_image(img));
+            let md2 =
+                Metadata::open(dev2, Some(&g)).unwrap_or_else(|e| panic!("point {point}: {e}"));
+            let i = states.iter().rposition(|(at, _)| *at <= point).unwrap();
+            let got = state_of(&md2, nr);
+            assert!(
+                got == states[i].1 || states.get(i + 1).is_some_and(|s| got == s.1),
+                "crash at {point}: loaded a state that was never committed"
+            );
+        }
+    }
+}
+
+#[test]
+fn table_damage_is_refused_with_what_is_wrong() {
+    let (g, spec) = partial_geo(64);
+    let size = Layout::with(&g, &spec).required_size();
+    let dev = Arc::new(SimDevice::new(size));
+    let dest = SimDevice::new(4096);
+    let md = Metadata::format_with(dev.clone(), g, spec).unwrap();
+    md.mark_written(3, 0b0010).unwrap();
+    md.mark_written(5, 0b0001).unwrap();
+    md.set_hydrated(9).unwrap();
+    md.commit(&dest, false).unwrap();
+    // A second commit, so that the table block is read in place.
+    md.set_hydrated(10).unwrap();
+    md.commit(&dest, false).unwrap();
+    drop(md);
+    let layout = Layout::with(&g, &spec);
+    let sb = load(dev.as_ref(), None).unwrap().superblock;
+    let at = layout.bitmap_offset(layout.bitmap_blocks) as usize;
+    let good = dev.durable_image();
+    let slot_of = |img: &[u8], region: u64| {
+        (0..254)
+            .find(|e| {
+                let o = at + 32 + 16 * e;
+                u64::from_le_bytes(img[o..o + 8].try_into().unwrap()) == region + 1
+            })
+            .unwrap()
+    };
+    let s3 = slot_of(&good, 3);
+    let s5 = slot_of(&good, 5);
+    type Edit = Box<dyn Fn(&mut [u8])>;
+    let put = |o: usize, v: u64| -> Edit {
+        Box::new(move |b: &mut [u8]| b[o..o + 8].copy_from_slice(&v.to_le_bytes()))
+    };
+    let key = |e: usize| at + 32 + 16 * e;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("past the last region", put(key(s3), 65)),
+        ("which is hydrated", put(key(s3), 10)),
+        ("as slot", put(key(s5), 4)),
+        ("written mask 0x0", put(key(s3) + 8, 0)),
+        ("written mask 0xf", put(key(s3) + 8, 0xf)),
+        ("written mask 0x12", put(key(s3) + 8, 0x12)),
+        ("free slot", put(key(253) + 8, 1)),
+    ];
+    for (want, edit) in cases {
+        let mut img = good.clone();
+        edit(&mut img);
+        let crc = crc32c::crc32c(&img[at + 4..at + 4096]);
+        img[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+        let d2: Arc<dyn BlockDevice> = Arc::new(SimDevice::from_image(img));
+        let e = load(d2.as_ref(), None).unwrap_err().to_string();
+        assert!(
+            e.contains("table block 0") && e.contains(want),
+            "{want}: {e}"
+        );
+    }
+    // A flipped bit without a new checksum.
+    let mut img = good.clone();
+    img[at + 40] ^= 1;
+    let d2: Arc<dyn BlockDevice> = Arc::new(SimDevice::from_image(img));
+    let e = load(d2.as_ref(), None).unwrap_err().to_string();
+    assert!(e.contains("table block 0: checksum mismatch"), "{e}");
+    assert_eq!(sb.partial, spec);
+}
+
+#[test]
+fn a_full_table_takes_no_new_region_and_a_full_mask_hydrates() {
+    let (g, _) = partial_geo(8);
+    let spec = PartialSpec {
+        slots: 2,
+        sub_block: 4096,
+    };
+    let dev = Arc::new(SimDevice::new(Layout::with(&g, &spec).required_size()));
+    let md = Metadata::format_with(dev, g, spec).unwrap();
+    assert_eq!(md.mark_written(0, 0b0001).unwrap(), Marked::Partial(0b0001));
+    assert_eq!(md.mark_written(1, 0b0010).unwrap(), Marked::Partial(0b0010));
+    assert_eq!(md.mark_written(2, 0b0001).unwrap(), Marked::NoRoom);
+    assert_eq!(md.written_mask(2), None);
+    // A region with a slot still grows; bits past its sub-blocks are ignored.
+    assert_eq!(
+        md.mark_written(0, 0b1_0000_0100).unwrap(),
+        Marked::Partial(0b0101)
+    );
+    // Full: hydrated, and its slot is free for the next region.
+    assert_eq!(md.mark_written(1, 0b1101).unwrap(), Marked::Hydrated);
+    assert!(md.is_hydrated(1) && md.written_mask(1).is_none());
+    assert_eq!(md.mark_written(2, 0b0001).unwrap(), Marked::Partial(0b0001));
+    assert_eq!(md.mark_written(1, 0b0001).unwrap(), Marked::Hydrated);
+    assert_eq!(md.hydrated_count(), 1);
+    assert!(matches!(
+        md.mark_written(8, 1),
+        Err(MetadataError::OutOfRange { .. })
+    ));
+}

@@ -172,6 +172,13 @@ impl Collector for Exporter {
         )?;
         gauge(
             e,
+            "partly_written_regions",
+            "Regions partly written: sub-blocks the guest wrote read from the destination, the rest still from the source.",
+            None,
+            s.partly_written_regions,
+        )?;
+        gauge(
+            e,
             "hydrating_regions",
             "Regions being hydrated or marked right now.",
             None,
@@ -284,6 +291,13 @@ impl Collector for Exporter {
                 ("guest_write", io.guest_hydrations),
                 ("no_copy", io.overwrites),
             ],
+        )?;
+        counter(
+            e,
+            "sub_block_writes",
+            "Writes into unhydrated regions that wrote only the sub-blocks they touch, without a region copy (version 2 stores).",
+            None,
+            io.partial_writes,
         )?;
 
         // Guest requests.

@@ -37,7 +37,10 @@ fn serve_write_flush_sigterm_check_and_restart() {
     assert_eq!(c.write(100 * 1024, &w), 0);
     assert_eq!(c.flush(), 0);
     let s = status_json(&f.ctl);
-    assert_eq!(s["hydrated_regions"], 1);
+    // 4 KiB of a 64 KiB region: one sub-block written, the region partly written.
+    assert_eq!(s["hydrated_regions"], 0);
+    assert_eq!(s["partly_written_regions"], 1);
+    assert_eq!(s["io"]["partial_writes"], 1);
     assert_eq!(s["mode"], "rw");
     assert_eq!(s["hydration_enabled"], false);
     assert!(s["commits"].as_u64().unwrap() >= 1);
@@ -50,7 +53,8 @@ fn serve_write_flush_sigterm_check_and_restart() {
     let o = run(&["check", "--source", src, "--dest", dst]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("hydrated 1 of 128 regions"),
+        text(&o).contains("hydrated 0 of 128 regions")
+            && text(&o).contains("partly written: 1 regions"),
         "{}",
         text(&o)
     );
@@ -261,5 +265,83 @@ fn failed_guest_requests_are_logged() {
         );
         let line = log.lines().find(|l| l.contains("guest request failed"));
         eprintln!("{engine}: {}", line.unwrap_or_default());
+    }
+}
+
+/// `--partial-regions 0` makes a version 1 store, whose partial writes copy
+/// their region; the default (version 2) writes sub-blocks, which `check` and
+/// `dump` report, and a restart reads back.
+#[test]
+fn sub_block_writes_by_default_and_region_copies_without_a_table() {
+    for table in [false, true] {
+        let f = files();
+        let (src, dst) = (f.src.to_str().unwrap(), f.dst.to_str().unwrap());
+        let mut args = vec!["--source", src, "--dest", dst, "--no-hydration"];
+        if !table {
+            args.extend(["--partial-regions", "0"]);
+        }
+        let d = Daemon::start(&args, &f.sock);
+        let mut c = Client::connect(&f.sock);
+        // One sub-block of region 1, and 512 bytes inside sub-block 3 of region 2.
+        let w: Vec<u8> = (0..4096).map(|i| (i * 3) as u8).collect();
+        assert_eq!(c.write(65536 + 8192, &w), 0);
+        assert_eq!(c.write(2 * 65536 + 3 * 4096 + 1024, &w[..512]), 0);
+        assert_eq!(c.flush(), 0);
+        let s = status_json(&f.ctl);
+        let (hydrated, partial) = if table { (0, 2) } else { (2, 0) };
+        assert_eq!(s["hydrated_regions"], hydrated, "{s}");
+        assert_eq!(s["partly_written_regions"], partial, "{s}");
+        assert_eq!(s["io"]["partial_writes"], partial, "{s}");
+        drop(c);
+        assert!(d.terminate().success());
+
+        let o = run(&["check", "--source", src, "--dest", dst]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(
+            text(&o).contains(
+                "partly written: 2 regions (table of 128 slots, sub-blocks of 4096 bytes)"
+            ),
+            table,
+            "{}",
+            text(&o)
+        );
+        let o = run(&["dump", "--dest", dst, "--json"]);
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if table {
+            assert_eq!(
+                j["partial"]["regions"],
+                serde_json::json!([
+                    {"region": 1, "written_mask": 4},
+                    {"region": 2, "written_mask": 8}
+                ]),
+                "{j}"
+            );
+        } else {
+            assert!(j.get("partial").is_none(), "{j}");
+        }
+
+        // Restarted: the writes and the source's bytes around them read back.
+        let d = Daemon::start(&["--source", src, "--dest", dst], &f.sock);
+        let mut c = Client::connect(&f.sock);
+        let mut want = f.src_data[65536..3 * 65536].to_vec();
+        want[8192..8192 + 4096].copy_from_slice(&w);
+        want[65536 + 3 * 4096 + 1024..65536 + 3 * 4096 + 1536].copy_from_slice(&w[..512]);
+        assert!(c.read(65536, 2 * 65536).1 == want, "table {table}");
+        // Background hydration completes around the written sub-blocks.
+        let t = Instant::now();
+        while status_json(&f.ctl)["complete"] != true {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "hydration did not complete"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(status_json(&f.ctl)["partly_written_regions"], 0);
+        assert!(
+            c.read(65536, 2 * 65536).1 == want,
+            "table {table}, hydrated"
+        );
+        drop(c);
+        assert!(d.terminate().success());
     }
 }

@@ -306,10 +306,17 @@ fn edited_superblock_fields_with_valid_checksums() {
             &["superblock slot 1", "bad magic"],
         ),
         (
+            "version 3",
+            1,
+            |b| b[sb::VERSION] = 3,
+            &["superblock slot 1", "unsupported format version 3"],
+        ),
+        (
+            // A version 1 store (4 KiB regions) called version 2: no table.
             "version 2",
             1,
             |b| b[sb::VERSION] = 2,
-            &["superblock slot 1", "unsupported format version 2"],
+            &["superblock slot 1", "version 2 with no table slots"],
         ),
         (
             "unknown flag",
@@ -455,7 +462,7 @@ fn edited_superblock_fields_with_valid_checksums() {
         &c,
         "both slots with another region size",
         &md,
-        &["superblock slot 0: journal count 2 exceeds the 1 bitmap blocks"],
+        &["superblock slot 0: journal count 2 exceeds the 1 bitmap and table blocks"],
     );
     eprintln!("edited superblock fields refused: {}", cases.len() + 1);
 }
@@ -574,7 +581,10 @@ fn bitmap_and_journal_block_damage() {
             jr,
             "journal index",
             |b| put_u64(b, 8, 7),
-            &["journal block 0 of commit 3", "names bitmap block 7 of 2"],
+            &[
+                "journal block 0 of commit 3",
+                "names block 7 of 2 (bitmap and table)",
+            ],
         ),
         (
             jr,

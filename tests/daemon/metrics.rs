@@ -301,7 +301,7 @@ fn a_scraper_sees_the_series_move_with_guest_io_and_hydration() {
     );
 
     let mut c = Client::connect(&f.sock);
-    assert_eq!(c.write(4096, &[7u8; 4096]), 0); // part of region 0: a copy
+    assert_eq!(c.write(4096, &[7u8; 4096]), 0); // one sub-block of region 0: no copy
     assert_eq!(c.write(REGION, &vec![8u8; REGION as usize]), 0); // region 1 whole
     assert_eq!(c.read(1 << 20, 8192).0, 0);
     assert_eq!(c.flush(), 0);
@@ -335,14 +335,16 @@ fn a_scraper_sees_the_series_move_with_guest_io_and_hydration() {
     }
     assert_eq!(
         delta("vhost_clone_region_hydrations_total{how=\"guest_write\"}"),
-        1.0
+        0.0
     );
+    assert_eq!(delta("vhost_clone_sub_block_writes_total"), 1.0);
+    assert_eq!(s1.get("vhost_clone_partly_written_regions"), 1.0);
     assert_eq!(
         delta("vhost_clone_region_hydrations_total{how=\"no_copy\"}"),
         4.0
     );
-    assert_eq!(delta("vhost_clone_hydrated_regions"), 5.0);
-    assert_eq!(delta("vhost_clone_hydrated_bytes"), (5 * REGION) as f64);
+    assert_eq!(delta("vhost_clone_hydrated_regions"), 4.0);
+    assert_eq!(delta("vhost_clone_hydrated_bytes"), (4 * REGION) as f64);
     // The flush committed the new bits, and the commit was timed.
     assert!(delta("vhost_clone_commits_total") >= 1.0);
     assert!(delta("vhost_clone_commit_duration_seconds_count") >= 1.0);
@@ -361,6 +363,7 @@ fn a_scraper_sees_the_series_move_with_guest_io_and_hydration() {
     let s2 = scrape(addr);
     assert!(s2.get("vhost_clone_hydration_rate_bytes_per_second") > 0.0);
     assert_eq!(s2.get("vhost_clone_hydrated_bytes"), SIZE as f64);
+    assert_eq!(s2.get("vhost_clone_partly_written_regions"), 0.0);
     assert!(s2.get("vhost_clone_region_hydrations_total{how=\"background\"}") > 0.0);
     assert!(s2.get("vhost_clone_hydration_source_read_bytes_total") > 0.0);
     let st = status_json(&f.ctl);

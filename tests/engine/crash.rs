@@ -37,6 +37,13 @@
 //! destination writes (their permit's accounting), and when a region copied on the
 //! queue ([`vhost_clone::engine::RegionCopy`]) is marked before its destination
 //! write.
+//!
+//! Half the workloads (four in a row at a time) run on a version 2 store, whose
+//! table of partly written regions has 1 KiB sub-blocks (four per region) and
+//! room for [`SLOTS`] regions, so that writes of whole sub-blocks are recorded
+//! without a region copy, edge sub-blocks are completed from the source, and a
+//! full table falls back to copies. Its mutation: hydration that copies a partly
+//! written region whole, over the guest's sub-blocks.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,6 +54,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::support::sectors::*;
 use vhost_clone::engine::{DestFlush, Engine, EngineConfig, RegionCopy};
+use vhost_clone::metadata::format::PartialSpec;
 use vhost_clone::metadata::live::LiveMap;
 use vhost_clone::metadata::{load, Geometry, Metadata};
 use vhost_clone::storage::aio::DirectIo;
@@ -61,6 +69,10 @@ const SECTORS: u64 = REGIONS * RSEC + 2;
 const OPS: usize = 60;
 const DEST: u8 = 0;
 const META: u8 = 1;
+/// Slots of the table of partly written regions, on version 2 workloads.
+const SLOTS: u64 = 6;
+/// Its sub-block: two sectors.
+const SUB_BLOCK: u64 = 1024;
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
@@ -331,6 +343,8 @@ struct Outcome {
     copies: u64,
     /// Most requests in flight on it at once.
     max_in_flight: usize,
+    /// Writes recorded as sub-blocks of partly written regions.
+    partial_writes: u64,
     violations: Vec<String>,
 }
 
@@ -346,6 +360,8 @@ enum Mutation {
     /// A region copy on the queue marks its region when it is granted, before its
     /// destination write.
     EarlyCopyBits,
+    /// Hydration copies partly written regions whole, over the guest's sub-blocks.
+    WholeCopies,
 }
 
 struct World {
@@ -357,12 +373,26 @@ struct World {
     eng: Engine,
 }
 
-fn world(mutation: Mutation) -> World {
+/// Whether workload `seed` runs on a version 2 store (a table of partly written
+/// regions): four workloads in a row with, four without.
+fn with_table(seed: u64) -> bool {
+    (seed >> 10) & 1 == 0
+}
+
+fn world(mutation: Mutation, table: bool) -> World {
     let geo = Geometry::new(SECTORS * SECTOR as u64, REGION).unwrap();
     let log = CrashLog::new();
     let src = Arc::new(SimDevice::from_image(image(SOURCE, SECTORS)).into_read_only());
     let dst_init = image(GARBAGE, SECTORS);
-    let md_init = formatted_metadata(&geo);
+    let spec = if table {
+        PartialSpec {
+            slots: SLOTS,
+            sub_block: SUB_BLOCK,
+        }
+    } else {
+        PartialSpec::none(&geo)
+    };
+    let md_init = formatted_metadata_with(&geo, spec);
     let dst = Arc::new(SimDevice::from_image(dst_init.clone()).with_log(log.clone(), DEST));
     let mdd = Arc::new(SimDevice::from_image(md_init.clone()).with_log(log.clone(), META));
     let eng = engine(src.clone(), dst, mdd, &geo).unwrap();
@@ -371,6 +401,7 @@ fn world(mutation: Mutation) -> World {
         Mutation::NoDestFlushInCommit => eng.metadata().set_skip_dest_flush(true),
         Mutation::UncountedDirectWrites => eng.set_uncounted_direct_writes(true),
         Mutation::EarlyCopyBits => eng.set_early_copy_bits(true),
+        Mutation::WholeCopies => eng.set_whole_copies(true),
     }
     World {
         log,
@@ -406,7 +437,8 @@ struct Record {
 
 fn run_workload(seed: u64, mutation: Mutation, kinds: Kinds, qe: QueueEngine) -> Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let w = world(mutation);
+    let table = with_table(seed) || mutation == Mutation::WholeCopies;
+    let w = world(mutation, table);
     let mut out = Outcome::default();
     let mut cur = vec![SOURCE; SECTORS as usize];
     let mut rec = Record::default();
@@ -588,6 +620,7 @@ fn run_workload(seed: u64, mutation: Mutation, kinds: Kinds, qe: QueueEngine) ->
         rec.lives.push((w.log.len(), live(&w)));
     }
     drop(flight);
+    out.partial_writes = w.eng.counters().partial_writes;
     out.violations.extend(
         bad.into_iter()
             .map(|v| format!("seed {seed} ({qe:?}): {v}")),
@@ -621,7 +654,7 @@ fn check_deaths(
     // Sector values once the requests completed before the death.
     let mut done_vals = vec![SOURCE; SECTORS as usize];
     let (mut done, mut l) = (0, 0);
-    let empty = vec![0u64; w.eng.metadata().live_map().words().len()];
+    let empty = vec![0u64; w.eng.metadata().live_map().snapshot().len()];
     let mut live_bits = &empty;
     for &p in &points {
         while done < by_end.len() && by_end[done].end <= p {
@@ -676,9 +709,9 @@ fn check_death(
     let d = Arc::new(dst.survivor());
     let m = Arc::new(md.survivor());
     let live = if kinds == Kinds::DeathLosingLiveMap {
-        LiveMap::anonymous(w.geo.nr_regions())
+        LiveMap::anonymous(w.geo.nr_regions(), w.eng.metadata().partial_spec().slots)
     } else {
-        LiveMap::from_snapshot(live_bits)
+        LiveMap::from_snapshot(live_bits, w.geo.nr_regions())
     };
     let md_dev: Arc<dyn BlockDevice> = m.clone();
     let loaded = load(md_dev.as_ref(), Some(&w.geo)).map_err(|e| format!("restart failed: {e}"))?;
@@ -874,8 +907,9 @@ fn crash_suite() {
         .iter()
         .filter(|(qe, _)| *qe == QueueEngine::Direct)
         .count();
-    let (mut requests, mut copies, mut depth) = (0, 0, 0);
+    let (mut requests, mut copies, mut depth, mut partial) = (0, 0, 0, 0);
     for (_, o) in results {
+        partial += o.partial_writes;
         requests += o.direct;
         copies += o.copies;
         depth = depth.max(o.max_in_flight);
@@ -884,7 +918,7 @@ fn crash_suite() {
         violations.extend(o.violations);
     }
     println!(
-        "crash suite: {n} workloads ({} sync, {direct} direct: {requests} requests through the queue, {copies} of them region copies, up to {depth} in flight), {points} power-cut points, {deaths} process-death points, {} violations, {:.1} s",
+        "crash suite: {n} workloads ({} sync, {direct} direct: {requests} requests through the queue, {copies} of them region copies, up to {depth} in flight; {partial} writes of sub-blocks), {points} power-cut points, {deaths} process-death points, {} violations, {:.1} s",
         n as usize - direct,
         violations.len(),
         start.elapsed().as_secs_f64()
@@ -897,6 +931,7 @@ fn crash_suite() {
     if n >= 256 {
         assert!(requests >= 1000, "only {requests} direct requests");
         assert!(copies >= 200, "only {copies} region copies on the queue");
+        assert!(partial >= 500, "only {partial} writes of sub-blocks");
         assert!(depth >= 4, "never more than {depth} requests in flight");
         assert!(points >= 10_000, "only {points} crash points");
         assert!(deaths >= 10_000, "only {deaths} process-death points");
@@ -963,6 +998,21 @@ fn mutation_marking_a_copied_region_early_is_caught() {
         Kinds::Both,
         QueueEngine::Direct,
     );
+}
+
+/// Hydration must copy only what a partly written region's mask lacks: copied
+/// whole, the guest's sub-blocks read as the source's afterwards.
+#[test]
+fn mutation_hydration_over_written_sub_blocks_is_caught() {
+    for qe in [QueueEngine::Sync, QueueEngine::Direct] {
+        mutation(
+            "hydration copies partly written regions whole",
+            0x5B5B,
+            Mutation::WholeCopies,
+            Kinds::Both,
+            qe,
+        );
+    }
 }
 
 #[test]

@@ -26,6 +26,7 @@ use vhost_clone::control::{self, ControlServer};
 use vhost_clone::disk::CloneDisk;
 use vhost_clone::engine::hydrator::HydrationControl;
 use vhost_clone::engine::{DestFlush, Engine, EngineConfig, EngineError};
+use vhost_clone::metadata::format::PartialSpec;
 use vhost_clone::metadata::{Geometry, Metadata, MetadataError, Mode};
 use vhost_clone::storage::{Fault, FileDevice, OpenOptions, SimDevice};
 
@@ -49,11 +50,19 @@ struct Rig {
     eng: Arc<Engine>,
 }
 
+/// A version 1 store: every partial write into an unhydrated region copies it
+/// (the tests below were written for those copies; `rig_with` for a table).
 fn rig() -> Rig {
+    rig_with(PartialSpec::none(&Geometry::new(SIZE, REGION).unwrap()))
+}
+
+fn rig_with(spec: PartialSpec) -> Rig {
     let geo = Geometry::new(SIZE, REGION).unwrap();
     let src = Arc::new(SimDevice::from_image(image(SOURCE, SIZE / 512)).into_read_only());
     let dst = Arc::new(SimDevice::from_image(image(GARBAGE, SIZE / 512)));
-    let md = Arc::new(SimDevice::from_image(sectors::formatted_metadata(&geo)));
+    let md = Arc::new(SimDevice::from_image(sectors::formatted_metadata_with(
+        &geo, spec,
+    )));
     let m = Arc::new(Metadata::open(md.clone(), Some(&geo)).unwrap());
     let eng =
         Arc::new(Engine::new(Some(src.clone()), dst.clone(), m, EngineConfig::default()).unwrap());
@@ -355,6 +364,69 @@ fn source_read_error_during_a_guest_read() {
     r.src.set_fault(Fault::Read, None);
     assert_eq!(region_tag(e, 1), SOURCE);
     report("source read (guest read)", 2);
+}
+
+/// Sub-block writes (a version 2 store: 8 KiB regions of two 4 KiB
+/// sub-blocks): a failed source read of an edge sub-block or a failed
+/// destination write sets no mask bit and leaves the region as it was; read-only
+/// mode refuses them like copies.
+#[test]
+fn failed_sub_block_writes_set_no_mask_bit() {
+    let spec = PartialSpec {
+        slots: 4,
+        sub_block: 4096,
+    };
+    let r = rig_with(spec);
+    let e = &r.eng;
+    let m = e.metadata();
+    let sub = |reg: u64, tag: u64| {
+        // The region's first sub-block, whole: no source read.
+        e.write_at(&write_data(tag, reg * SPR, 8), reg * REGION)
+    };
+    let mut n = 0;
+    // Part of a sub-block: its other sectors are read from the source.
+    r.src.set_fault(Fault::Read, Some(libc::EIO));
+    assert!(matches!(
+        write_partial(e, 2, 30),
+        Err(EngineError::Source(_))
+    ));
+    n += 1;
+    r.src.set_fault(Fault::Read, None);
+    r.dst.set_fault(Fault::Write, Some(libc::EIO));
+    assert!(matches!(sub(3, 31), Err(EngineError::Dest(_))));
+    assert!(matches!(write_partial(e, 3, 32), Err(EngineError::Dest(_))));
+    n += 2;
+    r.dst.set_fault(Fault::Write, None);
+    assert_eq!((m.written_mask(2), m.written_mask(3)), (None, None));
+    assert_eq!((region_tag(e, 2), region_tag(e, 3)), (SOURCE, SOURCE));
+    assert_eq!(m.partial_count(), 0);
+    // Healthy again: a sub-block, then a failed commit and read-only mode.
+    sub(3, 33).unwrap();
+    assert_eq!(m.written_mask(3), Some(0b01));
+    e.flush().unwrap();
+    write_partial(e, 4, 34).unwrap();
+    r.md.set_fault(Fault::Write, Some(libc::EIO));
+    assert!(e.flush().is_err());
+    n += 1;
+    assert_eq!(m.mode(), Mode::Ro);
+    // The uncommitted mask is kept (its write completed), nothing new is taken.
+    assert_eq!(m.written_mask(4), Some(0b01));
+    assert!(matches!(
+        sub(5, 35),
+        Err(EngineError::Metadata(MetadataError::ReadOnly))
+    ));
+    assert_eq!(m.written_mask(5), None);
+    // A power cut: the committed mask of region 3 survives, region 4's did not.
+    r.md.set_fault(Fault::Write, None);
+    let e2 = r.restart();
+    assert_eq!(e2.metadata().written_mask(3), Some(0b01));
+    assert_eq!(e2.metadata().written_mask(4), None);
+    let mut sec = [0u8; SECTOR];
+    e2.read_at(&mut sec, 3 * REGION + 512).unwrap();
+    assert_eq!(decode(&sec, 3 * SPR + 1), Some(33));
+    e2.read_at(&mut sec, 3 * REGION + 4096).unwrap();
+    assert_eq!(decode(&sec, 3 * SPR + 8), Some(SOURCE));
+    report("sub-block writes", n);
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::support::vu::*;
 use vhost_clone::disk::CloneDisk;
 use vhost_clone::engine::{Engine, EngineConfig};
+use vhost_clone::metadata::format::PartialSpec;
 use vhost_clone::metadata::{Geometry, Metadata};
 use vhost_clone::storage::{CrashLog, LogEvent, SimDevice};
 
@@ -26,29 +27,43 @@ struct Rig {
     srv: Server,
 }
 
+/// The rigs below have version 1 stores (no table of partly written regions),
+/// so that a partial write into an unhydrated region copies it, which is what
+/// most tests here are about; `rig_with(.., true)` has the default table.
 fn rig() -> Rig {
-    rig_with(opts(2), SIZE, REGION)
+    rig_with(opts(2), SIZE, REGION, false)
+}
+
+fn uring_opts() -> vhost_clone::virtio::ServeOptions {
+    vhost_clone::virtio::ServeOptions {
+        io_engine: vhost_clone::virtio::IoEngine::Uring,
+        ..opts(1)
+    }
 }
 
 fn uring_rig(size: u64, region: u64) -> Rig {
-    rig_with(
-        vhost_clone::virtio::ServeOptions {
-            io_engine: vhost_clone::virtio::IoEngine::Uring,
-            ..opts(1)
-        },
-        size,
-        region,
-    )
+    rig_with(uring_opts(), size, region, false)
 }
 
-fn rig_with(options: vhost_clone::virtio::ServeOptions, size: u64, region: u64) -> Rig {
+fn rig_with(
+    options: vhost_clone::virtio::ServeOptions,
+    size: u64,
+    region: u64,
+    table: bool,
+) -> Rig {
     let src_img = sectors::image(sectors::SOURCE, size / 512);
     let log = CrashLog::new();
     let src = Arc::new(SimDevice::from_image(src_img.clone()).into_read_only());
     let dst = Arc::new(SimDevice::new(size).with_log(log.clone(), DEST));
     let geo = Geometry::new(size, region).unwrap();
+    let spec = if table {
+        PartialSpec::default_for(&geo)
+    } else {
+        PartialSpec::none(&geo)
+    };
     let mdd = Arc::new(
-        SimDevice::from_image(sectors::formatted_metadata(&geo)).with_log(log.clone(), META),
+        SimDevice::from_image(sectors::formatted_metadata_with(&geo, spec))
+            .with_log(log.clone(), META),
     );
     let md = Arc::new(Metadata::open(mdd, Some(&geo)).unwrap());
     let eng = Arc::new(Engine::new(Some(src), dst.clone(), md, EngineConfig::default()).unwrap());
@@ -348,5 +363,93 @@ fn region_copies_in_flight_are_bounded_by_their_buffers() {
     }
     for reg in 0..8 {
         assert!(r.eng.metadata().is_hydrated(reg));
+    }
+}
+
+/// A version 2 store behind the front, on both queue engines: 16 writes of
+/// whole 4 KiB sub-blocks into 16 unhydrated regions write 4 KiB each (no
+/// region copy, no source read), 4 writes of 512 bytes read and write one
+/// sub-block each; the regions stay partly written, reads merge both devices,
+/// and hydration completes them around the guest's bytes.
+#[test]
+fn sub_block_writes_through_the_front_on_both_engines() {
+    for uring in [false, true] {
+        if uring && !uring_available() {
+            continue;
+        }
+        let options = if uring { uring_opts() } else { opts(1) };
+        let r = rig_with(options, SIZE, REGION, true);
+        let mut g = Guest::start(&r.srv.path, 1);
+        g.set_wce(true);
+        let start = r.log.len();
+        let mut writes: Vec<(u64, Vec<u8>)> = (0..16u64)
+            .map(|i| {
+                (
+                    ((2 + i * 3) * REGION + 4096 * (i % 16)),
+                    pattern(4096, i as u8),
+                )
+            })
+            .collect();
+        writes.extend((0..4u64).map(|i| ((50 + i) * REGION + 8192 + 1024, pattern(512, 99))));
+        let prepared: Vec<(u16, u64)> = writes
+            .iter()
+            .enumerate()
+            .map(|(i, (off, p))| {
+                let (head, status, _) = g.prepare(0, i as u64, VIRTIO_BLK_T_OUT, off / 512, p, 0);
+                (head, status)
+            })
+            .collect();
+        let heads: Vec<u16> = prepared.iter().map(|h| h.0).collect();
+        g.publish_many(0, &heads);
+        for _ in 0..heads.len() {
+            g.wait_used(0);
+        }
+        for &(_, status) in &prepared {
+            assert_eq!(g.read_mem(status, 1)[0], S_OK, "uring {uring}");
+        }
+        let mut dest: Vec<(u64, usize)> = r.log.events()[start..]
+            .iter()
+            .filter_map(|e| match e {
+                LogEvent::Write {
+                    dev: DEST,
+                    offset,
+                    data,
+                } => Some((*offset, data.len())),
+                _ => None,
+            })
+            .collect();
+        dest.sort_unstable();
+        let mut want: Vec<(u64, usize)> = writes
+            .iter()
+            .map(|(off, p)| (off / 4096 * 4096, p.len().max(4096)))
+            .collect();
+        want.sort_unstable();
+        assert_eq!(
+            dest, want,
+            "uring {uring}: one sub-block written per request"
+        );
+        let md = r.eng.metadata();
+        assert_eq!(md.hydrated_count(), 0, "uring {uring}");
+        assert_eq!(md.partial_count(), 20, "uring {uring}");
+        assert_eq!(r.eng.counters().partial_writes, 20, "uring {uring}");
+        assert_eq!(r.eng.counters().guest_hydrations, 0, "uring {uring}");
+        let check = |g: &mut Guest, what: &str| {
+            for (off, p) in &writes {
+                let reg = off / REGION;
+                let (st, data) = g.read(0, reg * REGION / 512, REGION as u32);
+                assert_eq!(st, S_OK);
+                let mut want = src_range(&r, reg * REGION, REGION as usize);
+                let at = (off - reg * REGION) as usize;
+                want[at..at + p.len()].copy_from_slice(p);
+                assert!(
+                    data == want,
+                    "uring {uring}, {what}: region {reg} reads other bytes"
+                );
+            }
+        };
+        check(&mut g, "partly written");
+        while r.eng.hydrate_next().unwrap().is_some() {}
+        assert_eq!(md.partial_count(), 0);
+        check(&mut g, "hydrated");
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use vhost_clone::engine::{Engine, EngineConfig};
-use vhost_clone::metadata::format::Layout;
+use vhost_clone::metadata::format::{Layout, PartialSpec};
 use vhost_clone::metadata::{Geometry, Metadata};
 use vhost_clone::storage::{BlockDevice, SimDevice};
 
@@ -69,8 +69,13 @@ pub fn write_data(tag: u64, first: u64, n: u64) -> Vec<u8> {
 
 /// A formatted metadata image for `geo`.
 pub fn formatted_metadata(geo: &Geometry) -> Vec<u8> {
-    let dev = Arc::new(SimDevice::new(Layout::new(geo).required_size()));
-    Metadata::format(dev.clone(), *geo).expect("format");
+    formatted_metadata_with(geo, PartialSpec::default_for(geo))
+}
+
+/// A formatted metadata image for `geo` with the table of partly written regions `spec`.
+pub fn formatted_metadata_with(geo: &Geometry, spec: PartialSpec) -> Vec<u8> {
+    let dev = Arc::new(SimDevice::new(Layout::with(geo, &spec).required_size()));
+    Metadata::format_with(dev.clone(), *geo, spec).expect("format");
     dev.durable_image()
 }
 
