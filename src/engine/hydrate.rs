@@ -92,16 +92,7 @@ impl Engine {
             }
             let (a, b) = (self.geo.region_start(r), self.geo.region_end(e - 1));
             if data && !detect_zeroes {
-                copy_range(src.as_ref(), self.dest.as_ref(), a, b - a, &mut buf).map_err(
-                    |(from_source, e)| {
-                        if from_source {
-                            EngineError::Source(e)
-                        } else {
-                            EngineError::Dest(e)
-                        }
-                    },
-                )?;
-                self.dest_written();
+                self.copy_from_source(src.as_ref(), a, b - a, &mut buf)?;
                 bump(&self.hydration_bytes_read, b - a);
                 read += b - a;
             } else if data {
@@ -131,6 +122,27 @@ impl Engine {
             self.md.set_hydrated(r).map_err(EngineError::Metadata)?;
         }
         Ok((holes, read))
+    }
+
+    /// Copies `[offset, offset + len)` from `src` to the destination (through
+    /// `buf` if the kernel cannot copy between them), and counts the destination
+    /// write.
+    pub(super) fn copy_from_source(
+        &self,
+        src: &dyn crate::storage::BlockDevice,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        copy_range(src, self.dest.as_ref(), offset, len, buf).map_err(|(from_source, e)| {
+            if from_source {
+                EngineError::Source(e)
+            } else {
+                EngineError::Dest(e)
+            }
+        })?;
+        self.dest_written();
+        Ok(())
     }
 
     /// The written mask of region `r`, whose sub-blocks a copy must keep.

@@ -15,7 +15,6 @@
 use super::{Engine, EngineError, Payload, Result};
 use crate::metadata::partial::full_mask;
 use crate::metadata::{Marked, RegionState};
-use crate::storage::copy_range;
 
 /// What a write into part of an unhydrated region writes, without copying the
 /// region: `[start, end)` on the destination, made of the source's bytes
@@ -239,16 +238,7 @@ impl Engine {
                 b += 1;
             }
             let (a, e) = (rs + first * sub, (rs + b * sub).min(re));
-            copy_range(src.as_ref(), self.dest.as_ref(), a, e - a, &mut buf).map_err(
-                |(from_source, e)| {
-                    if from_source {
-                        EngineError::Source(e)
-                    } else {
-                        EngineError::Dest(e)
-                    }
-                },
-            )?;
-            self.dest_written();
+            self.copy_from_source(src.as_ref(), a, e - a, &mut buf)?;
             read += e - a;
         }
         Ok(read)

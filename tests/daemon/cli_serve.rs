@@ -17,6 +17,18 @@ fn files() -> Files {
     daemon::clone_files(SIZE as u64, |i| (i / 4096) as u8 ^ (i % 251) as u8)
 }
 
+/// Waits (at most 30 s) until status says every region is hydrated.
+fn wait_complete(f: &Files) {
+    let t = Instant::now();
+    while status_json(&f.ctl)["complete"] != true {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "hydration did not complete"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn serve_write_flush_sigterm_check_and_restart() {
     let f = files();
@@ -66,14 +78,7 @@ fn serve_write_flush_sigterm_check_and_restart() {
     let mut c = Client::connect(&f.sock);
     assert_eq!(c.read(100 * 1024, 4096).1, w);
     // Background hydration completes; status says so.
-    let t = Instant::now();
-    while status_json(&f.ctl)["complete"] != true {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "hydration did not complete"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_complete(&f);
     drop(c);
     assert!(d.terminate().success());
     // The destination is the source with the write applied.
@@ -328,14 +333,7 @@ fn sub_block_writes_by_default_and_region_copies_without_a_table() {
         want[65536 + 3 * 4096 + 1024..65536 + 3 * 4096 + 1536].copy_from_slice(&w[..512]);
         assert!(c.read(65536, 2 * 65536).1 == want, "table {table}");
         // Background hydration completes around the written sub-blocks.
-        let t = Instant::now();
-        while status_json(&f.ctl)["complete"] != true {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "hydration did not complete"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_complete(&f);
         assert_eq!(status_json(&f.ctl)["partly_written_regions"], 0);
         assert!(
             c.read(65536, 2 * 65536).1 == want,
