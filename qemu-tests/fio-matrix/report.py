@@ -294,7 +294,7 @@ def cmd_report(a):
     out.append("requests on both virtqueues (`/proc/interrupts`); the fsync job sent at least one FLUSH per write")
     out.append("and the other jobs none; for vhost-clone, the daemon's own flush counter (`status --json`) is at")
     out.append("least the guest's (QSD has no such counter: `query-blockstats` does not count what its vhost-user-blk")
-    out.append("export serves); for the clone pair, the number of hydrated regions (`vhost-clone dump`) or allocated qcow2")
+    out.append("export serves); for the clone pair, the number of hydrated and partly written regions (`vhost-clone dump`) or allocated qcow2")
     out.append("clusters (`qemu-img check`) after the run equals the number of regions the guest wrote,")
     out.append("so the reads hydrated/allocated nothing.")
     out.append("")
