@@ -110,6 +110,12 @@ struct Args {
     /// destination flush) costs first-touch writes. QSD's overlay is unchanged.
     #[arg(long)]
     allocated_clone: bool,
+    /// Give QSD's qcow2 overlay subclusters (`extended_l2=on`: 32 per cluster, so
+    /// a write of whole subclusters into an unallocated cluster copies nothing from
+    /// the backing file), qcow2's own answer to first-touch partial writes, to
+    /// compare with our written-blocks masks.
+    #[arg(long)]
+    qcow2_subclusters: bool,
     /// Serve the source through an NBD server instead of as a file (issue 14):
     /// the tool starts `qemu-nbd --read-only --shared=16` on the source image over a
     /// unix socket (`unix`) or TCP on 127.0.0.1 (`tcp`). The clone cases then read
@@ -673,7 +679,15 @@ fn start_qsd(c: &Ctx, b: Backend, target: Target, nq: usize) -> Daemon {
                     .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
                     .arg(c.source_arg())
                     .arg("-o")
-                    .arg(format!("cluster_size={}", c.a.region_size))
+                    .arg(format!(
+                        "cluster_size={}{}",
+                        c.a.region_size,
+                        if c.a.qcow2_subclusters {
+                            ",extended_l2=on"
+                        } else {
+                            ""
+                        }
+                    ))
                     .arg(&c.ovl)
                     .arg(c.size.to_string()),
             );
@@ -1609,6 +1623,8 @@ fn main() {
         "fs": sh(&format!("df -T {} | tail -1 | awk '{{print $2}}'", dir.display())),
         "direct": direct,
         "nbd_source": a.nbd_source,
+        "qcow2_subclusters": a.qcow2_subclusters,
+        "allocated_clone": a.allocated_clone,
     });
     println!(
         "# vcbench {date}\ndaemon {} (built {}, main HEAD {})\nmachine: {} cores, kernel {}, cpu {}; dir {} ({}), O_DIRECT {}\nsize {} MiB, {} rounds x {} s, {} queues x QD{}, region {} B\nload average at start: {}",
@@ -1629,6 +1645,9 @@ fn main() {
         a.region_size,
         loadavg()
     );
+    if a.qcow2_subclusters {
+        println!("QSD's qcow2 overlay: extended_l2=on (subclusters)");
+    }
     let load_start = loadavg();
 
     let mut mem = Vec::new();
