@@ -320,14 +320,26 @@ impl Stores {
             MetadataState::New => new_table(&geometry, opts.partial_slots)?,
         };
         if let (MetadataState::Existing(l), None) = (&state, &dest) {
-            if l.superblock.hydrated > 0 {
+            // Partly written regions hold the guest's data on the destination too.
+            let partial = l.partial_regions().len();
+            if l.superblock.hydrated > 0 || partial > 0 {
                 return Err(CliError::Refused(format!(
-                    "{} records {} hydrated regions, but the destination {} is missing: the clone's data is gone (vhost-clone create --force starts over)",
+                    "{} records {} hydrated and {partial} partly written regions, but the destination {} is missing: the clone's data is gone (vhost-clone create --force starts over)",
                     mdp.display(),
                     l.superblock.hydrated,
                     paths.dest.display()
                 )));
             }
+        }
+        // O_DIRECT writes of less than a 4 KiB block are read-modify-writes of
+        // the block, which would rewrite a neighbouring sub-block the guest may
+        // be writing at the same time: refused (format never makes them).
+        if opts.direct && partial.slots > 0 && partial.sub_block < 4096 {
+            return Err(CliError::Refused(format!(
+                "{}: sub-blocks of {} bytes cannot be served with --direct (at least 4096)",
+                mdp.display(),
+                partial.sub_block
+            )));
         }
 
         // Create what is missing (tracked, so a refused start removes it).

@@ -121,7 +121,11 @@ impl Partial {
         if !self.flagged(r) {
             return None;
         }
-        let slot = *self.read().slots.get(&r)?;
+        // Loaded under the read lock: `remove` (which zeroes the slot) and `add`
+        // (which may reuse it for another region) take the write lock, so the
+        // mask read is this region's, and not yet cleared.
+        let ix = self.read();
+        let slot = *ix.slots.get(&r)?;
         Some(live.table()[2 * slot as usize + 1].load(Ordering::Acquire))
     }
 

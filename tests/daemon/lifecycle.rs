@@ -240,6 +240,25 @@ fn a_refused_start_leaves_no_new_file() {
     assert!(!c.sock.exists() && !c.ctl.exists());
 }
 
+/// A clone whose only guest data is in partly written regions (a 4 KiB write
+/// into a 64 KiB region: no region hydrated) is refused over a missing
+/// destination too, rather than served from a new, empty one.
+#[test]
+fn partly_written_regions_over_a_missing_destination_are_refused() {
+    let c = clone();
+    c.write_and_stop(8192, &[1u8; 4096]);
+    std::fs::remove_file(&c.dst).unwrap();
+    let md = bytes(&c.md);
+    let (code, msg) = c.refused(&["--source", s(&c.src), "--dest", s(&c.dst)]);
+    assert_eq!(code, 1, "{msg}");
+    assert!(
+        msg.contains("0 hydrated and 1 partly written regions") && msg.contains("missing"),
+        "{msg}"
+    );
+    assert!(!c.dst.exists(), "the refused start created the destination");
+    assert_eq!(bytes(&c.md), md);
+}
+
 /// The destination and metadata a daemon creates are private (0600).
 #[test]
 fn created_files_are_private() {
